@@ -1,0 +1,479 @@
+"""The student: a DeiT whose chosen MLPs become sparse Mixture-of-Experts layers.
+
+The idea
+--------
+A ViT block is `x + Attn(LN1(x))` then `x + MLP(LN2(x))`. V-MoE (Riquelme et al. 2021)
+replaces the MLP of some blocks with E expert MLPs and a router that sends each token to
+K of them, so parameters grow with E while the compute per token stays that of K MLPs:
+
+    y_t = Σ_{k ≤ K, kept} g_{t,k} · MLP_{e_{t,k}}(x_t)          x_t = LN2 output of token t
+
+with e_{t,k} the chosen experts and g_{t,k} their combine weights (`router.py`). A dropped
+assignment (expert full, see capacity) adds nothing; the residual carries the token on.
+
+How it runs fast (the required design): the E experts are *stacked* weights
+w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D). Dispatch writes every kept token into an
+(E, G·C, D) buffer at the slot its queue position gives; two batched matmuls run all experts
+at once; combine gathers each token's rows back and weights them. There is no (T, E, C)
+one-hot tensor and no Python loop over experts, so the cost stays flat as E grows, and every
+expert weight takes part in every step (DDP needs no `find_unused_parameters`).
+
+Variants, one `--method` each (all share the stacked experts):
+* `vmoe` (and `tgr`, `stablemoe`, `zloss`, `teacher-route`, which differ only in training):
+  noisy top-K token choice with capacity, `MoEMLP`.
+* `expert-choice`: each expert takes its top-C tokens, `MoEMLP(router="expert-choice")`.
+* `softmoe`: Soft MoE (Puigcerver et al. 2024), `SoftMoEMLP`: every slot is a softmax-weighted
+  average of all tokens, so nothing is discrete and nothing is dropped.
+* `dense`: the plain DeiT, the baseline and the usual teacher.
+
+Legend: D `embed_dim`, H hidden (`mlp_ratio · D`), E `num_experts`, K `k`, cf
+`capacity_factor`, σ `noise_std`, S_MoE `moe_layers` (1-indexed blocks, V-MoE "Last n").
+
+Decisions where the papers are silent
+-------------------------------------
+* State-dict keys of the dense parts are timm's (`patch_embed.proj`, `cls_token`, `pos_embed`,
+  `blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2`, `norm`, `head`); a MoE block
+  keeps its router and experts under `blocks.{i}.mlp.` (`router.weight`, `w1`, `b1`, `w2`,
+  `b2`). Optional DeiT-III layer scale is timm's `ls1.gamma`/`ls2.gamma`, and
+  `no_embed_class=True` is timm's DeiT-III position embedding without a CLS slot, so the
+  same class also runs the teacher.
+* Router weights start like every other linear layer (trunc-normal, std 0.02).
+* Soft MoE uses n = max(1, round(K·N/E)) slots per expert, so E experts process about K·N
+  slots per image, the compute of top-K routing (TGR supplementary sec. A). Its `Routing`
+  record reports, per token, the share of its output each expert wrote (combine weights
+  summed over that expert's slots) as `probs`, and that share's argmax as `experts`.
+* Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
+  expert of block i starts as block i's MLP, routers stay fresh.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from router import Routing, expert_choice_routing, group_size_for, top_k_routing
+
+# Letters: B images, N tokens (patches + CLS), D width, H hidden, E experts, K top-k,
+# C capacity per expert and group, G groups, T tokens (B·N), P slots per expert (Soft MoE).
+
+MODELS = {  # name: (embed_dim, depth, num_heads, default MoE layers), mlp_ratio 4 throughout
+    "micro": (96, 6, 3, (4, 6)),
+    "tiny": (192, 12, 3, (8, 10, 12)),
+    "small": (384, 12, 6, (8, 10, 12)),
+    "base": (768, 12, 12, (8, 10, 12)),
+}
+# --method -> which MLP the MoE blocks get; the rest of a method lives in train.py
+METHODS = {
+    "dense": None,
+    "vmoe": "top-k",
+    "tgr": "top-k",
+    "stablemoe": "top-k",
+    "zloss": "top-k",
+    "teacher-route": "top-k",
+    "expert-choice": "expert-choice",
+    "softmoe": "soft",
+}
+
+
+# ----------------------------------------------------------------------------- experts
+class StackedExperts(nn.Module):
+    """E two-layer GELU MLPs stored as stacked weights, run with two batched matmuls."""
+
+    def __init__(self, dim, hidden, num_experts):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, H)
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))  # (E, H)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, H, D)
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))  # (E, D)
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+
+    def run_experts(self, buf):
+        # MLP_e(x) = W2_e · GELU(W1_e · x + b1_e) + b2_e, all experts in one bmm each
+        h = torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1)  # (E, rows, H)
+        return torch.baddbmm(self.b2.unsqueeze(1), F.gelu(h), self.w2)  # (E, rows, D)
+
+
+class MoEMLP(StackedExperts):
+    """A sparse MoE layer that replaces a block's MLP: y, routing = layer(x), x: (B, N, D)."""
+
+    def __init__(
+        self,
+        dim,
+        hidden,
+        num_experts,
+        *,
+        k=1,
+        capacity_factor=1.05,
+        noise_std=1.0,
+        group_size=8,
+        batch_priority=False,
+        eval_capacity_factor=None,
+        router="top-k",
+    ):
+        super().__init__(dim, hidden, num_experts)
+        if k > num_experts:
+            raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({num_experts})")
+        if capacity_factor <= 0 or (eval_capacity_factor or 1) <= 0:
+            raise ValueError("capacity factor must be > 0 (capacity < 1 token per expert)")
+        if router not in ("top-k", "expert-choice"):
+            raise ValueError(f"unknown router {router!r}: use 'top-k' or 'expert-choice'")
+        self.k, self.noise_std, self.group_size = k, noise_std, group_size
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+        self.batch_priority, self.router_type = batch_priority, router
+        self.router = nn.Linear(dim, num_experts, bias=False)  # W_r: (D -> E)
+
+    def forward(self, x, route_logits=None):
+        B, N, D = x.shape
+        tokens = rearrange(x, "b n d -> (b n) d")  # (T, D)
+        logits = self.router(tokens)  # (T, E) the student's own router
+        groups = B // group_size_for(B, self.group_size)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.router_type == "expert-choice":
+            routing = expert_choice_routing(logits, k=self.k, capacity_factor=cf, num_groups=groups)
+        else:
+            # teacher-route mode: outside logits choose; our own are recorded for the KL
+            chooser = logits if route_logits is None else route_logits.reshape(B * N, -1)
+            noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
+            routing = top_k_routing(
+                chooser,
+                k=self.k,
+                capacity_factor=cf,
+                num_groups=groups,
+                noise_std=noise,
+                batch_priority=self.batch_priority,
+            )
+            routing.student_logits = logits
+        y = self.combine(self.run_experts(self.dispatch(tokens, routing)), routing)  # (T, D)
+        return rearrange(y, "(b n) d -> b n d", b=B), routing
+
+    def slots(self, routing):
+        """Flat index of every assignment's row in the (E·G·C) buffer; (T, K) long."""
+        T, K = routing.experts.shape
+        G, C = routing.num_groups, routing.capacity
+        group = torch.arange(T, device=routing.experts.device) // (T // G)  # (T,)
+        # slot = e·(G·C) + g·C + position   (rows of expert e are contiguous: one bmm batch)
+        return routing.experts * (G * C) + group.unsqueeze(1) * C + routing.position  # (T, K)
+
+    def dispatch(self, tokens, routing):
+        """Gather kept tokens into the expert buffer; empty slots read a zero row."""
+        T, D = tokens.shape
+        E, G, C = self.num_experts, routing.num_groups, routing.capacity
+        rows = E * G * C
+        # dropped assignments all point at one spare slot (index `rows`), discarded below
+        slot = torch.where(routing.kept, self.slots(routing), rows)  # (T, K)
+        token_idx = torch.arange(T, device=tokens.device).unsqueeze(1).expand_as(slot)  # (T, K)
+        # which token fills each slot; T = "none", an appended zero row
+        token_of_slot = torch.full((rows + 1,), T, dtype=torch.long, device=tokens.device)
+        token_of_slot.scatter_(0, slot.reshape(-1), token_idx.reshape(-1))  # (rows + 1,)
+        padded = torch.cat([tokens, tokens.new_zeros(1, D)])  # (T + 1, D)
+        buf = padded.index_select(0, token_of_slot[:rows])  # (E·G·C, D)
+        return buf.view(E, G * C, D)  # (E, G·C, D)
+
+    def combine(self, expert_out, routing):
+        """y_t = Σ_k g_{t,k} · out[slot_{t,k}]; dropped assignments have g = 0."""
+        T, K = routing.experts.shape
+        out = expert_out.reshape(-1, expert_out.shape[-1])  # (E·G·C, D)
+        slot = torch.where(routing.kept, self.slots(routing), 0)  # (T, K) any valid row
+        picked = out.index_select(0, slot.reshape(-1)).view(T, K, -1)  # (T, K, D)
+        w = routing.weights.to(picked.dtype).unsqueeze(-1)  # (T, K, 1)
+        return (picked * w).sum(dim=1)  # (T, D)
+
+
+class SoftMoEMLP(StackedExperts):
+    """Soft MoE: slots are softmax mixtures of all tokens; no choice, no dropping.
+
+    logits = norm(X) · (scale · norm(Φ))       X: (N, D) tokens, Φ: (D, E·P) slot params
+    Dispatch = softmax over tokens (columns)   slot inputs  X̃ = Dispatchᵀ X
+    Combine  = softmax over slots (rows)       output       Y  = Combine · MLP(X̃)
+    """
+
+    def __init__(self, dim, hidden, num_experts, *, num_tokens, k=1, **_):
+        super().__init__(dim, hidden, num_experts)
+        self.slots_per_expert = max(1, round(k * num_tokens / num_experts))  # P
+        self.phi = nn.Parameter(torch.empty(dim, num_experts * self.slots_per_expert))
+        nn.init.normal_(self.phi, std=dim**-0.5)
+        self.scale = nn.Parameter(torch.ones(()))  # learned scale of the L2-normalised logits
+
+    def forward(self, x, route_logits=None):
+        if route_logits is not None:
+            raise ValueError("softmoe has no discrete route to take from outside")
+        B, N, D = x.shape
+        E, P = self.num_experts, self.slots_per_expert
+        logits = F.normalize(x, dim=-1) @ (self.scale * F.normalize(self.phi, dim=0))  # (B, N, E·P)
+        dispatch = logits.softmax(dim=1)  # (B, N, E·P) each slot mixes the tokens
+        combine = logits.softmax(dim=2)  # (B, N, E·P) each token mixes the slots
+        slots_in = torch.einsum("bns,bnd->bsd", dispatch, x)  # (B, E·P, D)
+        buf = rearrange(slots_in, "b (e p) d -> e (b p) d", e=E)  # (E, B·P, D)
+        out = rearrange(self.run_experts(buf), "e (b p) d -> b (e p) d", b=B)  # (B, E·P, D)
+        y = torch.einsum("bns,bsd->bnd", combine, out)  # (B, N, D)
+        share = rearrange(combine, "b n (e p) -> (b n) e p", e=E).sum(-1)  # (T, E)
+        routing = Routing(
+            logits=None,
+            probs=share,
+            experts=share.argmax(-1, keepdim=True),
+            weights=None,
+            kept=None,
+        )
+        return y, routing
+
+
+# ----------------------------------------------------------------------------- the ViT
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))), None  # (B, N, D), no routing
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))  # (B, N, D)
+
+
+class LayerScale(nn.Module):
+    """DeiT-III's per-channel residual scale (timm key `ls1.gamma`)."""
+
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of images."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)  # (B, 1, 1)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path_rate, init_values, mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x, route_logits=None):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        if route_logits is None:
+            y, routing = self.mlp(self.norm2(x))
+        else:
+            y, routing = self.mlp(self.norm2(x), route_logits)
+        return x + drop_path(self.ls2(y), self.drop_path_rate, self.training), routing
+
+
+class VisionTransformer(nn.Module):
+    """DeiT / ViT with timm's names; `moe_layers` (1-indexed) get `moe_mlp(dim, hidden)`."""
+
+    def __init__(
+        self,
+        *,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        init_values=None,
+        no_embed_class=False,
+        moe_layers=(),
+        moe_mlp=None,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+        self.grid = img_size // patch_size
+        self.num_tokens = self.grid**2 + 1  # N = patches + CLS
+        self.embed_dim, self.no_embed_class = embed_dim, no_embed_class
+        self.moe_layers = tuple(moe_layers)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos_len = self.grid**2 if no_embed_class else self.num_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim))
+        hidden = int(embed_dim * mlp_ratio)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                dpr[i],
+                init_values,
+                moe_mlp(embed_dim, hidden) if i + 1 in self.moe_layers else None,
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not isinstance(m, (nn.Identity,)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def embed(self, images):
+        """Patchify, add position embeddings, prepend CLS: (B, 3, H, W) -> (B, N, D)."""
+        x = rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d")  # (B, N-1, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        if self.no_embed_class:  # DeiT-III: position embedding has no CLS slot
+            return torch.cat([cls, x + self.pos_embed], dim=1)  # (B, N, D)
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
+
+    def forward(self, images, route=None):
+        """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
+
+        route: optional list of (B, N, E) logits, one per MoE layer, that choose the experts
+        instead of the layers' own routers (teacher-route mode, TGR sec. 5.3).
+        """
+        if route is not None and len(route) != len(self.moe_layers):
+            raise ValueError(f"route has {len(route)} entries, model has {len(self.moe_layers)}")
+        x = self.embed(images)  # (B, N, D)
+        routings, outside = [], iter(route or [])
+        for i, block in enumerate(self.blocks):
+            is_moe = i + 1 in self.moe_layers
+            x, routing = block(x, next(outside) if (is_moe and route is not None) else None)
+            if routing is not None:
+                routings.append(routing)
+        x = self.norm(x)  # (B, N, D)
+        return self.head(x[:, 0]), routings  # CLS-token classifier: (B, classes)
+
+
+# ----------------------------------------------------------------------------- builders
+def build_model(
+    name,
+    method="vmoe",
+    num_classes=1000,
+    img_size=224,
+    patch_size=16,
+    num_experts=16,
+    k=1,
+    moe_layers=None,
+    **options,
+):
+    """Build a DeiT (`method="dense"`) or its MoE student.
+
+    options: drop_path_rate, capacity_factor, eval_capacity_factor, noise_std, group_size,
+    batch_priority (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    dim, depth, heads, default_layers = MODELS[name]
+    moe_layers = tuple(default_layers if moe_layers is None else moe_layers)
+    if METHODS[method] is None:
+        moe_layers = ()
+    bad = [i for i in moe_layers if not 1 <= i <= depth]
+    if bad:
+        raise ValueError(f"MoE layers {bad} are outside blocks 1..{depth} of {name}")
+    if METHODS[method] and k > num_experts:
+        raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({num_experts})")
+    vit_keys = ("drop_path_rate", "init_values", "no_embed_class", "in_chans", "qkv_bias")
+    vit_opts = {key: options.pop(key) for key in vit_keys if key in options}
+    num_tokens = (img_size // patch_size) ** 2 + 1
+
+    def moe_mlp(d, hidden):
+        if METHODS[method] == "soft":
+            return SoftMoEMLP(d, hidden, num_experts, num_tokens=num_tokens, k=k)
+        return MoEMLP(d, hidden, num_experts, k=k, router=METHODS[method], **options)
+
+    model = VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        moe_layers=moe_layers,
+        moe_mlp=moe_mlp,
+        **vit_opts,
+    )
+    model.method, model.num_experts = method, num_experts if moe_layers else 0
+    return model
+
+
+@torch.no_grad()
+def upcycle(model, dense_state_dict):
+    """Sparse upcycling: start a MoE model from a dense checkpoint of the same size.
+
+    Every non-MLP weight is copied; in each MoE block every expert becomes a copy of that
+    block's dense MLP (fc1.weight (H, D) -> w1[e] (D, H), fc2.weight (D, H) -> w2[e] (H, D)),
+    and the router (and Soft MoE's slot parameters) stay freshly initialised.
+    Returns the list of keys left at their initial values.
+    """
+    own = model.state_dict()
+    fresh = []
+    for key, value in own.items():
+        parts = key.split(".")
+        if len(parts) > 3 and parts[2] == "mlp" and int(parts[1]) + 1 in model.moe_layers:
+            prefix = ".".join(parts[:3])
+            src = {
+                "w1": ("fc1.weight", True),
+                "b1": ("fc1.bias", False),
+                "w2": ("fc2.weight", True),
+                "b2": ("fc2.bias", False),
+            }.get(parts[3])
+            if src is None:
+                fresh.append(key)  # router / slot parameters
+                continue
+            w = dense_state_dict[f"{prefix}.{src[0]}"]
+            value.copy_((w.t() if src[1] else w).unsqueeze(0).expand_as(value))  # (E, ...)
+        elif key in dense_state_dict:
+            if dense_state_dict[key].shape != value.shape:
+                raise ValueError(
+                    f"cannot upcycle: {key} is {tuple(dense_state_dict[key].shape)} in the dense "
+                    f"checkpoint but {tuple(value.shape)} in the MoE model"
+                )
+            value.copy_(dense_state_dict[key])
+        else:
+            fresh.append(key)
+    return fresh
+
+
+def moe_num_params(model):
+    """(total, active per token) parameter counts: active counts K of the E experts."""
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.split(".")[-1] in ("w1", "b1", "w2", "b2")
+    )
+    active = total - expert
+    for i in model.moe_layers:
+        mlp = model.blocks[i - 1].mlp
+        per_expert = sum(p[0].numel() for p in (mlp.w1, mlp.b1, mlp.w2, mlp.b2))
+        active += per_expert * getattr(mlp, "k", 1)
+    return total, active

@@ -1,0 +1,204 @@
+"""How tokens pick experts: noisy top-K token choice (V-MoE) and expert choice.
+
+The idea
+--------
+A sparse MoE layer has E expert MLPs but runs only K of them per token. A *router*
+decides which: a linear map scores every token against every expert,
+
+    logits = x W_r                       x: (T, D) LN2 output, W_r: (D, E), no bias
+    p      = softmax(logits)             the clean routing distribution
+
+and the token goes to its K best experts. Two things make this more than an argmax:
+
+* **Noise** (V-MoE, Riquelme et al. 2021, eq. 1). During training Gaussian noise is added
+  to the logits before the choice, ε ~ N(0, (σ/E)²), q = softmax(logits + ε). The noisy q
+  picks the experts and weights their outputs; the clean p feeds the balance loss, the
+  distillation KL and every metric. V-MoE's configs write σ = 1.0 and its code divides by E;
+  the TGR table's "std 1.0" is that same setting.
+* **Capacity**. Experts run as batched matmuls over fixed-size buffers, so each expert can
+  take at most C tokens per group of S tokens:
+
+      C = ceil(K · S · cf / E), rounded up to a multiple of 4        (V-MoE, cf = 1.05)
+
+  A token's k-th choice is kept only if fewer than C earlier assignments went to that expert;
+  the rest are *dropped*: the MoE adds nothing to that token and the residual carries it on.
+  "Earlier" means: every token's top-1 choice comes before any top-2 choice (k-major order,
+  as V-MoE's dispatcher), and within one k, tokens go in their order in the group, or, with
+  batch-priority routing (BPR, Riquelme et al. sec. 4), in decreasing order of their top-1
+  weight, so the tokens the router is surest about are the last ones dropped.
+
+Expert choice (Zhou et al. 2022) turns the choice around: each expert takes its top-C tokens
+by p, so no expert overflows and no balance loss is needed, but a token may get 0 or many
+experts.
+
+The record
+----------
+Every router returns a `Routing`, the one record losses and metrics read (they never
+re-run the router). Tensors are flattened to tokens, T = B·N, in (image, token) order.
+
+Legend (paper -> code): W_r -> `router.weight` (stored as nn.Linear, (E, D)); p -> `probs`;
+q -> softmax of `noisy_logits`; C -> `capacity`; S -> `group_size * N`; BPR ->
+`batch_priority`.
+
+Decisions where the papers are silent
+-------------------------------------
+* Combine weights are the noisy q of the chosen experts, *not renormalised* over the K
+  (V-MoE does not renormalise), and are set to 0 for dropped assignments: `weights` is
+  exactly what multiplies the expert outputs.
+* If the batch does not split into groups of `group_size` images (a last, smaller batch),
+  the group shrinks to the largest divisor of B not above `group_size`; capacity is computed
+  for that group size.
+* When the outside caller supplies the routing logits (teacher-route mode, TGR sec. 5.3),
+  they replace the layer's own logits for the choice; the layer's own logits are still
+  recorded in `student_logits` so that the distillation KL can pull them along.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Letters: B images, N tokens per image, D width, E experts, K choices per token,
+# G groups, S tokens per group, C capacity per expert and group, T = B·N tokens.
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided. Fields that don't apply to a router are None."""
+
+    logits: torch.Tensor | None  # (T, E) logits that routed (clean)
+    probs: torch.Tensor | None  # (T, E) clean softmax p
+    experts: torch.Tensor | None  # (T, K) long, chosen expert per choice
+    weights: torch.Tensor | None  # (T, K) combine weights, 0 where dropped
+    kept: torch.Tensor | None  # (T, K) bool, False where capacity dropped it
+    noisy_logits: torch.Tensor | None = None  # (T, E) logits + noise (training only)
+    noise_std: float = 0.0  # σ/E actually used (0 at eval)
+    position: torch.Tensor | None = None  # (T, K) long, slot in the expert buffer
+    capacity: int = 0  # C per expert and group
+    num_groups: int = 1  # G
+    student_logits: torch.Tensor | None = None  # (T, E) the layer's own router logits
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+
+def group_size_for(batch: int, group_size: int) -> int:
+    """Largest divisor of `batch` that is <= group_size (groups must tile the batch)."""
+    g = max(1, min(group_size, batch))
+    while batch % g:
+        g -= 1
+    return g
+
+
+def capacity_for(tokens_per_group: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """C = ceil(K · S · cf / E), rounded up to a multiple of 4 (V-MoE's convention)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity factor must be > 0, got {capacity_factor}")
+    c = math.ceil(k * tokens_per_group * capacity_factor / num_experts)
+    return 4 * math.ceil(c / 4)
+
+
+def top_k_routing(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    capacity_factor: float,
+    num_groups: int,
+    noise_std: float = 0.0,
+    batch_priority: bool = False,
+) -> Routing:
+    """Noisy top-K token choice with capacity, V-MoE semantics.
+
+    logits: (T, E) clean router logits, T = num_groups · S tokens, groups contiguous.
+    noise_std: the σ/E actually added (0 = deterministic, e.g. at eval).
+    """
+    T, E = logits.shape
+    if k > E:
+        raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({E})")
+    G, S = num_groups, T // num_groups
+    probs = logits.softmax(dim=-1)  # (T, E) clean p
+
+    # q = softmax(logits + ε), ε ~ N(0, (σ/E)²): noise only chooses, it never enters the losses
+    noisy_logits = None
+    if noise_std > 0:
+        noisy_logits = logits + noise_std * torch.randn_like(logits)  # (T, E)
+        gates = noisy_logits.softmax(dim=-1)  # (T, E) q
+    else:
+        gates = probs
+    combine, experts = gates.topk(k, dim=-1)  # (T, K), (T, K)
+
+    # --- capacity: position of every assignment in its expert's queue, per group ---
+    capacity = capacity_for(S, E, k, capacity_factor)
+    expert_g = experts.view(G, S, k)  # (G, S, K)
+    if batch_priority:
+        # BPR: tokens with the largest top-1 weight go first (and are the last dropped)
+        order = combine[:, 0].view(G, S).argsort(dim=1, descending=True)  # (G, S)
+        expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
+    # k-major queue: all top-1 choices of the group, then all top-2 choices, ...
+    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S)
+    one_hot = F.one_hot(queue, E).to(torch.int32)  # (G, K·S, E)
+    # position = how many earlier assignments in the queue chose the same expert
+    position = one_hot.cumsum(dim=1).gather(2, queue.unsqueeze(-1)).squeeze(-1) - 1  # (G, K·S)
+    position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
+    if batch_priority:
+        # undo the sort: put every position back at its token's place in the group
+        position = torch.empty_like(position).scatter_(
+            1, order.unsqueeze(-1).expand(G, S, k), position
+        )  # (G, S, K)
+    position = position.reshape(T, k)  # (T, K)
+    kept = position < capacity  # (T, K)
+    weights = combine * kept  # (T, K) dropped assignments contribute nothing
+
+    return Routing(
+        logits=logits,
+        probs=probs,
+        experts=experts,
+        weights=weights,
+        kept=kept,
+        noisy_logits=noisy_logits,
+        noise_std=noise_std,
+        position=position,
+        capacity=capacity,
+        num_groups=G,
+        student_logits=logits,
+    )
+
+
+def expert_choice_routing(
+    logits: torch.Tensor, *, k: int, capacity_factor: float, num_groups: int
+) -> Routing:
+    """Expert choice: within each group every expert takes its top-C tokens by p.
+
+    C = ceil(K · S · cf / E) so each expert handles about K/E of the tokens, matching the
+    compute of top-K token choice (TGR supplementary sec. A). The record is written with one
+    column per expert: experts[t, e] = e, kept[t, e] = "expert e took token t", so a token can
+    be kept 0..E times; position[t, e] is its slot in expert e's buffer.
+    """
+    T, E = logits.shape
+    G, S = num_groups, T // num_groups
+    probs = logits.softmax(dim=-1)  # (T, E)
+    capacity = min(S, math.ceil(k * S * capacity_factor / E))
+    # each expert ranks the group's tokens by p and keeps the best C
+    probs_g = probs.view(G, S, E).transpose(1, 2)  # (G, E, S)
+    top_p, top_tok = probs_g.topk(capacity, dim=-1)  # (G, E, C), (G, E, C)
+    kept = torch.zeros(G, E, S, dtype=torch.bool, device=logits.device)
+    kept.scatter_(2, top_tok, True)  # (G, E, S)
+    position = torch.zeros(G, E, S, dtype=torch.long, device=logits.device)
+    slot = torch.arange(capacity, device=logits.device).expand(G, E, capacity)  # (G, E, C)
+    position.scatter_(2, top_tok, slot)  # (G, E, S)
+    kept = kept.transpose(1, 2).reshape(T, E)  # (T, E)
+    position = position.transpose(1, 2).reshape(T, E)  # (T, E)
+    experts = torch.arange(E, device=logits.device).expand(T, E)  # (T, E)
+    return Routing(
+        logits=logits,
+        probs=probs,
+        experts=experts,
+        weights=probs * kept,  # (T, E)
+        kept=kept,
+        position=position,
+        capacity=capacity,
+        num_groups=G,
+        student_logits=logits,
+    )
