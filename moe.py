@@ -46,8 +46,6 @@ Decisions where the papers are silent
   expert of block i starts as block i's MLP, routers stay fresh.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -203,7 +201,7 @@ class SoftMoEMLP(StackedExperts):
         if route_logits is not None:
             raise ValueError("softmoe has no discrete route to take from outside")
         B, N, D = x.shape
-        E, P = self.num_experts, self.slots_per_expert
+        E = self.num_experts
         logits = F.normalize(x, dim=-1) @ (self.scale * F.normalize(self.phi, dim=0))  # (B, N, E·P)
         dispatch = logits.softmax(dim=1)  # (B, N, E·P) each slot mixes the tokens
         combine = logits.softmax(dim=2)  # (B, N, E·P) each token mixes the slots
