@@ -1,0 +1,384 @@
+"""The frozen dense teacher, its layer-aligned features, and the teacher router.
+
+The idea
+--------
+A sparse router is trained through the few experts it picked: only the chosen paths carry
+gradient back to it, so it learns next to nothing about the experts it did not pick
+("gradient blocking"). Early in training, before experts differ, this sparse, local signal
+makes the assignment of a fixed token flicker from step to step (TGR-MoE sec. 1, 3).
+A *dense* model has no such problem: every weight is updated at every step, so its
+intermediate features form a stable, global description of each token. TGR-MoE borrows it:
+
+    h_t^(i) = LN2 output of teacher block i             (B, N, D_t), the MLP's input
+    p_t^(i) = softmax(R_t^(i) h_t^(i))                   R_t: Linear(D_t -> E), no noise
+    L_teacher = Σ_{i∈S_MoE} λ_load·L_imp(p_t^(i)) + λ_ent·L_ent(p_t^(i))     (sec. 3.2)
+
+and the student router is pulled toward p_t with KL(sg(p_t) ‖ p) (`losses.routing_kl`).
+
+* The teacher backbone is frozen (`requires_grad_(False)`, always in eval mode, run under
+  `torch.no_grad()`): it is a fixed feature space, not a model being trained.
+* The teacher router sees **no task loss**. Its job is not to classify but to turn the
+  teacher's feature space into a routing that is *balanced* (importance loss: every expert
+  gets tokens) and *confident* (entropy loss: each token clearly prefers one). That
+  distribution is the prior; the KL carries it across the gradient block to the student.
+* **Layer-aligned blocks, not the last**: student MoE layer i learns from teacher block i,
+  the same depth and the same kind of tensor its own router reads. With the teacher's last
+  layer instead, the paper's ImageNet-1K accuracy falls from 77.81% to 75.83%, below V-MoE:
+  the last features are too abstract and task-specific to say how mid-network tokens split.
+  `layers` may name any blocks (repeats allowed), so that ablation is one flag away.
+
+Sources, told apart by the *contents* of the file, never its name (`load_teacher`):
+  1. official facebookresearch/deit DeiT-III: `{"model": sd}`, `blocks.i.gamma_1/gamma_2`, a
+     `pos_embed` of (1, 196, D) with no CLS slot (added before CLS is concatenated);
+  2. timm naming (`blocks.i.ls1.gamma`), e.g. `timm.create_model(...).state_dict()` saved;
+  3. `"torchvision:vit_b_16"` (any torchvision ViT) or a torchvision ViT state dict;
+  4. a dense checkpoint of this project's `train.py --method dense` (`{"model", "args"}`).
+Every layout is renamed to timm's keys and loaded, shape-checked, into `moe.VisionTransformer`.
+
+Legend (paper -> code): h_t -> `teacher(images)[j]`; R_t -> `TeacherRouter`; p_t -> softmax of
+its logits; λ_load, λ_ent -> `load_coef`, `ent_coef` (0.005 each, TGR Table S1).
+Letters: B images, N tokens (patches + CLS), D_t teacher width, E experts, G grid side.
+
+Decisions where the papers are silent
+-------------------------------------
+* Width, depth, patch size, grid, MLP ratio, qkv bias, layer scale and CLS-slot layout are read
+  from the weights. Heads are not stored anywhere: a project checkpoint gives its model name
+  (`moe.MODELS`); otherwise `HEADS_BY_WIDTH` (DeiT/timm/torchvision's 64-dim heads, ViT-H's 16).
+* The final norm and the head are never run, so their keys are ignored (any class count loads).
+* The teacher runs under bf16 autocast by default (it is TGR's main extra cost); features are
+  returned as float32. bf16 stays within cosine 0.999 of fp32 (tests/test_teacher.py).
+* `no_grad`, not `inference_mode`: inference tensors cannot enter the teacher router's graph.
+* `torchvision:NAME` uses torchvision's default weights from its cache, else downloads them;
+  with `random_ok` (`--teacher-random`) a missing cache gives torchvision's random init
+  without touching the network, and `teacher.pretrained` is False.
+* Grids must match; `resample=True` interpolates the position grid bicubically to the
+  student's and resizes input images (bilinear) to grid × teacher patch, so teacher patch
+  (r, c) covers the same pixels as student patch (r, c).
+* The teacher router is a bias-free linear map, the same form as the student's router.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import warnings
+import zipfile
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from losses import entropy_loss, importance_loss
+from moe import MODELS, VisionTransformer
+
+HEADS_BY_WIDTH = {96: 3, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # DeiT, timm, torchvision
+NEVER_RUN = ("norm.", "head.", "fc_norm.")  # final norm and classifier: ignored
+TORCHVISION_TO_TIMM = [  # (pattern, replacement), applied in order
+    (r"^class_token$", "cls_token"),
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^heads\.", "head."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
+    (r"\.ln_([12])\.", r".norm\1."),
+    (r"\.self_attention\.in_proj_(weight|bias)$", r".attn.qkv.\1"),  # q, k, v stacked as timm
+    (r"\.self_attention\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),
+    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."),
+]
+
+
+class TeacherError(ValueError):
+    """A teacher source or setting that cannot work; the message is one line with the fix."""
+
+
+# ----------------------------------------------------------------------------- reading weights
+def _read_checkpoint(path):
+    """torch.load a file, turning every failure into one TeacherError line."""
+    if not os.path.isfile(path):
+        raise TeacherError(
+            f"teacher checkpoint not found: {path} (give a .pth/.pt file or torchvision:vit_b_16)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not zipfile.is_zipfile(path):  # not written by torch.save at all
+            raise TeacherError(
+                f"{path} is not a PyTorch checkpoint ({type(err).__name__})"
+            ) from None
+    try:  # a torch.save zip holding Python objects (argparse args, numpy RNG): our own files
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise TeacherError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def _torchvision_weights(name, random_ok):
+    """(state_dict, pretrained) of torchvision's ViT `name`; downloads only if allowed."""
+    import torchvision
+
+    names = [n for n in torchvision.models.list_models() if n.startswith("vit_")]
+    if name not in names:
+        raise TeacherError(f"unknown torchvision ViT {name!r}: choose one of {', '.join(names)}")
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if os.path.isfile(cached) or not random_ok:
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False), True
+        except Exception as err:  # offline, proxy, truncated file ...
+            raise TeacherError(
+                f"torchvision:{name}: weights are not in {cached} and could not be fetched "
+                f"({type(err).__name__}); put the file there, or pass --teacher-random"
+            ) from None
+    warnings.warn(f"torchvision:{name}: weights not cached, using RANDOM weights", stacklevel=3)
+    return torchvision.models.get_model(name, weights=None).state_dict(), False
+
+
+def _to_timm(sd):
+    """Rename a DeiT-III, torchvision or timm ViT state dict to timm keys: (sd, kind)."""
+    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}  # DDP/compile
+    if "conv_proj.weight" in sd or any(k.startswith("encoder.layers.") for k in sd):
+        renamed = {}
+        for key, value in sd.items():
+            for pattern, repl in TORCHVISION_TO_TIMM:
+                key = re.sub(pattern, repl, key)
+            renamed[key] = value
+        return renamed, "torchvision"
+    if any(k.endswith(".gamma_1") for k in sd):  # official DeiT-III: gamma_1 is timm's ls1.gamma
+        return {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v for k, v in sd.items()}, "deit3"
+    return sd, "timm"
+
+
+def _vit_config(sd, args, where):
+    """VisionTransformer kwargs read from the weights (heads: args or HEADS_BY_WIDTH)."""
+    for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.norm2.weight"):
+        if key not in sd:
+            seen = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(sd.items())[:3])
+            raise TeacherError(f"{where} is not a ViT checkpoint: no {key!r} (it holds {seen}, …)")
+    if any(k.endswith((".mlp.router.weight", ".mlp.w1", ".mlp.phi")) for k in sd):
+        method = args.get("method", "?")
+        raise TeacherError(
+            f"{where} is a sparse MoE checkpoint (method {method}); the teacher must be dense: "
+            "train one with train.py --method dense"
+        )
+    dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape  # (D_t, 3, P, P)
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    positions = sd["pos_embed"].shape[1]
+    grid = math.isqrt(positions)
+    no_embed_class = grid * grid == positions  # DeiT-III: no CLS slot
+    if not no_embed_class:
+        grid = math.isqrt(positions - 1)
+        if grid * grid != positions - 1:
+            raise TeacherError(f"{where}: pos_embed has {positions} positions, not G² or G² + 1")
+    name = args.get("model")
+    if name in MODELS and MODELS[name][0] == dim:
+        heads = MODELS[name][2]
+    elif dim in HEADS_BY_WIDTH or dim % 64 == 0:
+        heads = HEADS_BY_WIDTH.get(dim, dim // 64)
+    else:
+        raise TeacherError(f"{where}: cannot tell the number of heads of a width-{dim} ViT")
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * dim
+    return dict(
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=in_chans,
+        num_classes=0,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        no_embed_class=no_embed_class,
+    )
+
+
+def _check_keys(sd, expected, where):
+    """Strict load with a readable message: first missing, mismatching or unexpected key."""
+    for key, value in expected.items():
+        if key not in sd:
+            raise TeacherError(f"{where} does not fit the ViT its weights describe: {key} missing")
+        if sd[key].shape != value.shape:
+            raise TeacherError(
+                f"{where}: {key} is {tuple(sd[key].shape)} in the checkpoint but "
+                f"{tuple(value.shape)} in the ViT its other weights describe"
+            )
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise TeacherError(
+            f"{where} has weights a plain ViT lacks: {extra[0]} ({len(extra)} in all)"
+        )
+
+
+def _resample_pos_embed(pos, grid, new_grid, has_cls):
+    """Bicubic interpolation of the patch positions to another grid; CLS slot kept."""
+    cls, patches = (pos[:, :1], pos[:, 1:]) if has_cls else (pos[:, :0], pos)
+    patches = rearrange(patches, "1 (h w) d -> 1 d h w", h=grid)  # (1, D_t, G, G)
+    patches = F.interpolate(
+        patches.float(), size=(new_grid, new_grid), mode="bicubic", antialias=True
+    )  # (1, D_t, G', G')
+    return torch.cat([cls, rearrange(patches, "1 d h w -> 1 (h w) d")], dim=1)  # (1, N', D_t)
+
+
+# ----------------------------------------------------------------------------- the teacher
+class Teacher(nn.Module):
+    """A frozen ViT that returns the LN2 outputs of chosen 1-indexed blocks.
+
+    feats = teacher(images)    list of (B, N, D_t) float32, one per entry of `layers`
+    """
+
+    def __init__(self, vit, layers, *, dtype="bf16", resample=False, kind="", pretrained=True):
+        super().__init__()
+        self.layers, self.depth = tuple(layers), len(vit.blocks)
+        vit.blocks = vit.blocks[: max(self.layers)]  # never run past the deepest block needed
+        vit.norm, vit.head = nn.Identity(), nn.Identity()  # nor the final norm and head
+        self.vit, self.dtype, self.resample = vit, dtype, resample
+        self.kind, self.pretrained = kind, pretrained
+        self.dim, self.grid = vit.embed_dim, vit.grid
+        self.patch_size = vit.patch_embed.proj.kernel_size[0]
+        self.img_size = self.grid * self.patch_size
+        self.requires_grad_(False)  # stop-gradient: the backbone never updates
+        self.train(False)
+
+    def train(self, mode=True):
+        # frozen for good: an outer model.train() must not switch the teacher to training
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            if not self.resample:
+                raise TeacherError(
+                    f"teacher expects {self.img_size}x{self.img_size} images ({self.grid}x"
+                    f"{self.grid} patches of {self.patch_size}), got {tuple(images.shape[-2:])}; "
+                    "pass --teacher-resample to resize them"
+                )
+            size = (self.img_size, self.img_size)
+            images = F.interpolate(images, size=size, mode="bilinear")  # (B, 3, G·P, G·P)
+        wanted, feats = set(self.layers), {}
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.dtype == "bf16"):
+            x = self.vit.embed(images)  # (B, N, D_t)
+            for i, block in enumerate(self.vit.blocks, start=1):  # moe.Block, written out
+                x = x + block.ls1(block.attn(block.norm1(x)))  # (B, N, D_t)
+                h = block.norm2(x)  # (B, N, D_t) h_t^(i): what the MLP (and a router) reads
+                if i in wanted:
+                    feats[i] = h.float()
+                if i < len(self.vit.blocks):
+                    x = x + block.ls2(block.mlp(h)[0])  # (B, N, D_t)
+        return [feats[i] for i in self.layers]
+
+    def extra_repr(self):
+        return f"kind={self.kind}, layers={self.layers}, dim={self.dim}, grid={self.grid}"
+
+
+def load_teacher(
+    source, layers, *, dtype="bf16", random_ok=False, resample=False, student_grid=None
+):
+    """Build a frozen `Teacher` from a checkpoint path or "torchvision:NAME".
+
+    layers: 1-indexed teacher blocks, one per student MoE layer (repeats allowed).
+    student_grid: the student's patch-grid side; a different teacher grid is an error
+    unless `resample`. random_ok: torchvision weights may be random if not cached.
+    """
+    if dtype not in ("bf16", "fp32"):
+        raise TeacherError(f"teacher dtype {dtype!r}: use bf16 or fp32")
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise TeacherError("no teacher layers given")
+    args, pretrained = {}, True
+    if isinstance(source, str) and source.startswith("torchvision:"):
+        sd, pretrained = _torchvision_weights(source.split(":", 1)[1], random_ok)
+    else:
+        ckpt = _read_checkpoint(str(source))
+        if not isinstance(ckpt, dict):
+            raise TeacherError(f"{source} holds a {type(ckpt).__name__}, not a state dict")
+        args = ckpt.get("args") or {}
+        args = args if isinstance(args, dict) else getattr(args, "__dict__", {})  # Namespace
+        sd = ckpt.get("model", ckpt.get("state_dict", ckpt))
+        sd = {k: v for k, v in sd.items() if torch.is_tensor(v)} if isinstance(sd, dict) else {}
+        if not sd:
+            raise TeacherError(f"{source} holds no weights (top-level keys: {list(ckpt)[:5]})")
+    sd, kind = _to_timm(sd)
+    kind = "project" if args.get("method") is not None else kind
+    cfg = _vit_config(sd, args, source)
+    vit = VisionTransformer(**cfg)
+    expected = {k: v for k, v in vit.state_dict().items() if not k.startswith(NEVER_RUN)}
+    sd = {k: v.float() for k, v in sd.items() if not k.startswith(NEVER_RUN)}
+    _check_keys(sd, expected, source)
+    bad = [i for i in layers if not 1 <= i <= cfg["depth"]]
+    if bad:
+        depth = cfg["depth"]
+        raise TeacherError(f"teacher block {bad[0]} does not exist: {source} has 1..{depth}")
+    grid = vit.grid
+    if student_grid is not None and student_grid != grid:
+        if not resample:
+            raise TeacherError(
+                f"token grids differ: teacher {grid}x{grid} ({cfg['img_size']} px, patch "
+                f"{cfg['patch_size']}) vs student {student_grid}x{student_grid}; use a teacher of "
+                "the student's grid or pass --teacher-resample"
+            )
+        has_cls = not cfg["no_embed_class"]
+        sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], grid, student_grid, has_cls)
+        vit = VisionTransformer(**{**cfg, "img_size": student_grid * cfg["patch_size"]})
+    vit.load_state_dict(sd, strict=False)  # strict by _check_keys; norm and head dropped below
+    return Teacher(vit, layers, dtype=dtype, resample=resample, kind=kind, pretrained=pretrained)
+
+
+# ----------------------------------------------------------------------------- teacher router
+class TeacherRouter(nn.Linear):
+    """R_t: Linear(D_t -> E), no bias, no noise; logits = router(h), (B, N, E)."""
+
+    def __init__(self, teacher_dim, num_experts):
+        super().__init__(teacher_dim, num_experts, bias=False)
+        nn.init.trunc_normal_(self.weight, std=0.02)  # as the student's router
+
+
+def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005):
+    """L_teacher over the MoE layers; returns (total, {"load", "ent"} unweighted sums).
+
+    No task loss: the router's only aims are balanced (L_imp) and confident (L_ent) routing.
+    """
+    if not teacher_logits:
+        raise ValueError("teacher_objective needs the logits of at least one layer")
+    load = ent = 0.0
+    for logits in teacher_logits:
+        p_t = logits.float().softmax(dim=-1)  # (B, N, E)
+        load = load + importance_loss(p_t)
+        ent = ent + entropy_loss(p_t)
+    # L_teacher = Σ_i λ_load·L_imp(p_t^(i)) + λ_ent·L_ent(p_t^(i))
+    total = load_coef * load + ent_coef * ent
+    return total, {"load": load.detach(), "ent": ent.detach()}
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Load a TGR teacher, print its feature shapes.")
+    parser.add_argument("source", help="checkpoint path or torchvision:vit_b_16")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 10, 12])
+    parser.add_argument("--img-size", type=int, default=224, help="the student's image size")
+    parser.add_argument("--patch-size", type=int, default=16, help="the student's patch size")
+    parser.add_argument("--teacher-dtype", "--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--teacher-random", action="store_true", help="random torchvision ok")
+    parser.add_argument("--teacher-resample", action="store_true", help="resample grid/images")
+    args = parser.parse_args(argv)
+    options = dict(dtype=args.teacher_dtype, random_ok=args.teacher_random)
+    options.update(resample=args.teacher_resample, student_grid=args.img_size // args.patch_size)
+    try:
+        teacher = load_teacher(args.source, args.layers, **options)
+        feats = teacher(torch.randn(2, 3, args.img_size, args.img_size))
+    except TeacherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"{teacher.kind} teacher: D_t={teacher.dim}, {teacher.depth} blocks, grid "
+        f"{teacher.grid}x{teacher.grid}, patch {teacher.patch_size}, "
+        f"{'pretrained' if teacher.pretrained else 'RANDOM'} weights, {teacher.dtype}"
+    )
+    for i, h in zip(teacher.layers, feats):
+        print(f"block {i}: LN2 output {tuple(h.shape)}")
+
+
+if __name__ == "__main__":
+    main()
