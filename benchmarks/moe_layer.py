@@ -21,9 +21,10 @@ function from the same stacked weights w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2
   makes the quadratic term T² instead of T·S.
 
 Every time is reported as a ratio to a dense MLP fc1 -> GELU -> fc2 of hidden width K·H
-(`moe.Mlp`) timed in the same run, so K=2 is compared with a 2x wider MLP. The padding column says how much of
-the expert buffer is empty: the buffer has G·C·E rows for K·T assignments, because capacity
-C = ceil(K·S·cf/E) is rounded up to a multiple of 4 and every expert gets C rows per group.
+(`moe.Mlp`) timed in the same run, so K=2 is compared with a 2x wider MLP. The padding
+column says how much of the expert buffer is empty: the buffer has G·C·E rows for K·T
+assignments, because capacity C = ceil(K·S·cf/E) is rounded up to a multiple of 4 and every
+expert gets C rows per group.
 
     python benchmarks/moe_layer.py                       # full table, ~5 min on 2 idle cores
     python benchmarks/moe_layer.py --threads 1 --clock cpu   # the same on a busy machine
