@@ -1,0 +1,372 @@
+"""train.py (and eval.py's metrics): every method learns, the TGR schedule, DDP equals one
+process, exact resume, crash-safe checkpoints, and one clear line for each bad input.
+
+All runs are `micro` at 32x32 / patch 4 with 4 experts on a few dozen generated images.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from eval import expert_utilisation, normalised_entropy, routing_consistency
+from losses import routing_kl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = (
+    "--model micro --img-size 32 --patch-size 4 --experts 4 --batch-size 16 "
+    "--synthetic-train-size 64 --synthetic-val-size 32 --epochs 2 --warmup-epochs 0 "
+    "--lr 2e-3 --print-freq 1000 --probe-size 16 --num-workers 0"
+).split()
+# the settings under which DDP must equal one process: no randomness that depends on the rank
+QUIET = (
+    "--mixup 0 --cutmix 0 --randaug-n 0 --no-crop-flip --drop-path 0 --noise-std 0 "
+    "--capacity-factor 4"  # cf = E: no token is ever dropped, whatever the group holds
+).split()
+
+
+def args_for(out, *extra):
+    return train.get_args_parser().parse_args([*TINY, "--output-dir", str(out), *extra])
+
+
+def run(out, *extra):
+    return train.main(args_for(out, *extra))
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A dense micro model trained for one epoch by train.py: the offline teacher."""
+    out = tmp_path_factory.mktemp("dense")
+    run(out, "--method", "dense", "--epochs", "1")
+    return str(out / "checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metric_functions_against_hand_values():
+    top1 = torch.tensor([0, 0, 1, 3])
+    assert expert_utilisation(top1, 4).tolist() == [0.5, 0.25, 0.0, 0.25]
+    # H = −(½ log ½ + 2·¼ log ¼) / log 4 = 1.5 log 2 / 2 log 2 = 0.75
+    assert normalised_entropy(expert_utilisation(top1, 4)) == pytest.approx(0.75)
+    assert normalised_entropy(torch.full((8,), 1 / 8)) == pytest.approx(1.0)
+    assert routing_consistency(top1, torch.tensor([0, 1, 1, 2])) == 0.5
+
+
+# ----------------------------------------------------------------------------- every method
+METHODS = ["dense", "vmoe", "tgr", "expert-choice", "softmoe", "stablemoe", "zloss"]
+METHODS += ["teacher-route", "tgr-distill-only"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp_path):
+    extra = ["--router-grad", "distill-only"] if method.endswith("distill-only") else []
+    args = args_for(tmp_path, "--method", method.removesuffix("-distill-only"), "--teacher",
+                    teacher_ckpt, "--drop-path", "0", *extra)  # fmt: skip
+    train.check_args(args)
+    args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
+    torch.manual_seed(0)
+    train_set, _, classes = train.build_datasets(args)
+    model = train.build_student(args, classes)
+    teacher = routers = None
+    params = list(model.parameters())
+    if args.method in ("tgr", "teacher-route"):
+        teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
+        params += list(routers.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    images = torch.stack([train_set[i][0] for i in range(16)])  # (16, 3, 32, 32)
+    targets = torch.tensor([train_set[i][1] for i in range(16)])
+    losses = []
+    for _ in range(12):
+        loss, teacher_loss, parts = train.compute_losses(
+            model, images, targets, args, teacher, routers
+        )
+        optimizer.zero_grad()
+        (loss + teacher_loss).backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert math.isfinite(losses[-1]) and all(math.isfinite(v) for v in parts.values())
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    assert ("distill" in parts) == (teacher is not None)
+
+
+def test_distill_only_router_gradient_is_the_kl_gradient(teacher_ckpt, tmp_path):
+    args = args_for(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, *QUIET)
+    args.student_balance_coef = 0.0
+    torch.manual_seed(0)
+    train_set, _, classes = train.build_datasets(args)
+    model = train.build_student(args, classes)
+    teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
+    images = torch.stack([train_set[i][0] for i in range(8)])
+    targets = torch.tensor([train_set[i][1] for i in range(8)])
+    router_weights = [model.blocks[i - 1].mlp.router.weight for i in model.moe_layers]
+
+    def router_grads(mode):
+        args.router_grad = mode
+        model.zero_grad()
+        loss, _, _ = train.compute_losses(model, images, targets, args, teacher, routers)
+        loss.backward()
+        return [w.grad.clone() for w in router_weights]
+
+    only, full = router_grads("distill-only"), router_grads("task")
+    # each router's own layer's KL, differentiated by hand (a later layer's KL would reach
+    # this router only through its combine weights, the path distill-only closes)
+    _, routings = model(images)
+    t_logits = [R(h) for R, h in zip(routers, teacher(images))]
+    scale = args.distill_coef / len(routings)
+    expected = [
+        torch.autograd.grad(scale * routing_kl(r.student_logits, t, from_logits=True), w)[0]
+        for r, t, w in zip(routings, t_logits, router_weights)
+    ]
+    for g, e, f in zip(only, expected, full):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-8)
+        assert not torch.allclose(f, e, atol=1e-6)  # the task does reach the router normally
+
+
+# ----------------------------------------------------------------------------- the TGR schedule
+def count_teacher_calls(monkeypatch):
+    calls = []
+    real = train.load_teacher
+
+    def counting(*a, **kw):
+        teacher = real(*a, **kw)
+        forward = teacher.forward
+        teacher.forward = lambda images: calls.append(len(images)) or forward(images)
+        return teacher
+
+    monkeypatch.setattr(train, "load_teacher", counting)
+    return calls
+
+
+@pytest.mark.parametrize("until, distilled", [("0.5", 2), ("1.0", 4)])
+def test_kl_exactly_while_distilling_and_no_teacher_after(
+    until, distilled, teacher_ckpt, tmp_path, monkeypatch
+):
+    calls = count_teacher_calls(monkeypatch)
+    result = run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4",
+                 "--distill-until", until)  # fmt: skip
+    history = log(tmp_path)
+    assert [r["distilling"] for r in history] == [e < distilled for e in range(4)]
+    assert [("train_distill" in r) for r in history] == [e < distilled for e in range(4)]
+    assert all(r["train_distill"] > 0 for r in history[:distilled])
+    steps = 64 // 16
+    assert len(calls) == distilled * steps  # one teacher forward per training step, none after
+    switched = [r for r in history if "switch" in r]
+    if distilled < 4:
+        assert switched[0]["epoch"] == distilled - 1 and result["routers"] is None
+        assert "--distill-until 0.5" in switched[0]["switch"]["reason"]
+    else:
+        assert not switched and result["routers"] is not None
+
+
+@pytest.mark.parametrize("threshold, switches", [("0.0", True), ("1.01", False)])
+def test_adaptive_switch_follows_its_condition(threshold, switches, teacher_ckpt, tmp_path):
+    run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "3",
+        "--distill-until", "adaptive", "--switch-consistency", threshold,
+        "--switch-patience", "1")  # fmt: skip
+    history = log(tmp_path)
+    if switches:  # consistency >= 0 always holds: switch after the first check
+        assert history[0]["switch"]["reason"].startswith("adaptive")
+        assert [r["distilling"] for r in history] == [True, False, False]
+    else:  # consistency can never reach 1.01: distil throughout
+        assert all(r["distilling"] and "switch" not in r for r in history)
+
+
+def test_stablemoe_freezes_the_router_at_the_switch(tmp_path):
+    result = run(tmp_path, "--method", "stablemoe", "--epochs", "2", "--distill-until", "0.5")
+    assert [r["router_frozen"] for r in log(tmp_path)] == [False, True]
+    model = result["model"]
+    assert all(not model.blocks[i - 1].mlp.router.weight.requires_grad for i in model.moe_layers)
+
+
+def test_log_and_checkpoint_layout(tmp_path):
+    run(tmp_path, "--method", "vmoe")
+    record = log(tmp_path)[-1]
+    for key in ("epoch", "lr", "train_loss", "train_task", "train_importance", "train_load",
+                "val_top1", "routing_entropy", "utilisation", "consistency_prev",
+                "dropped_frac", "distilling", "images_per_s"):  # fmt: skip
+        assert key in record, key
+    assert len(record["routing_entropy"]) == 2 and len(record["utilisation"][0]) == 4
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("model", "optimizer", "lr_scheduler", "epoch", "scaler", "args", "step", "rng"):
+        assert key in ckpt
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert json.loads((tmp_path / "args.json").read_text())["method"] == "vmoe"
+    final = json.loads((tmp_path / "consistency_final.json").read_text())
+    assert len(final) == 2 and final[-1] == [1.0, 1.0]  # the last epoch agrees with itself
+
+
+def test_finetune_replaces_the_head_and_logs_consistency(tmp_path):
+    run(tmp_path / "pre", "--method", "vmoe", "--epochs", "1")
+    result = run(tmp_path / "ft", "--method", "vmoe", "--epochs", "1", "--nb-classes", "5",
+                 "--finetune", str(tmp_path / "pre" / "checkpoint.pt"))  # fmt: skip
+    assert result["model"].head.out_features == 5
+    assert len(log(tmp_path / "ft")[0]["consistency_pretrained"]) == 2
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
+    # everything random stays on: MixUp/CutMix, RandAugment, crop/flip, drop-path, router noise
+    common = ["--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4",
+              "--distill-until", "0.75"]  # fmt: skip
+    straight = run(tmp_path / "a", *common)["model"].state_dict()
+
+    saves, real_save = [], train.save_checkpoint
+
+    def crash_after_two(path, state):
+        real_save(path, state)
+        saves.append(path.name)
+        if saves.count("checkpoint.pt") == 2:
+            raise KeyboardInterrupt  # the job is killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", *common)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = run(tmp_path / "b", *common, "--resume", "auto")["model"].state_dict()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    drop = ("images_per_s", "epoch_time_s")
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    run(tmp_path, "--method", "vmoe", "--epochs", "1")
+    real_save = torch.save
+
+    def dies_half_way(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip file")  # a partial write, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--method", "vmoe", "--epochs", "2", "--resume", "auto")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+def cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys, teacher_ckpt):
+    base = [*TINY, "--output-dir", str(tmp_path)]
+    moe_ckpt = tmp_path / "moe"
+    run(moe_ckpt, "--method", "vmoe", "--epochs", "1")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((moe_ckpt / "checkpoint.pt").read_bytes()[:1000])
+    cases = {
+        "--model huge": "invalid choice: 'huge'",
+        "--method magic": "invalid choice: 'magic'",
+        "--data mnist": "invalid choice: 'mnist'",
+        f"--data imagenet --data-path {tmp_path}/nowhere": "no train/CLASS",
+        "--method tgr": "needs --teacher",
+        "--method tgr --teacher missing.pth": "teacher checkpoint not found",
+        f"--method tgr --teacher {moe_ckpt}/checkpoint.pt": "must be dense",
+        f"--method tgr --teacher {teacher_ckpt} --patch-size 8": "token grids differ",
+        "--topk 5": "--topk 5 exceeds --experts 4",
+        "--capacity-factor 0": "capacity",
+        f"--resume {tmp_path}/none.pt": "no such checkpoint",
+        f"--resume {truncated}": "truncated",
+        "--distill-until half": "--distill-until 'half'",
+    }
+    for flags, message in cases.items():
+        line = cli_error(capsys, [*base, *flags.split()])
+        assert line.startswith("error: ") and message in line, (flags, line)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, capsys, monkeypatch):
+    run(tmp_path, "--method", "vmoe", "--epochs", "1")
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    real, calls = train.compute_losses, []
+
+    def poisoned(*a, **kw):
+        loss, teacher_loss, parts = real(*a, **kw)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 3 else loss), teacher_loss, parts
+
+    monkeypatch.setattr(train, "compute_losses", poisoned)
+    argv = [*TINY, "--output-dir", str(tmp_path), "--epochs", "2", "--resume", "auto"]
+    line = cli_error(capsys, argv)
+    assert "loss is nan at step 6" in line  # 4 steps in epoch 0, the third of epoch 1
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_cli_subprocess_reports_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", *TINY, "--resume", str(tmp_path / "gone.pt"),
+         "--output-dir", str(tmp_path)],  # fmt: skip
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --resume {tmp_path}/gone.pt: no such "
+                                                "checkpoint"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_HELPER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+result = train.main(train.get_args_parser().parse_args(sys.argv[1:]))
+state = {{"model": result["model"].state_dict(), "routers": result["routers"].state_dict()}}
+torch.save(state, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
+    # TGR while distilling: the student (DDP) and the teacher routers (averaged by hand) both
+    # train. The teacher router's importance loss is a CV² over the *local* batch, not linear
+    # in the batch, so it is off here: then every loss is a mean and two ranks of 8 images
+    # must equal one process of 16.
+    common = [*QUIET, "--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "1",
+              "--teacher-load-coef", "0"]  # fmt: skip
+    helper = tmp_path / "helper.py"
+    helper.write_text(DDP_HELPER.format(root=ROOT, out=str(tmp_path)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*torchrun, str(helper), *TINY, *common, "--batch-size", "8"]
+    cmd += ["--output-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("model", "routers"):
+        for key in r0[part]:  # DDP keeps ranks bit-identical
+            assert torch.equal(r0[part][key], r1[part][key]), key
+    single = run(tmp_path / "one", *common, "--batch-size", "16")
+    # same global batch and LR (16 x 1 = 8 x 2): the same weights up to float reassociation
+    for part, module in (("model", single["model"]), ("routers", single["routers"])):
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(r0[part][key], value, rtol=1e-4, atol=1e-5)
+    assert log(tmp_path / "ddp")[-1]["val_top1"] == pytest.approx(
+        log(tmp_path / "one")[-1]["val_top1"]
+    )
+
+
+# ----------------------------------------------------------------------------- the demo
+def test_demo_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "demo.py", "--quick", "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("dense", "vmoe", "tgr"):
+        assert name in proc.stdout and (tmp_path / name / "log.jsonl").is_file()
+    assert "not a claim" in proc.stdout
