@@ -62,7 +62,6 @@ Decisions
 
 import argparse
 import ctypes
-import math
 import os
 import statistics
 import sys
@@ -76,7 +75,7 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from moe import Mlp, MoEMLP  # noqa: E402
-from router import Routing, group_size_for, top_k_routing  # noqa: E402
+from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
 
 # Letters: B images, N tokens per image, D width, H hidden, E experts, K top-k, G groups,
 # S tokens per group, C capacity per expert and group, T = B·N tokens.
@@ -183,15 +182,13 @@ def check_equal(layer: MoEMLP, fns, x: torch.Tensor, seed: int = 0):
         y.sum().backward()
         return y.detach(), x.grad.clone()
 
-    ours = run(fns["ours"])
-    group_size = layer.group_size
-    layer.group_size = x.shape[0]
-    ours_ungrouped = run(fns["ours"])  # the function the ungrouped one-hot variant computes
-    layer.group_size = group_size
-    for name in ("loop", "onehot", "ungrouped"):
-        if name not in fns:
-            continue
-        ref = ours_ungrouped if name == "ungrouped" else ours
+    refs = {"loop": run(fns["ours"])}
+    refs["onehot"] = refs["loop"]
+    if "ungrouped" in fns:  # ours with one group of all B images computes that function
+        group_size, layer.group_size = layer.group_size, x.shape[0]
+        refs["ungrouped"] = run(fns["ours"])
+        layer.group_size = group_size
+    for name, ref in refs.items():
         got = run(fns[name])
         for what, a, b in zip(("output", "input gradient"), got, ref):
             err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
@@ -208,7 +205,7 @@ def padding(layer: MoEMLP, batch: int, tokens: int):
     G = num_groups_of(layer, batch)
     S = batch * tokens // G
     E, K = layer.num_experts, layer.k
-    C = 4 * math.ceil(math.ceil(K * S * layer.capacity_factor / E) / 4)  # router.capacity_for
+    C = capacity_for(S, E, K, layer.capacity_factor)  # ceil(K·S·cf/E), up to a multiple of 4
     rows = G * C * E
     return C, rows, 1 - K * batch * tokens / rows
 
@@ -274,8 +271,9 @@ def get_args_parser():
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
-        default="wall",
-        help="cpu: this thread's CPU time, for a shared machine (needs --threads 1)",
+        default=None,
+        help="cpu: this thread's CPU time, for a shared machine (needs --threads 1); default "
+        "wall, cpu with --quick",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
@@ -290,6 +288,7 @@ def check_args(p, args):
         # another process holds make each op cost a scheduler time slice
         args.threads = args.threads or 1
     args.threads = args.threads or os.cpu_count()
+    args.clock = args.clock or ("cpu" if args.quick and args.threads == 1 else "wall")
     if args.clock == "cpu" and args.threads != 1:
         # CPU-side autograd runs in the calling thread, so with one thread its CPU time is the
         # whole step, minus the time other processes held the CPU
