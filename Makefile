@@ -18,7 +18,9 @@ PY       := $(VENV)/bin/python
 
 venv: $(VENV)/.complete
 
-$(VENV)/.complete: requirements.txt requirements-dev.txt
+# No file prerequisites on purpose: the folder name already hashes the requirements'
+# contents, and a fresh clone's new file times must not rebuild a finished venv.
+$(VENV)/.complete:
 	@mkdir -p $(CACHE)
 	@if [ -d "$(VENV)" ] && [ ! -f "$@" ]; then echo "removing unfinished venv $(VENV)"; rm -rf "$(VENV)"; fi
 	$(PYTHON) -m venv $(VENV)

@@ -240,7 +240,9 @@ def test_dense_vit_matches_timm():
 def test_moe_keys_keep_timm_names_outside_the_mlp():
     dense = set(build_model("micro", "dense", **MICRO).state_dict())
     moe = set(build_model("micro", "vmoe", **MICRO).state_dict())
-    assert {k for k in dense if ".mlp." not in k or not k.startswith(("blocks.3", "blocks.5"))} <= moe
+    assert {
+        k for k in dense if ".mlp." not in k or not k.startswith(("blocks.3", "blocks.5"))
+    } <= moe
     assert {"blocks.3.mlp.router.weight", "blocks.3.mlp.w1", "blocks.5.mlp.b2"} <= moe
 
 
