@@ -54,7 +54,13 @@ def test_notebook_runs_in_quick_mode(name, kernel_specs, tmp_path, monkeypatch):
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable, QUICK)"))
     monkeypatch.setenv("TGR_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' tempfile.mkdtemp() runs
-    km = AsyncKernelManager(kernel_name="tgr-moe-python", kernel_spec_manager=kernel_specs)
+    # ipc (Unix sockets in tmp_path), not tcp: no race for free ports with other kernels/tests
+    km = AsyncKernelManager(
+        kernel_name="tgr-moe-python",
+        kernel_spec_manager=kernel_specs,
+        transport="ipc",
+        ip=str(tmp_path / "kernel"),
+    )
     client = NotebookClient(
         nb,
         km=km,
