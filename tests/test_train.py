@@ -138,7 +138,8 @@ def count_teacher_calls(monkeypatch):
     def counting(*a, **kw):
         teacher = real(*a, **kw)
         forward = teacher.forward
-        teacher.forward = lambda images: calls.append(len(images)) or forward(images)
+        # record whether the call came from a training step (grad on) or evaluation (no_grad)
+        teacher.forward = lambda x: calls.append(torch.is_grad_enabled()) or forward(x)
         return teacher
 
     monkeypatch.setattr(train, "load_teacher", counting)
@@ -156,8 +157,11 @@ def test_kl_exactly_while_distilling_and_no_teacher_after(
     assert [r["distilling"] for r in history] == [e < distilled for e in range(4)]
     assert [("train_distill" in r) for r in history] == [e < distilled for e in range(4)]
     assert all(r["train_distill"] > 0 for r in history[:distilled])
-    steps = 64 // 16
-    assert len(calls) == distilled * steps  # one teacher forward per training step, none after
+    steps, val_batches = 64 // 16, 32 // 16
+    # one teacher forward per training step and one per validation batch (the logged teacher
+    # agreement) in every distilling epoch, none after the switch
+    assert calls.count(True) == distilled * steps
+    assert calls.count(False) == distilled * val_batches
     switched = [r for r in history if "switch" in r]
     if distilled < 4:
         assert switched[0]["epoch"] == distilled - 1 and result["routers"] is None
