@@ -5,7 +5,8 @@
 and a TGR student guided by that teacher for the first half of its epochs (`--distill-until
 0.5`), then prints their top-1, per-layer routing entropy H(util)/log E and adjacent-epoch
 routing consistency (the fraction of a fixed probe set's tokens that keep their top-1 expert
-from one epoch to the next, averaged over epochs 1..end) from each run's log.jsonl.
+from one epoch to the next, averaged over epochs 1..end) from each run's log.jsonl. Last,
+`eval.py` reads the TGR student's checkpoint and writes its figures to runs/demo/plots.
 
 It is a demonstration, not a claim: one seed, a few minutes of training on a toy data set,
 far from the paper's 300 ImageNet epochs. It shows the pipeline end to end and what to look
@@ -14,10 +15,12 @@ at; differences of a point or two in top-1 here are noise. `--quick` shrinks it 
 """
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
 
+import eval
 import train
 
 COMMON = (
@@ -78,6 +81,12 @@ def main():
           "one epoch to the next (mean over epochs 1..end).\n"
           "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
           "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs.")  # fmt: skip
+    # the routing of the TGR student, read by eval.py (figures only where matplotlib is installed)
+    argv = ["--checkpoint", str(root / "tgr" / "checkpoint.pt")]
+    if importlib.util.find_spec("matplotlib"):
+        argv += ["--plots", str(root / "plots")]
+    print(f"\n$ python eval.py {' '.join(argv)}")
+    eval.main(argv)
 
 
 if __name__ == "__main__":

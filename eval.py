@@ -31,7 +31,11 @@ Decisions where the papers are silent
   numbers are those of the whole validation set (DistributedSampler pads with a few repeats).
 """
 
+import argparse
+import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -92,38 +96,41 @@ def probe_assignments(model, images, route=None, batch_size=128):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, *, route=None, amp_dtype=None):
-    """Top-1/top-5 accuracy and per-MoE-layer utilisation, entropy and dropped fraction.
+def evaluate(model, loader, device, *, teacher=None, route_by_teacher=False, amp_dtype=None):
+    """Top-1/top-5 accuracy and per-MoE-layer utilisation, entropy, dropped fraction, agreement.
 
-    route: optional callable images -> list of (B, N, E) logits that choose the experts
-    (teacher-route mode, TGR sec. 5.3); amp_dtype: autocast dtype on CUDA (e.g. bf16).
-    Returns a dict of floats and per-layer lists.
+    teacher: optional callable images -> list of (B, N, E) teacher-router logits, one per MoE
+    layer; with it the per-layer teacher agreement is measured, and with `route_by_teacher`
+    those logits also choose the experts (teacher-route mode, TGR sec. 5.3).
+    amp_dtype: autocast dtype on CUDA (e.g. bf16). Returns a dict of floats and per-layer lists.
     """
     was_training = model.training
     model.eval()
     correct1, correct5, seen = torch.zeros(3, dtype=torch.float64, device=device).unbind()
-    counts = dropped = tokens = None  # (layers, E), (layers,), (layers,)
+    counts = dropped = tokens = agreed = None  # (layers, E), (layers,) ×3
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
-            logits, routings = model(images, route=route(images) if route else None)
+            t_logits = teacher(images) if teacher else None  # list of (B, N, E)
+            logits, routings = model(images, route=t_logits if route_by_teacher else None)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
         hit = top == targets.unsqueeze(1)  # (B, 5)
         correct1 = correct1 + hit[:, 0].sum()
         correct5 = correct5 + hit.any(dim=1).sum()
         seen = seen + targets.numel()
         if routings and counts is None:
-            E = routings[0].num_experts
-            counts = torch.zeros(len(routings), E, dtype=torch.float64, device=device)
-            dropped = torch.zeros(len(routings), dtype=torch.float64, device=device)
-            tokens = torch.zeros(len(routings), dtype=torch.float64, device=device)
+            counts = torch.zeros(len(routings), routings[0].num_experts, device=device).double()
+            dropped, tokens, agreed = torch.zeros(3, len(routings), device=device).double()
         for i, r in enumerate(routings):
             T = r.probs.shape[0]
             counts[i] += torch.bincount(top1_experts(r), minlength=counts.shape[1])
             dropped[i] += dropped_fraction(r) * T
             tokens[i] += T
-    stats = [correct1, correct5, seen] + ([counts, dropped, tokens] if counts is not None else [])
+            if t_logits is not None:  # the student's own router vs the teacher router
+                own = r.student_logits if r.student_logits is not None else r.logits
+                agreed[i] += teacher_agreement(own, t_logits[i]) * T
+    stats = [correct1, correct5, seen] + ([counts, dropped, tokens, agreed] if routings else [])
     if dist.is_available() and dist.is_initialized():
         for t in stats:
             dist.all_reduce(t)  # sum over ranks: every rank saw its own shard
@@ -136,4 +143,279 @@ def evaluate(model, loader, device, *, route=None, amp_dtype=None):
         out["utilisation"] = [[round(float(u), 4) for u in row] for row in util]
         out["routing_entropy"] = [normalised_entropy(row) for row in util]
         out["dropped_frac"] = [float(d / t) for d, t in zip(dropped, tokens)]
+        if teacher is not None:
+            out["teacher_agreement"] = [float(a / t) for a, t in zip(agreed, tokens)]
     return out
+
+
+# ----------------------------------------------------------------------------- the command line
+# python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
+#                [--data ... --data-path ...] [--json] [--plots DIR]
+class EvalError(Exception):
+    """A user mistake: the CLI prints this one line (`error: ...`) and exits with status 2."""
+
+
+def load_run(path, overrides, device, what="--checkpoint"):
+    """A train.py checkpoint -> (model in eval mode, the run's args + `overrides`, checkpoint)."""
+    import train  # here, not at the top: train.py imports this file
+
+    ckpt = train.read_checkpoint(path, what)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not ckpt.get("args"):
+        raise EvalError(f"{what} {path}: not a train.py checkpoint (it has no 'model' and 'args')")
+    args = train.get_args_parser().parse_args([])  # today's defaults under the run's own flags
+    vars(args).update(ckpt["args"])
+    vars(args).update({k: v for k, v in overrides.items() if v is not None})
+    model = train.build_student(args, num_classes=ckpt["model"]["head.weight"].shape[0])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise EvalError(f"{what} {path}: {str(err).splitlines()[-1].strip()}") from None
+    return model.to(device).eval(), args, ckpt
+
+
+def load_teacher_route(args, model, ckpt, device):
+    """The run's frozen teacher + its trained teacher routers as images -> list of (B, N, E)."""
+    import train
+
+    teacher, routers = train.build_teacher(args, model, device, world=1)
+    routers.load_state_dict(ckpt["teacher_router"])
+    return lambda images: [R(h) for R, h in zip(routers.eval(), teacher(images))]
+
+
+def expert_maps(model, images, teacher=None):
+    """Top-1 expert of every patch per MoE layer: [((B, g, g) student, teacher's or None)]."""
+    g = model.grid
+    student = probe_assignments(model, images)  # per layer (B·N,), CLS first in every image
+    teacher_logits = teacher(images) if teacher else [None] * len(student)  # (B, N, E) each
+    maps = []
+    for s, t in zip(student, teacher_logits):
+        s = s.reshape(len(images), -1)[:, 1:].reshape(-1, g, g)  # patches only: (B, g, g)
+        t = None if t is None else t[:, 1:].argmax(-1).reshape(-1, g, g).cpu()  # (B, g, g)
+        maps.append((s, t))
+    return maps
+
+
+def run(opts):
+    """Evaluate opts.checkpoint; returns the result dict (what --json prints)."""
+    import train
+
+    plt = require_matplotlib() if opts.plots else None  # fail before the slow part
+    if (opts.eval_capacity_factor or 1) <= 0:
+        raise EvalError("--eval-capacity-factor must be > 0 (capacity < 1 token per expert)")
+    device = torch.device(opts.device)
+    data = {"data": opts.data, "data_path": opts.data_path, "batch_size": opts.batch_size,
+            "eval_capacity_factor": opts.eval_capacity_factor, "teacher": opts.teacher}  # fmt: skip
+    model, args, ckpt = load_run(opts.checkpoint, data, device)
+    _, val_set, classes = train.build_datasets(args)
+    if classes != model.head.out_features:
+        raise EvalError(f"--data {args.data} has {classes} classes, the checkpoint's head "
+                        f"{model.head.out_features}: give the run's data")  # fmt: skip
+    has_router = ckpt.get("teacher_router") is not None
+    if opts.route == "teacher" and not has_router:
+        raise EvalError(f"--route teacher: {opts.checkpoint} ({args.method}) has no teacher "
+                        "router (tgr and teacher-route runs save one)")  # fmt: skip
+    teacher = None
+    if has_router:  # the teacher router: to route by (--route teacher) or to compare with
+        from teacher import TeacherError
+
+        try:
+            teacher = load_teacher_route(args, model, ckpt, device)
+        except TeacherError as err:  # student routing needs no teacher: measure the rest
+            if opts.route == "teacher":
+                raise
+            print(f"note: no teacher agreement: {err} (give the run's --teacher)", file=sys.stderr)
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, pin_memory=cuda,
+                                         num_workers=opts.num_workers)  # fmt: skip
+    res = {"checkpoint": str(opts.checkpoint), "model": args.model, "method": args.method,
+           "epoch": ckpt.get("epoch"), "data": args.data, "images": len(val_set),
+           "route": opts.route if model.moe_layers else None}  # fmt: skip
+    res.update(evaluate(model, loader, device, teacher=teacher, amp_dtype=torch.bfloat16 if cuda
+                        else None, route_by_teacher=opts.route == "teacher"))  # fmt: skip
+    res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
+    if not model.moe_layers:
+        res["note"] = "dense: no routing"
+    probe = torch.stack([val_set[i][0] for i in range(min(opts.probe_size, len(val_set)))])
+    if opts.compare:
+        other, other_args, _ = load_run(opts.compare, data, device, "--compare")
+        if (other.moe_layers, other.num_experts, other.grid) != (
+            model.moe_layers, model.num_experts, model.grid):  # fmt: skip
+            raise EvalError(f"--compare {opts.compare}: another architecture (MoE layers "
+                            f"{other.moe_layers}, E={other.num_experts}, grid {other.grid}) than "
+                            f"the checkpoint's ({model.moe_layers}, E={model.num_experts}, "
+                            f"grid {model.grid})")  # fmt: skip
+        probe = probe.to(device)
+        pairs = zip(probe_assignments(model, probe), probe_assignments(other, probe))
+        res["compare"] = str(opts.compare)
+        res["consistency"] = [routing_consistency(a, b) for a, b in pairs]
+    if plt is not None:
+        log = Path(opts.checkpoint).with_name("log.jsonl")
+        history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+        maps = expert_maps(model, probe[: opts.map_images].to(device), teacher)
+        res["plots"] = write_plots(plt, Path(opts.plots), res, history, probe, maps)
+    return res
+
+
+# ----------------------------------------------------------------------------- pictures
+DPI = 100  # every figure is figsize × DPI pixels (no tight bounding box: sizes are known)
+
+
+def require_matplotlib():
+    """matplotlib.pyplot on a file-only backend, or one EvalError line: it is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # write files, open no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EvalError("--plots needs matplotlib (optional): pip install matplotlib") from None
+    return plt
+
+
+def expert_colours(plt, E):
+    """A qualitative colour map with one colour per expert (hues spread when E > 20)."""
+    from matplotlib.colors import ListedColormap
+
+    base = plt.get_cmap("tab10" if E <= 10 else "tab20" if E <= 20 else "hsv")
+    return ListedColormap([base(i if E <= 20 else i / E) for i in range(E)])
+
+
+def write_plots(plt, out, res, history, images, maps):
+    """utilisation.png, curves.png (needs the run's log.jsonl), expert_maps.png; returns paths."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--plots {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written, layers = [], res["moe_layers"]
+
+    def save(fig, name):
+        fig.savefig(out / name, dpi=DPI)
+        plt.close(fig)
+        written.append(str(out / name))
+
+    if layers:  # one bar chart per MoE layer: the share of tokens whose top-1 is expert e
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
+        for ax, block, u, h in zip(axes[0], layers, res["utilisation"], res["routing_entropy"]):
+            ax.bar(range(len(u)), u)
+            ax.axhline(1 / len(u), color="k", ls="--", lw=1, label="balanced: 1/E")
+            ax.set(title=f"block {block}: entropy {h:.3f}", xlabel="expert", ylabel="utilisation")
+        axes[0, 0].legend()
+        fig.tight_layout()
+        save(fig, "utilisation.png")
+
+    if history:  # the run's log.jsonl, one point per epoch; shaded: epochs that distilled
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+        epochs = [r["epoch"] for r in history]
+        per_layer = lambda key: zip(*[r[key] or [] for r in history])  # noqa: E731
+        blocks = [f"block {b}" for b in layers]
+        panels = [("val top-1 (%)", [[r["val_top1"] for r in history]], [None]),
+                  ("routing entropy H(u)/log E", per_layer("routing_entropy"), blocks),
+                  ("adjacent-epoch consistency", per_layer("consistency_prev"), blocks),
+                  ("distillation KL (train mean, Σ layers)",
+                   [[r.get("train_distill") for r in history]], [None])]  # fmt: skip
+        for ax, (title, series, names) in zip(axes.flat, panels):
+            for name, ys in zip(names, series):
+                xy = [(x, y) for x, y in zip(epochs, ys) if y is not None]
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", label=name)
+            for e in (r["epoch"] for r in history if r["distilling"]):
+                ax.axvspan(e - 0.5, e + 0.5, color="tab:orange", alpha=0.12, lw=0)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "dense: no routing" if not layers else "not logged: no teacher",
+                        ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+            ax.set(title=title, xlabel="epoch")
+            if len(ax.lines) > 1:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{res['model']} {res['method']} (shaded: distilling epochs)")
+        fig.tight_layout()
+        save(fig, "curves.png")
+
+    if layers:  # each patch coloured by its top-1 expert; student next to teacher router
+        from train import MEAN, STD
+
+        pics = (images[: len(maps[0][0])].cpu() * torch.tensor(STD)[:, None, None]
+                + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)  # fmt: skip
+        columns = [("image", None)]
+        for block, (s, t) in zip(layers, maps):
+            columns += [(f"block {block}: student", s)] + (
+                [(f"block {block}: teacher", t)] * (t is not None)
+            )
+        rows, E, S = len(pics), res["num_experts"], pics.shape[-1]
+        fig, axes = plt.subplots(
+            rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False
+        )
+        cmap = expert_colours(plt, E)
+        for r, pic in enumerate(pics):
+            for c, (title, m) in enumerate(columns):
+                ax = axes[r, c]
+                if m is None:  # the image itself
+                    ax.imshow(pic.permute(1, 2, 0).numpy())
+                else:  # the image in grey (shapes stay visible) under the expert colours
+                    ax.imshow(pic.mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(m[r].numpy(), cmap=cmap, vmin=-0.5, vmax=E - 0.5, alpha=0.7,
+                              extent=(0, S, S, 0), interpolation="nearest")  # fmt: skip
+                ax.set_axis_off()
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+        fig.suptitle(f"top-1 expert of every patch (colour = expert, E = {E})", fontsize=9)
+        save(fig, "expert_maps.png")
+    return written
+
+
+# ----------------------------------------------------------------------------- printing
+def fmt_table(res):
+    """The readable form of `run`'s result (what is printed without --json)."""
+    head = (f"{res['checkpoint']}: {res['model']} {res['method']}, epoch {res['epoch']}; "
+            f"{res['data']} val, {res['images']} images")  # fmt: skip
+    lines = [head + (f"; route: {res['route']}" if res["route"] else "")]
+    lines.append(
+        f"top-1 {res['top1']:.2f}" + (f"   top-5 {res['top5']:.2f}" if "top5" in res else "")
+    )
+    if not res["moe_layers"]:
+        return "\n".join(lines + [res["note"]])
+    cols = {"routing entropy": res["routing_entropy"], "dropped": res["dropped_frac"],
+            "busiest expert ×E": [max(u) * len(u) for u in res["utilisation"]],
+            "teacher agreement": res.get("teacher_agreement"),
+            f"consistency vs {res.get('compare')}": res.get("consistency")}  # fmt: skip
+    cols = {k: v for k, v in cols.items() if v is not None}
+    lines += ["", "| MoE block | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, block in enumerate(res["moe_layers"]):
+        lines.append(f"| {block} | " + " | ".join(f"{v[i]:.3f}" for v in cols.values()) + " |")
+    for block, u in zip(res["moe_layers"], res["utilisation"]):
+        lines.append(f"utilisation, block {block}: " + " ".join(f"{x:.3f}" for x in u))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="accuracy and routing analytics of a train.py run")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
+    p.add_argument("--route", choices=["student", "teacher"], default="student",
+                   help="who chooses the experts (teacher: tgr / teacher-route runs)")  # fmt: skip
+    p.add_argument("--compare", default="", help="another checkpoint of the same architecture")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plots", default="", help="folder for the PNG figures (needs matplotlib)")
+    p.add_argument("--teacher", default=None, help="the run's teacher, if it has moved")
+    p.add_argument("--data", default=None, help="default: the run's --data")
+    p.add_argument("--data-path", default=None, help="default: the run's --data-path")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument("--eval-capacity-factor", type=float, default=None,
+                   help="capacity factor at evaluation (default: the run's)")  # fmt: skip
+    p.add_argument("--probe-size", type=int, default=256, help="images for --compare")
+    p.add_argument("--map-images", type=int, default=4, help="images in expert_maps.png")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.error = lambda msg: sys.exit(print(f"error: {msg} (see --help)", file=sys.stderr) or 2)
+    opts = p.parse_args(argv)
+    from teacher import TeacherError
+    from train import TrainError
+
+    try:
+        res = run(opts)
+    except (EvalError, TrainError, TeacherError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(res) if opts.json else fmt_table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -19,3 +19,12 @@ def test_moe_layer_benchmark_quick():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| E |" in out.stdout and "loop over experts" in out.stdout
+
+
+def test_train_step_benchmark_quick():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--quick", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| tgr bf16 teacher |" in out.stdout and "--distill-until 0.5" in out.stdout

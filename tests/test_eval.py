@@ -1,0 +1,237 @@
+"""eval.py: the metrics against hand-computed values, and the command line on real train.py runs.
+
+The runs are `micro` at 32x32 / patch 4 (64 patches + CLS = 65 tokens), E = 8, a few dozen
+generated images: a dense teacher (1 epoch) and a TGR student guided by it for the first of
+its 2 epochs, so its final checkpoint is one taken after the switch.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import train
+from moe import build_model
+from router import capacity_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+E, N = 8, 65  # experts, tokens per 32x32 image with 4x4 patches (+ CLS)
+TINY = (
+    "--model micro --img-size 32 --patch-size 4 --experts 8 --batch-size 16 --nb-classes 10 "
+    "--synthetic-train-size 64 --synthetic-val-size 32 --warmup-epochs 0 --lr 2e-3 "
+    "--print-freq 1000 --probe-size 16 --num-workers 0 --mixup 0 --cutmix 0 --randaug-n 0"
+).split()
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+def test_metric_functions_against_hand_values():
+    top1 = torch.tensor([0, 0, 0, 1])
+    u = ev.expert_utilisation(top1, 4)
+    assert u.tolist() == [0.75, 0.25, 0.0, 0.0]
+    # Ĥ = −(¾ log ¾ + ¼ log ¼) / log 4, written out
+    assert ev.normalised_entropy(u) == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4)
+    )
+    assert ev.normalised_entropy(torch.tensor([1.0, 0, 0, 0])) == 0.0
+    assert ev.routing_consistency(top1, torch.tensor([0, 1, 0, 1])) == 0.75
+    student = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0]])  # argmax 0, 1, 0
+    teacher = torch.tensor([[9.0, 1.0], [3.0, 1.0], [0.0, 1.0]])  # argmax 0, 0, 1
+    assert ev.teacher_agreement(student, teacher) == pytest.approx(1 / 3)
+
+
+class Scores(torch.nn.Module):
+    """A 'model' whose class scores are its input: accuracy by construction, no routing."""
+
+    def forward(self, images, route=None):
+        return images, []
+
+
+def test_evaluate_accuracy_by_hand():
+    scores = torch.eye(6)[[0, 1, 2, 3]] + torch.arange(6) * 0.01  # top-1 = row, then 5, 4, ...
+    targets = torch.tensor([0, 0, 5, 1])  # ranks 1, 6, 2, 5 of 6: top-1 1/4, top-5 3/4
+    res = ev.evaluate(Scores(), [(scores, targets)], torch.device("cpu"))
+    assert res["top1"] == pytest.approx(25.0)
+    assert res["top5"] == pytest.approx(75.0)
+    assert "routing_entropy" not in res  # no MoE layer: no routing keys
+
+
+def forced(expert_of_token):
+    """A 'teacher' whose router logits put token (b, n) on expert_of_token(b, n)."""
+
+    def route(images):
+        B = images.shape[0]
+        b, n = torch.meshgrid(torch.arange(B), torch.arange(N), indexing="ij")
+        one_hot = torch.nn.functional.one_hot(expert_of_token(b, n), E).float() * 10
+        return [one_hot, one_hot]  # (B, N, E) for both MoE layers
+
+    return route
+
+
+def test_evaluate_with_a_known_router():
+    torch.manual_seed(0)
+    model = build_model("micro", "vmoe", 10, img_size=32, patch_size=4, num_experts=E, k=1)
+    model.eval()
+    loader = [(torch.randn(8, 3, 32, 32), torch.arange(8))]  # one group of 8 images, 520 tokens
+    cpu = torch.device("cpu")
+    everyone_to_0 = forced(lambda b, n: torch.zeros_like(n))
+    res = ev.evaluate(model, loader, cpu, teacher=everyone_to_0, route_by_teacher=True)
+    assert res["utilisation"] == [[1.0] + [0.0] * 7] * 2  # one-hot
+    assert res["routing_entropy"] == [0.0, 0.0]
+    C = capacity_for(8 * N, E, 1, 1.05)  # expert 0 keeps C of the 520 tokens, drops the rest
+    assert res["dropped_frac"] == pytest.approx([1 - C / (8 * N)] * 2)
+    round_robin = forced(lambda b, n: (b * N + n) % E)  # 520 tokens, 65 per expert: uniform
+    res = ev.evaluate(model, loader, cpu, teacher=round_robin, route_by_teacher=True)
+    assert res["utilisation"] == [[1 / E] * E] * 2
+    assert res["routing_entropy"] == pytest.approx([1.0, 1.0])
+    assert res["dropped_frac"] == [0.0, 0.0]  # 65 <= C: nothing dropped
+    # agreement is the student's own router against the teacher's: compute it the long way
+    images = loader[0][0]
+    _, routings = model(images)
+    own = [r.probs.argmax(-1) for r in routings]
+    res = ev.evaluate(model, loader, cpu, teacher=round_robin)  # the student routes, compared
+    want = [float((o == (torch.arange(8 * N) % E)).float().mean()) for o in own]
+    assert res["teacher_agreement"] == pytest.approx(want)
+    want = [ev.expert_utilisation(o, E).tolist() for o in own]
+    assert res["utilisation"] == [pytest.approx(u, abs=1e-4) for u in want]
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"dense": .../checkpoint.pt, "tgr": .../checkpoint.pt, "vmoe": ...} from train.py."""
+    root, paths = tmp_path_factory.mktemp("runs"), {}
+    for name, extra in [
+        ("dense", ["--method", "dense", "--epochs", "1"]),
+        (
+            "tgr",
+            ["--method", "tgr", "--epochs", "2", "--teacher", str(root / "dense/checkpoint.pt")],
+        ),
+    ]:
+        out = root / name
+        train.main(train.get_args_parser().parse_args([*TINY, "--output-dir", str(out), *extra]))
+        paths[name] = str(out / "checkpoint.pt")
+    return paths
+
+
+def cli(*argv):
+    """eval.py's main in this process: (result dict, printed text)."""
+    return ev.main([str(a) for a in argv])
+
+
+def cli_json(capsys, *argv):
+    cli(*argv, "--json")
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_the_documented_keys(runs, capsys):
+    res = cli_json(capsys, "--checkpoint", runs["tgr"])
+    keys = {"top1", "top5", "moe_layers", "routing_entropy", "utilisation", "dropped_frac"}
+    assert keys | {"teacher_agreement", "route", "method", "epoch", "images"} <= set(res)
+    assert res["moe_layers"] == [4, 6] and res["route"] == "student" and res["epoch"] == 1
+    for util, h in zip(res["utilisation"], res["routing_entropy"]):
+        assert len(util) == E and sum(util) == pytest.approx(1, abs=1e-3)
+        assert h == pytest.approx(ev.normalised_entropy(torch.tensor(util)), abs=1e-3)
+    assert all(0 <= a <= 1 for a in res["teacher_agreement"])
+
+
+def test_route_teacher_after_the_switch(runs, capsys):
+    """TGR frees the teacher at the switch, but its last teacher router stays in the checkpoint."""
+    ckpt = torch.load(runs["tgr"], weights_only=True)
+    assert ckpt["switch"]["done"] and ckpt["teacher_router"] is not None
+    student = cli_json(capsys, "--checkpoint", runs["tgr"])
+    teacher = cli_json(capsys, "--checkpoint", runs["tgr"], "--route", "teacher")
+    assert teacher["route"] == "teacher"
+    assert teacher["utilisation"] != student["utilisation"]  # another router chose
+
+
+def test_compare_with_itself_and_with_a_fresh_router(runs, capsys, tmp_path):
+    res = cli_json(capsys, "--checkpoint", runs["tgr"], "--compare", runs["tgr"])
+    assert res["consistency"] == [1.0, 1.0]
+    ckpt = torch.load(runs["tgr"], weights_only=True)
+    torch.manual_seed(1)
+    for block in (4, 6):  # a router nobody trained: agreement with it is chance, about 1/E
+        key = f"blocks.{block - 1}.mlp.router.weight"
+        ckpt["model"][key] = torch.nn.init.normal_(torch.empty_like(ckpt["model"][key]), std=0.5)
+    torch.save(ckpt, tmp_path / "fresh.pt")
+    res = cli_json(capsys, "--checkpoint", runs["tgr"], "--compare", tmp_path / "fresh.pt")
+    assert all(abs(c - 1 / E) < 0.08 for c in res["consistency"]), res["consistency"]
+
+
+def test_a_moved_teacher_and_the_eval_capacity(runs, capsys, tmp_path):
+    res = cli("--checkpoint", runs["tgr"], "--teacher", tmp_path / "gone.pt")
+    assert "teacher_agreement" not in res and "top1" in res  # the rest is still measured
+    assert "note: no teacher agreement" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # routing by the teacher cannot do without it
+        cli("--checkpoint", runs["tgr"], "--teacher", tmp_path / "gone.pt", "--route", "teacher")
+    roomy = cli_json(capsys, "--checkpoint", runs["tgr"], "--eval-capacity-factor", E)
+    assert roomy["dropped_frac"] == [0.0, 0.0]  # cf = E: every expert could take every token
+
+
+def test_plots_are_pngs_of_the_expected_size(runs, tmp_path):
+    res = cli("--checkpoint", runs["tgr"], "--plots", tmp_path, "--map-images", 3)
+    names = sorted(os.path.basename(p) for p in res["plots"])
+    assert names == ["curves.png", "expert_maps.png", "utilisation.png"]
+    # figsize × 100 dpi: 4 in per MoE layer × 3; 10 × 7; (image + 2 layers × student, teacher)
+    # columns × 3 rows, 2 in each
+    want = {
+        "utilisation.png": (800, 300),
+        "curves.png": (1000, 700),
+        "expert_maps.png": (1000, 600),
+    }
+    for name, size in want.items():
+        with Image.open(tmp_path / name) as img:
+            assert img.size == size
+            assert (
+                len(img.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 20
+            )  # not blank
+
+
+def test_a_dense_checkpoint_says_no_routing(runs, capsys, tmp_path):
+    res = cli("--checkpoint", runs["dense"], "--plots", tmp_path)
+    assert "dense: no routing" in capsys.readouterr().out
+    assert res["moe_layers"] == [] and "utilisation" not in res
+    assert [os.path.basename(p) for p in res["plots"]] == ["curves.png"]  # accuracy curve only
+
+
+def test_script_runs_as_a_command(runs):
+    """`python eval.py` (train.py imports eval.py: the import order must work both ways)."""
+    proc = subprocess.run(
+        [sys.executable, "eval.py", "--checkpoint", runs["tgr"]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| MoE block | routing entropy" in proc.stdout and "teacher agreement" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not-ours", "route-teacher-on-dense", "compare-other-arch", "no-matplotlib"],
+)
+def test_bad_input_is_one_line(runs, case, tmp_path, capsys, monkeypatch):
+    argv, want = ["--checkpoint", runs["tgr"]], ""
+    if case == "missing":
+        argv, want = ["--checkpoint", tmp_path / "nope.pt"], "no such checkpoint"
+    elif case == "not-ours":
+        torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "weights.pth")
+        argv, want = ["--checkpoint", tmp_path / "weights.pth"], "not a train.py checkpoint"
+    elif case == "route-teacher-on-dense":
+        argv, want = ["--checkpoint", runs["dense"], "--route", "teacher"], "no teacher router"
+    elif case == "compare-other-arch":
+        argv, want = [*argv, "--compare", runs["dense"]], "another architecture"
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        argv, want = [*argv, "--plots", tmp_path / "p"], "needs matplotlib"
+    with pytest.raises(SystemExit) as exit_:
+        cli(*argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and want in err
+    assert err.count("\n") == 1  # one line, no traceback
