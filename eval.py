@@ -18,6 +18,16 @@ re-running a router). Each metric is a plain function with its formula:
 `train.py` logs them every epoch, and logs the adjacent-epoch consistency from
 `probe_assignments` (the previous epoch's top-1 experts of a fixed probe batch).
 
+The command line reads a train.py checkpoint (SPEC sec. 12):
+
+    python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
+                   [--data ... --data-path ...] [--json] [--plots DIR]
+
+`--route teacher` lets the run's teacher router choose the experts (TGR sec. 5.3, the upper
+bound that needs the teacher at inference); `--compare` measures consistency on the first
+`--probe-size` validation images (the probe train.py follows); `--plots` draws utilisation,
+the log.jsonl curves and expert maps (each patch coloured by its top-1 expert).
+
 Letters: T tokens (B·N), E experts, K choices per token.
 
 Decisions where the papers are silent
@@ -29,6 +39,12 @@ Decisions where the papers are silent
   fraction of tokens no expert picked; Soft MoE drops nothing.
 * Under DDP every rank evaluates its shard and the counts are summed across ranks, so the
   numbers are those of the whole validation set (DistributedSampler pads with a few repeats).
+* The CLI rebuilds the model from the checkpoint's saved `args` (today's defaults under them,
+  so older checkpoints load), with the run's eval capacity factor unless
+  `--eval-capacity-factor` is given. Teacher agreement is measured whenever the checkpoint has
+  a teacher router (TGR keeps its last one after the switch); if the teacher file is gone, the
+  rest is still measured and a note says so (`--route teacher` then fails with one line).
+* matplotlib is optional (not in requirements.txt): `--plots` without it is one error line.
 """
 
 import argparse
@@ -182,16 +198,27 @@ def load_teacher_route(args, model, ckpt, device):
     return lambda images: [R(h) for R, h in zip(routers.eval(), teacher(images))]
 
 
+def patch_map(top1, grid):
+    """Top-1 experts of B images' tokens, (B·N,) or (B, N) with CLS first -> (B, grid, grid)."""
+    return top1.reshape(-1, grid * grid + 1)[:, 1:].reshape(-1, grid, grid)  # CLS dropped
+
+
+def for_display(images):
+    """(B, 3, S, S) images normalised as train.py does -> (B, S, S, 3) in [0, 1] for imshow."""
+    from train import MEAN, STD
+
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 def expert_maps(model, images, teacher=None):
     """Top-1 expert of every patch per MoE layer: [((B, g, g) student, teacher's or None)]."""
-    g = model.grid
     student = probe_assignments(model, images)  # per layer (B·N,), CLS first in every image
     teacher_logits = teacher(images) if teacher else [None] * len(student)  # (B, N, E) each
     maps = []
     for s, t in zip(student, teacher_logits):
-        s = s.reshape(len(images), -1)[:, 1:].reshape(-1, g, g)  # patches only: (B, g, g)
-        t = None if t is None else t[:, 1:].argmax(-1).reshape(-1, g, g).cpu()  # (B, g, g)
-        maps.append((s, t))
+        t = None if t is None else patch_map(t.argmax(-1).cpu(), model.grid)
+        maps.append((patch_map(s, model.grid), t))
     return maps
 
 
@@ -330,16 +357,13 @@ def write_plots(plt, out, res, history, images, maps):
         save(fig, "curves.png")
 
     if layers:  # each patch coloured by its top-1 expert; student next to teacher router
-        from train import MEAN, STD
-
-        pics = (images[: len(maps[0][0])].cpu() * torch.tensor(STD)[:, None, None]
-                + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)  # fmt: skip
+        pics = for_display(images[: len(maps[0][0])])  # (B, S, S, 3)
         columns = [("image", None)]
         for block, (s, t) in zip(layers, maps):
             columns += [(f"block {block}: student", s)] + (
                 [(f"block {block}: teacher", t)] * (t is not None)
             )
-        rows, E, S = len(pics), res["num_experts"], pics.shape[-1]
+        rows, E, S = len(pics), res["num_experts"], pics.shape[1]
         fig, axes = plt.subplots(
             rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False
         )
@@ -348,9 +372,9 @@ def write_plots(plt, out, res, history, images, maps):
             for c, (title, m) in enumerate(columns):
                 ax = axes[r, c]
                 if m is None:  # the image itself
-                    ax.imshow(pic.permute(1, 2, 0).numpy())
+                    ax.imshow(pic.numpy())
                 else:  # the image in grey (shapes stay visible) under the expert colours
-                    ax.imshow(pic.mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(pic.mean(-1).numpy(), cmap="gray", vmin=0, vmax=1)
                     ax.imshow(m[r].numpy(), cmap=cmap, vmin=-0.5, vmax=E - 0.5, alpha=0.7,
                               extent=(0, S, S, 0), interpolation="nearest")  # fmt: skip
                 ax.set_axis_off()

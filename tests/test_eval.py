@@ -45,6 +45,15 @@ def test_metric_functions_against_hand_values():
     assert ev.teacher_agreement(student, teacher) == pytest.approx(1 / 3)
 
 
+def test_patch_map_and_display():
+    top1 = torch.arange(2 * (4 + 1))  # 2 images of CLS + 2x2 patches
+    assert ev.patch_map(top1, 2).tolist() == [[[1, 2], [3, 4]], [[6, 7], [8, 9]]]
+    pixels = torch.rand(2, 3, 4, 4)
+    mean, std = torch.tensor(train.MEAN), torch.tensor(train.STD)
+    normalised = (pixels - mean[:, None, None]) / std[:, None, None]  # what train.py feeds
+    torch.testing.assert_close(ev.for_display(normalised), pixels.permute(0, 2, 3, 1))
+
+
 class Scores(torch.nn.Module):
     """A 'model' whose class scores are its input: accuracy by construction, no routing."""
 
