@@ -45,11 +45,14 @@ Decisions where the papers are silent
   cut back to the checkpoint's epoch.
 * Besides log.jsonl, consistency_final.json holds every epoch's per-layer consistency with the
   last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve.
+* On CPU the process asks glibc to keep freed memory (`keep_freed_memory`): without it the big
+  MoE weight gradients are page-faulted afresh every step.
 * Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` 8 on CUDA, 0 on CPU (where
   workers would take the model's cores). The teacher agreement is logged on training batches.
 """
 
 import argparse
+import ctypes
 import datetime
 import itertools
 import json
@@ -440,6 +443,23 @@ def compute_losses(model, images, targets, args, teacher, routers):
     return loss, teacher_loss, {k: v.detach().float() for k, v in parts.items()}
 
 
+def keep_freed_memory():
+    """CPU, glibc: serve big tensors from the heap and keep freed memory for the next step.
+
+    glibc gives every allocation above 32 MiB fresh mmap pages and unmaps them on free, so
+    such a tensor costs page faults (the kernel zeroes every page) on every step. MoE layers
+    make them: at E=128 the weight gradients (E, D, H) of one Tiny layer are 75 MB each, and
+    this alone made the layer ~25% slower (benchmarks/moe_layer.py --glibc-default).
+    jemalloc / tcmalloc behave like this setting. Returns False where mallopt is missing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): leave the allocator alone
+        return False
+    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = 2 GiB: keep the freed heap
+    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+
+
 def lr_at(step, args, steps_per_epoch):
     """Linear warm-up from --warmup-lr, then cosine to --min-lr (per step)."""
     # lr(s) = warmup_lr + (base − warmup_lr)·s/W  for s < W, else
@@ -468,6 +488,8 @@ def main(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     else:
         rank, world, device = 0, 1, torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # big per-step tensors reuse memory instead of fresh pages
     try:
         return train(args, rank, world, device)
     finally:

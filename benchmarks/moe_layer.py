@@ -28,7 +28,7 @@ expert gets C rows per group.
 
     python benchmarks/moe_layer.py                       # full table, ~5 min on 2 idle cores
     python benchmarks/moe_layer.py --threads 1 --clock cpu   # the same on a busy machine
-    python benchmarks/moe_layer.py --no-mmap             # glibc keeps freed memory (see below)
+    python benchmarks/moe_layer.py --glibc-default       # malloc left as it is (see below)
     python benchmarks/moe_layer.py --quick               # tiny shapes, a smoke test (seconds)
 
 Decisions
@@ -54,14 +54,14 @@ Decisions
   the load average before and after so a reader can judge a table.
 * The ungrouped one-hot einsum costs ~10-20x dense at every E (its tensors are (T, E, C)
   with E·C ≈ K·cf·T), so by default it is timed only up to E=32 (`--ungrouped-max-experts`).
-* `--no-mmap` (glibc only) stops malloc from serving tensors above 32 MiB with fresh mmap
-  pages. Without it, the weight gradients (E, D, H) at E=128 (75 MB each) are page-faulted
-  and zeroed by the kernel on every step, an allocator cost that jemalloc / tcmalloc
-  (LD_PRELOAD) avoid too. It is off by default: the default table is what a user gets.
+* malloc: like `train.py` on CPU, the script first calls `train.keep_freed_memory` (glibc:
+  no fresh mmap pages for tensors above 32 MiB, freed memory kept for reuse), so the table is
+  what a training run gets. `--glibc-default` skips it: then the weight gradients (E, D, H)
+  at E=128 (75 MB each) are page-faulted and zeroed by the kernel on every step, an
+  allocator cost (jemalloc / tcmalloc avoid it too) that is not the layer's.
 """
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -76,6 +76,7 @@ from einops import rearrange
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from moe import Mlp, MoEMLP  # noqa: E402
 from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
+from train import keep_freed_memory  # noqa: E402
 
 # Letters: B images, N tokens per image, D width, H hidden, E experts, K top-k, G groups,
 # S tokens per group, C capacity per expert and group, T = B·N tokens.
@@ -221,24 +222,6 @@ def time_round(fns, x, params, times, clock=time.perf_counter):
         times[name].append(clock() - start)
 
 
-def keep_freed_memory():
-    """glibc: serve big tensors from the heap and keep freed memory for reuse.
-
-    glibc hands every allocation above 32 MiB a fresh mmap and unmaps it on free, so a tensor
-    that size costs page faults (the kernel zeroes every page) on every step. At E=128 the
-    weight gradients dW1, dW2 (E, D, H) are 75 MB each and pay this twice per step; a dense
-    MLP's tensors stay below the limit. jemalloc / tcmalloc avoid it the same way.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # M_MMAP_MAX = -4: no mmap at all; M_TRIM_THRESHOLD = -1: never give the heap back
-        ok = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
-    except OSError:
-        ok = False
-    if not ok:
-        raise SystemExit("error: --no-mmap needs glibc's mallopt (Linux); run without it")
-
-
 # ----------------------------------------------------------------------------- main
 def get_args_parser():
     p = argparse.ArgumentParser("MoE layer benchmark", add_help=True)
@@ -264,9 +247,9 @@ def get_args_parser():
         "about flat in E, ~10-20x dense, and it would double the run time)",
     )
     p.add_argument(
-        "--no-mmap",
+        "--glibc-default",
         action="store_true",
-        help="glibc: keep freed memory instead of fresh mmap pages per big tensor (see docs)",
+        help="leave glibc's malloc as it is (fresh mmap pages for every big tensor; see docs)",
     )
     p.add_argument(
         "--clock",
@@ -305,8 +288,7 @@ def check_args(p, args):
 def main(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.no_mmap:
-        keep_freed_memory()
+    kept = not args.glibc_default and keep_freed_memory()  # as train.py does on CPU
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     B, N, D, H = args.batch, args.tokens, args.dim, args.hidden
     print(
@@ -314,7 +296,7 @@ def main(args):
         f", noise σ={args.noise_std}, groups of {args.group_size} images\n# torch "
         f"{torch.__version__}, threads={args.threads}, {args.clock} clock, median of "
         f"{args.repeats} rounds, "
-        f"malloc {'without mmap' if args.no_mmap else 'default'}, load average "
+        f"malloc {'keeps freed memory' if kept else 'default'}, load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start\n"
     )
     names = {

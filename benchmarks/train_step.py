@@ -112,6 +112,8 @@ def main(args):
         args.batch_size, args.repeats, args.experts = 8, 2, 8
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        train.keep_freed_memory()  # as train.py does on CPU
     with tempfile.TemporaryDirectory() as tmp:
         # a teacher with random weights in this project's checkpoint layout
         dense = build_model(args.teacher_model, "dense", 1000, args.img_size, args.patch_size)

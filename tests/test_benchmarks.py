@@ -9,22 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_moe_layer_benchmark_quick():
+@pytest.mark.parametrize(
+    "script, flags, expected",
+    [
+        ("moe_layer.py", ["--repeats", "2"], ["| E |", "loop over experts"]),
+        ("train_step.py", ["--threads", "1"], ["| tgr bf16 teacher |", "--distill-until 0.5"]),
+    ],
+)
+def test_benchmark_runs_quick(script, flags, expected):
     out = subprocess.run(
-        [sys.executable, "benchmarks/moe_layer.py", "--quick", "--repeats", "2"],
+        [sys.executable, f"benchmarks/{script}", "--quick", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| E |" in out.stdout and "loop over experts" in out.stdout
-
-
-def test_train_step_benchmark_quick():
-    out = subprocess.run(
-        [sys.executable, "benchmarks/train_step.py", "--quick", "--threads", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| tgr bf16 teacher |" in out.stdout and "--distill-until 0.5" in out.stdout
+    assert all(text in out.stdout for text in expected), out.stdout[-2000:]
