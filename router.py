@@ -57,7 +57,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # Letters: B images, N tokens per image, D width, E experts, K choices per token,
 # G groups, S tokens per group, C capacity per expert and group, T = B·N tokens.
@@ -138,9 +137,17 @@ def top_k_routing(
         expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
     # k-major queue: all top-1 choices of the group, then all top-2 choices, ...
     queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S)
-    one_hot = F.one_hot(queue, E).to(torch.int32)  # (G, K·S, E)
-    # position = how many earlier assignments in the queue chose the same expert
-    position = one_hot.cumsum(dim=1).gather(2, queue.unsqueeze(-1)).squeeze(-1) - 1  # (G, K·S)
+    # position = how many earlier assignments in the queue chose the same expert. A stable
+    # sort by expert lines each expert's assignments up in queue order; an assignment's
+    # position is then its index in the sorted queue minus where its expert's run starts.
+    # (The textbook one-hot cumsum gives the same numbers through a (G, K·S, E) tensor.)
+    by_expert = queue.sort(dim=1, stable=True).indices  # (G, K·S) queue slots, sorted
+    counts = torch.zeros(G, E, dtype=torch.long, device=queue.device)
+    counts.scatter_add_(1, queue, torch.ones_like(queue))  # (G, E) assignments per expert
+    run_start = counts.cumsum(dim=1) - counts  # (G, E) first sorted index of expert e's run
+    rank = torch.arange(k * S, device=queue.device).expand(G, -1)  # (G, K·S)
+    sorted_position = rank - run_start.gather(1, queue.gather(1, by_expert))  # (G, K·S)
+    position = torch.empty_like(queue).scatter_(1, by_expert, sorted_position)  # (G, K·S)
     position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
     if batch_priority:
         # undo the sort: put every position back at its token's place in the group
