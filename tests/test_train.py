@@ -1,4 +1,4 @@
-"""train.py (and eval.py's metrics): every method learns, the TGR schedule, DDP equals one
+"""train.py: every method learns, the TGR schedule, DDP equals one
 process, exact resume, crash-safe checkpoints, and one clear line for each bad input.
 
 All runs are `micro` at 32x32 / patch 4 with 4 experts on a few dozen generated images.
@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import train
-from eval import expert_utilisation, normalised_entropy, routing_consistency
 from losses import routing_kl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,16 +47,6 @@ def teacher_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("dense")
     run(out, "--method", "dense", "--epochs", "1")
     return str(out / "checkpoint.pt")
-
-
-# ----------------------------------------------------------------------------- metrics
-def test_metric_functions_against_hand_values():
-    top1 = torch.tensor([0, 0, 1, 3])
-    assert expert_utilisation(top1, 4).tolist() == [0.5, 0.25, 0.0, 0.25]
-    # H = −(½ log ½ + 2·¼ log ¼) / log 4 = 1.5 log 2 / 2 log 2 = 0.75
-    assert normalised_entropy(expert_utilisation(top1, 4)) == pytest.approx(0.75)
-    assert normalised_entropy(torch.full((8,), 1 / 8)) == pytest.approx(1.0)
-    assert routing_consistency(top1, torch.tensor([0, 1, 1, 2])) == 0.5
 
 
 # ----------------------------------------------------------------------------- every method
@@ -242,6 +231,20 @@ def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
         {k: v for k, v in r.items() if k not in drop} for r in b
     ]
+
+
+def test_the_last_teacher_router_survives_the_switch_and_a_resume(teacher_ckpt, tmp_path):
+    """After the switch the teacher router no longer trains, but eval.py --route teacher needs
+    it: every later checkpoint, resumed or not, carries its state at the switch."""
+    common = ["--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "0.5"]
+    run(tmp_path, *common, "--epochs", "2")  # switch after epoch 0
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    run(tmp_path, *common, "--epochs", "3", "--resume", "auto")  # epoch 2, after the switch
+    later = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert first["switch"]["done"] and later["epoch"] == 2
+    assert first["teacher_router"].keys() == later["teacher_router"].keys()
+    for key, value in first["teacher_router"].items():
+        assert torch.equal(value, later["teacher_router"][key]), key
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
