@@ -95,6 +95,11 @@ def teacher_agreement(student_logits, teacher_logits):
 
 
 # ----------------------------------------------------------------------------- model passes
+def probe_images(dataset, n):
+    """The probe set: the first n images of `dataset` (validation), stacked: (n, 3, S, S)."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
 @torch.no_grad()
 def probe_assignments(model, images, route=None, batch_size=128):
     """Top-1 experts (clean p) of every token of `images`, one (T,) tensor per MoE layer.
@@ -230,9 +235,9 @@ def run(opts):
     if (opts.eval_capacity_factor or 1) <= 0:
         raise EvalError("--eval-capacity-factor must be > 0 (capacity < 1 token per expert)")
     device = torch.device(opts.device)
-    data = {"data": opts.data, "data_path": opts.data_path, "batch_size": opts.batch_size,
-            "eval_capacity_factor": opts.eval_capacity_factor, "teacher": opts.teacher}  # fmt: skip
-    model, args, ckpt = load_run(opts.checkpoint, data, device)
+    names = ("data", "data_path", "batch_size", "eval_capacity_factor", "teacher")
+    overrides = {name: getattr(opts, name) for name in names}  # None: keep the run's value
+    model, args, ckpt = load_run(opts.checkpoint, overrides, device)
     _, val_set, classes = train.build_datasets(args)
     if classes != model.head.out_features:
         raise EvalError(f"--data {args.data} has {classes} classes, the checkpoint's head "
@@ -262,24 +267,24 @@ def run(opts):
     res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
     if not model.moe_layers:
         res["note"] = "dense: no routing"
-    probe = torch.stack([val_set[i][0] for i in range(min(opts.probe_size, len(val_set)))])
     if opts.compare:
-        other, other_args, _ = load_run(opts.compare, data, device, "--compare")
+        other, _, _ = load_run(opts.compare, overrides, device, "--compare")
         if (other.moe_layers, other.num_experts, other.grid) != (
             model.moe_layers, model.num_experts, model.grid):  # fmt: skip
             raise EvalError(f"--compare {opts.compare}: another architecture (MoE layers "
                             f"{other.moe_layers}, E={other.num_experts}, grid {other.grid}) than "
                             f"the checkpoint's ({model.moe_layers}, E={model.num_experts}, "
                             f"grid {model.grid})")  # fmt: skip
-        probe = probe.to(device)
+        probe = probe_images(val_set, opts.probe_size).to(device)  # train.py's probe set
         pairs = zip(probe_assignments(model, probe), probe_assignments(other, probe))
         res["compare"] = str(opts.compare)
         res["consistency"] = [routing_consistency(a, b) for a, b in pairs]
     if plt is not None:
         log = Path(opts.checkpoint).with_name("log.jsonl")
         history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-        maps = expert_maps(model, probe[: opts.map_images].to(device), teacher)
-        res["plots"] = write_plots(plt, Path(opts.plots), res, history, probe, maps)
+        images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
+        maps = expert_maps(model, images, teacher)
+        res["plots"] = write_plots(plt, Path(opts.plots), res, history, images, maps)
     return res
 
 
@@ -357,7 +362,7 @@ def write_plots(plt, out, res, history, images, maps):
         save(fig, "curves.png")
 
     if layers:  # each patch coloured by its top-1 expert; student next to teacher router
-        pics = for_display(images[: len(maps[0][0])])  # (B, S, S, 3)
+        pics = for_display(images)  # (B, S, S, 3)
         columns = [("image", None)]
         for block, (s, t) in zip(layers, maps):
             columns += [(f"block {block}: student", s)] + (

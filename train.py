@@ -71,7 +71,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from eval import evaluate, probe_assignments, routing_consistency, teacher_agreement
+from eval import (
+    evaluate,
+    probe_assignments,
+    probe_images,
+    routing_consistency,
+    teacher_agreement,
+)
 from losses import importance_loss, load_loss, routing_kl, z_loss
 from moe import METHODS, MODELS, build_model, upcycle
 from teacher import TeacherError, TeacherRouter, load_teacher, teacher_objective
@@ -522,8 +528,8 @@ def train(args, rank, world, device):
     mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
     mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
     mix = v2.RandomChoice(mixes) if mixes else None  # MixUp or CutMix per batch, as DeiT
-    probe = torch.stack([val_set[i][0] for i in range(min(args.probe_size, len(val_set)))])
-    probe = probe.to(device)  # (P, 3, S, S) fixed images whose routing we follow over epochs
+    # (P, 3, S, S) fixed validation images whose routing we follow over epochs
+    probe = probe_images(val_set, args.probe_size).to(device)
 
     # ------------------------------------------------------------------ model and teacher
     model = build_student(args, num_classes).to(device)
