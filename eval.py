@@ -238,7 +238,7 @@ def run(opts):
     names = ("data", "data_path", "batch_size", "eval_capacity_factor", "teacher")
     overrides = {name: getattr(opts, name) for name in names}  # None: keep the run's value
     model, args, ckpt = load_run(opts.checkpoint, overrides, device)
-    _, val_set, classes = train.build_datasets(args)
+    _, val_set, classes = train.build_datasets(args, with_train=False)  # val split only
     if classes != model.head.out_features:
         raise EvalError(f"--data {args.data} has {classes} classes, the checkpoint's head "
                         f"{model.head.out_features}: give the run's data")  # fmt: skip

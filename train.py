@@ -285,21 +285,26 @@ def build_transform(args, train):
     return v2.Compose(t)
 
 
-def build_datasets(args):
-    """(train set, val set, number of classes) for --data."""
+def build_datasets(args, with_train=True):
+    """(train set, val set, number of classes) for --data.
+
+    with_train=False returns None for the train set without touching it (eval.py: no scan of
+    ImageNet's 1.28M training files, no download of a training split).
+    """
     root, name = Path(args.data_path), args.data
     tr, ev = build_transform(args, True), build_transform(args, False)
     if name == "synthetic":
         C, kw = args.nb_classes or 10, dict(seed=args.synthetic_seed)
         train = SyntheticImages(args.synthetic_train_size, C, args.img_size, transform=tr, **kw)
         val = SyntheticImages(args.synthetic_val_size, C, args.img_size, "val", transform=ev, **kw)
-        return train, val, C
+        return (train if with_train else None), val, C
     if name in ("imagenet", "folder"):
-        for split in ("train", "val"):
+        for split in ("train", "val") if with_train else ("val",):
             if not (root / split).is_dir():
                 raise TrainError(f"--data-path {root}: no {split}/CLASS/*.jpg folders found")
-        train = torchvision.datasets.ImageFolder(root / "train", tr)
-        return train, torchvision.datasets.ImageFolder(root / "val", ev), len(train.classes)
+        train = torchvision.datasets.ImageFolder(root / "train", tr) if with_train else None
+        val = torchvision.datasets.ImageFolder(root / "val", ev)
+        return train, val, len((train or val).classes)
     sets = torchvision.datasets
     cls, C = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}.get(name) or (
         sets.OxfordIIITPet, 37)  # fmt: skip
@@ -315,7 +320,7 @@ def build_datasets(args):
                 why = f"not in --data-path {root} and the download failed ({type(err).__name__})"
                 raise TrainError(f"{name}: {why}") from None
 
-    return split(True, tr), split(False, ev), C
+    return (split(True, tr) if with_train else None), split(False, ev), C
 
 
 # ============================================================================ checkpoints

@@ -182,6 +182,15 @@ def test_a_moved_teacher_and_the_eval_capacity(runs, capsys, tmp_path):
     assert roomy["dropped_frac"] == [0.0, 0.0]  # cf = E: every expert could take every token
 
 
+def test_image_folder_needs_only_its_val_split(runs, capsys, tmp_path):
+    """eval.py reads val/ alone: no train/ folder (ImageNet's 1.28M files are never scanned)."""
+    for c in range(10):
+        (tmp_path / "val" / f"class{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (25 * c, 0, 0)).save(tmp_path / "val" / f"class{c}" / "a.png")
+    res = cli_json(capsys, "--checkpoint", runs["tgr"], "--data", "folder", "--data-path", tmp_path)
+    assert res["images"] == 10 and 0 <= res["top1"] <= 100
+
+
 def test_plots_are_pngs_of_the_expected_size(runs, tmp_path):
     res = cli("--checkpoint", runs["tgr"], "--plots", tmp_path, "--map-images", 3)
     names = sorted(os.path.basename(p) for p in res["plots"])
