@@ -7,6 +7,9 @@ and a TGR student guided by that teacher for the first half of its epochs (`--di
 routing consistency (the fraction of a fixed probe set's tokens that keep their top-1 expert
 from one epoch to the next, averaged over epochs 1..end) from each run's log.jsonl. Last,
 `eval.py` reads the TGR student's checkpoint and writes its figures to runs/demo/plots.
+`--all` also trains every other method on the same data and schedule (expert choice, Soft MoE,
+StableMoE, z-loss, and the teacher-route upper bound with the same teacher) for the README's
+table of our numbers.
 
 It is a demonstration, not a claim: one seed, a few minutes of training on a toy data set,
 far from the paper's 300 ImageNet epochs. It shows the pipeline end to end and what to look
@@ -51,8 +54,11 @@ def row(name, out, seconds):
     cells = [log[-1]["routing_entropy"] or [], consistency if log[-1]["moe_layers"] else []]
     cells = [" ".join(f"{x:.3f}" for x in xs) or "-" for xs in cells]
     distilled = sum(r["distilling"] for r in log)
-    return (f"| {name} | {log[-1]['val_top1']:.1f} | {cells[0]} | {cells[1]} | "
+    line = (f"| {name} | {log[-1]['val_top1']:.1f} | {cells[0]} | {cells[1]} | "
             f"{distilled}/{len(log)} | {seconds:.0f} s |")  # fmt: skip
+    if "val_top1_student_route" in log[-1]:  # teacher-route: the same model, the student routes
+        line += f"\n| {name}, student's route | {log[-1]['val_top1_student_route']:.1f} | | | | |"
+    return line
 
 
 def main():
@@ -60,6 +66,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--all", action="store_true", help="also every other --method")
     opts = parser.parse_args()
     sizes = SIZES["quick" if opts.quick else "full"]
     root, seed = Path(opts.output_dir), ["--seed", opts.seed]
@@ -69,6 +76,11 @@ def main():
     times["vmoe"] = run(root / "vmoe", sizes, "--method", "vmoe", *student_epochs, *seed)
     teacher = ["--teacher", str(root / "dense" / "checkpoint.pt"), "--distill-until", "0.5"]
     times["tgr"] = run(root / "tgr", sizes, "--method", "tgr", *teacher, *student_epochs, *seed)
+    others = ["expert-choice", "softmoe", "stablemoe", "zloss", "teacher-route"] if opts.all else []
+    for method in others:  # stablemoe freezes its router after half the epochs, like TGR's switch
+        flags = ["--method", method, *student_epochs, *seed]
+        flags += teacher if method == "teacher-route" else []
+        times[method] = run(root / method, sizes, *flags)
 
     print(f"\nmicro DeiT (MoE: E=8, K=1 in blocks 4 and 6), {sizes[0]} generated 32x32 images, "
           f"seed {opts.seed}, {time.time() - start:.0f} s in all\n")  # fmt: skip

@@ -370,10 +370,12 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- the demo
 def test_demo_quick(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "demo.py", "--quick", "--output-dir", str(tmp_path)],
+        [sys.executable, "demo.py", "--quick", "--all", "--output-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("dense", "vmoe", "tgr"):
-        assert name in proc.stdout and (tmp_path / name / "log.jsonl").is_file()
+    for name in ("dense", "vmoe", "tgr", "expert-choice", "softmoe", "stablemoe", "zloss"):
+        assert f"| {name} |" in proc.stdout and (tmp_path / name / "log.jsonl").is_file()
+    assert "| teacher-route |" in proc.stdout  # the teacher router routes (upper bound) ...
+    assert "| teacher-route, student's route |" in proc.stdout  # ... and the student's does
     assert "not a claim" in proc.stdout
