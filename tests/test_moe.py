@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from losses import importance_loss, load_loss
 from moe import MoEMLP, build_model, moe_num_params, upcycle
-from router import capacity_for, group_size_for
+from router import capacity_for, group_size_for, top_k_routing
 
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
 
@@ -96,6 +96,26 @@ def test_fast_dispatch_equals_reference_with_noise():
     y_ref, _, _ = reference_moe(layer, x, noise=noise)
     torch.testing.assert_close(routing.noisy_logits - routing.logits, noise)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("bpr", [False, True])
+def test_queue_positions_equal_the_one_hot_cumsum(k, bpr):
+    """router.py's stable-sort positions against the textbook one-hot cumsum, group by group."""
+    torch.manual_seed(0)
+    G, S, E = 3, 50, 6
+    logits = 2 * torch.randn(G * S, E)  # (T, E) uneven: some experts get far more than others
+    r = top_k_routing(logits, k=k, capacity_factor=1.0, num_groups=G, batch_priority=bpr)
+    want = torch.empty(G * S, k, dtype=torch.long)  # (T, K)
+    for g in range(G):
+        rows = torch.arange(g * S, (g + 1) * S)  # (S,) this group's tokens
+        if bpr:  # the surest tokens (largest top-1 p) queue first
+            rows = rows[r.probs[rows].max(-1).values.argsort(descending=True)]
+        queue = r.experts[rows].t().reshape(-1)  # (K·S,) all top-1 choices, then all top-2
+        seen = F.one_hot(queue, E).cumsum(0)  # (K·S, E) assignments to e so far, inclusive
+        position = seen.gather(1, queue[:, None]).squeeze(1) - 1  # (K·S,)
+        want[rows] = position.view(k, S).t()  # back to (token, choice)
+    assert torch.equal(r.position, want)
 
 
 @pytest.mark.parametrize("k", [1, 2])
