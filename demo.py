@@ -25,6 +25,7 @@ from pathlib import Path
 
 import eval
 import train
+from moe import METHODS
 
 COMMON = (
     "--model micro --img-size 32 --patch-size 4 --data synthetic --nb-classes 40 --experts 8 "
@@ -76,7 +77,7 @@ def main():
     times["vmoe"] = run(root / "vmoe", sizes, "--method", "vmoe", *student_epochs, *seed)
     teacher = ["--teacher", str(root / "dense" / "checkpoint.pt"), "--distill-until", "0.5"]
     times["tgr"] = run(root / "tgr", sizes, "--method", "tgr", *teacher, *student_epochs, *seed)
-    others = ["expert-choice", "softmoe", "stablemoe", "zloss", "teacher-route"] if opts.all else []
+    others = [m for m in METHODS if m not in times] if opts.all else []  # every other --method
     for method in others:  # stablemoe freezes its router after half the epochs, like TGR's switch
         flags = ["--method", method, *student_epochs, *seed]
         flags += teacher if method == "teacher-route" else []

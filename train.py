@@ -48,7 +48,8 @@ Decisions where the papers are silent
 * On CPU the process asks glibc to keep freed memory (`keep_freed_memory`): without it the big
   MoE weight gradients are page-faulted afresh every step.
 * Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` 8 on CUDA, 0 on CPU (where
-  workers would take the model's cores). The teacher agreement is logged on training batches.
+  workers would take the model's cores). The teacher agreement is logged on training
+  batches and, while a teacher runs, on the validation set (`val_teacher_agreement`).
 """
 
 import argparse
