@@ -39,11 +39,12 @@ Decisions where the papers are silent
   fraction of tokens no expert picked; Soft MoE drops nothing.
 * Under DDP every rank evaluates its shard and the counts are summed across ranks, so the
   numbers are those of the whole validation set (DistributedSampler pads with a few repeats).
-* The CLI rebuilds the model from the checkpoint's saved `args` (today's defaults under them,
-  so older checkpoints load), with the run's eval capacity factor unless
-  `--eval-capacity-factor` is given. Teacher agreement is measured whenever the checkpoint has
-  a teacher router (TGR keeps its last one after the switch); if the teacher file is gone, the
-  rest is still measured and a note says so (`--route teacher` then fails with one line).
+* The CLI rebuilds the model with `build_model(**ckpt["model_args"])` and the teacher with
+  `load_teacher(**ckpt["teacher_args"])`, never importing train.py (checkpoints older than
+  those keys: the same arguments from the run's saved flags), with the run's eval capacity
+  factor unless `--eval-capacity-factor` is given. Teacher agreement is measured whenever the
+  checkpoint has a teacher router (TGR keeps its last one after the switch); if the teacher
+  file is gone, the rest is still measured and a note says so (`--route teacher` then fails).
 * matplotlib is optional (not in requirements.txt): `--plots` without it is one error line.
 """
 
@@ -55,6 +56,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from data import MEAN, STD, build_dataset
+from moe import build_model, model_args_from_flags
+from router import check_routing
+from teacher import (
+    ArgumentParser,
+    TeacherError,
+    build_teacher_routers,
+    load_teacher,
+    read_checkpoint,
+    run_cli,
+    teacher_args_from_flags,
+    teacher_route,
+)
+
+
+class EvalError(ValueError):
+    """A user mistake: `teacher.run_cli` prints this one line (`error: ...`), exit status 2."""
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -145,7 +164,7 @@ def evaluate(model, loader, device, *, teacher=None, route_by_teacher=False, amp
             dropped, tokens, agreed = torch.zeros(3, len(routings), device=device).double()
         for i, r in enumerate(routings):
             T = r.probs.shape[0]
-            counts[i] += torch.bincount(top1_experts(r), minlength=counts.shape[1])
+            counts[i] += expert_utilisation(top1_experts(r), counts.shape[1]) * T  # tokens per e
             dropped[i] += dropped_fraction(r) * T
             tokens[i] += T
             if t_logits is not None:  # the student's own router vs the teacher router
@@ -160,7 +179,7 @@ def evaluate(model, loader, device, *, teacher=None, route_by_teacher=False, amp
     if logits.shape[-1] >= 5:
         out["top5"] = float(100 * correct5 / seen)
     if counts is not None:
-        util = counts / counts.sum(dim=1, keepdim=True)  # (layers, E)
+        util = counts / tokens.unsqueeze(1)  # (layers, E) u_e over the whole validation set
         out["utilisation"] = [[round(float(u), 4) for u in row] for row in util]
         out["routing_entropy"] = [normalised_entropy(row) for row in util]
         out["dropped_frac"] = [float(d / t) for d, t in zip(dropped, tokens)]
@@ -169,49 +188,13 @@ def evaluate(model, loader, device, *, teacher=None, route_by_teacher=False, amp
     return out
 
 
-# ----------------------------------------------------------------------------- the command line
-# python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
-#                [--data ... --data-path ...] [--json] [--plots DIR]
-class EvalError(Exception):
-    """A user mistake: the CLI prints this one line (`error: ...`) and exits with status 2."""
-
-
-def load_run(path, overrides, device, what="--checkpoint"):
-    """A train.py checkpoint -> (model in eval mode, the run's args + `overrides`, checkpoint)."""
-    import train  # here, not at the top: train.py imports this file
-
-    ckpt = train.read_checkpoint(path, what)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not ckpt.get("args"):
-        raise EvalError(f"{what} {path}: not a train.py checkpoint (it has no 'model' and 'args')")
-    args = train.get_args_parser().parse_args([])  # today's defaults under the run's own flags
-    vars(args).update(ckpt["args"])
-    vars(args).update({k: v for k, v in overrides.items() if v is not None})
-    model = train.build_student(args, num_classes=ckpt["model"]["head.weight"].shape[0])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise EvalError(f"{what} {path}: {str(err).splitlines()[-1].strip()}") from None
-    return model.to(device).eval(), args, ckpt
-
-
-def load_teacher_route(args, model, ckpt, device):
-    """The run's frozen teacher + its trained teacher routers as images -> list of (B, N, E)."""
-    import train
-
-    teacher, routers = train.build_teacher(args, model, device, world=1)
-    routers.load_state_dict(ckpt["teacher_router"])
-    return lambda images: [R(h) for R, h in zip(routers.eval(), teacher(images))]
-
-
 def patch_map(top1, grid):
     """Top-1 experts of B images' tokens, (B·N,) or (B, N) with CLS first -> (B, grid, grid)."""
     return top1.reshape(-1, grid * grid + 1)[:, 1:].reshape(-1, grid, grid)  # CLS dropped
 
 
 def for_display(images):
-    """(B, 3, S, S) images normalised as train.py does -> (B, S, S, 3) in [0, 1] for imshow."""
-    from train import MEAN, STD
-
+    """(B, 3, S, S) images normalised as data.py does -> (B, S, S, 3) in [0, 1] for imshow."""
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
@@ -225,67 +208,6 @@ def expert_maps(model, images, teacher=None):
         t = None if t is None else patch_map(t.argmax(-1).cpu(), model.grid)
         maps.append((patch_map(s, model.grid), t))
     return maps
-
-
-def run(opts):
-    """Evaluate opts.checkpoint; returns the result dict (what --json prints)."""
-    import train
-
-    plt = require_matplotlib() if opts.plots else None  # fail before the slow part
-    if (opts.eval_capacity_factor or 1) <= 0:
-        raise EvalError("--eval-capacity-factor must be > 0 (capacity < 1 token per expert)")
-    device = torch.device(opts.device)
-    names = ("data", "data_path", "batch_size", "eval_capacity_factor", "teacher")
-    overrides = {name: getattr(opts, name) for name in names}  # None: keep the run's value
-    model, args, ckpt = load_run(opts.checkpoint, overrides, device)
-    _, val_set, classes = train.build_datasets(args, with_train=False)  # val split only
-    if classes != model.head.out_features:
-        raise EvalError(f"--data {args.data} has {classes} classes, the checkpoint's head "
-                        f"{model.head.out_features}: give the run's data")  # fmt: skip
-    has_router = ckpt.get("teacher_router") is not None
-    if opts.route == "teacher" and not has_router:
-        raise EvalError(f"--route teacher: {opts.checkpoint} ({args.method}) has no teacher "
-                        "router (tgr and teacher-route runs save one)")  # fmt: skip
-    teacher = None
-    if has_router:  # the teacher router: to route by (--route teacher) or to compare with
-        from teacher import TeacherError
-
-        try:
-            teacher = load_teacher_route(args, model, ckpt, device)
-        except TeacherError as err:  # student routing needs no teacher: measure the rest
-            if opts.route == "teacher":
-                raise
-            print(f"note: no teacher agreement: {err} (give the run's --teacher)", file=sys.stderr)
-    cuda = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, pin_memory=cuda,
-                                         num_workers=opts.num_workers)  # fmt: skip
-    res = {"checkpoint": str(opts.checkpoint), "model": args.model, "method": args.method,
-           "epoch": ckpt.get("epoch"), "data": args.data, "images": len(val_set),
-           "route": opts.route if model.moe_layers else None}  # fmt: skip
-    res.update(evaluate(model, loader, device, teacher=teacher, amp_dtype=torch.bfloat16 if cuda
-                        else None, route_by_teacher=opts.route == "teacher"))  # fmt: skip
-    res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
-    if not model.moe_layers:
-        res["note"] = "dense: no routing"
-    if opts.compare:
-        other, _, _ = load_run(opts.compare, overrides, device, "--compare")
-        if (other.moe_layers, other.num_experts, other.grid) != (
-            model.moe_layers, model.num_experts, model.grid):  # fmt: skip
-            raise EvalError(f"--compare {opts.compare}: another architecture (MoE layers "
-                            f"{other.moe_layers}, E={other.num_experts}, grid {other.grid}) than "
-                            f"the checkpoint's ({model.moe_layers}, E={model.num_experts}, "
-                            f"grid {model.grid})")  # fmt: skip
-        probe = probe_images(val_set, opts.probe_size).to(device)  # train.py's probe set
-        pairs = zip(probe_assignments(model, probe), probe_assignments(other, probe))
-        res["compare"] = str(opts.compare)
-        res["consistency"] = [routing_consistency(a, b) for a, b in pairs]
-    if plt is not None:
-        log = Path(opts.checkpoint).with_name("log.jsonl")
-        history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-        images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
-        maps = expert_maps(model, images, teacher)
-        res["plots"] = write_plots(plt, Path(opts.plots), res, history, images, maps)
-    return res
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -312,82 +234,146 @@ def expert_colours(plt, E):
     return ListedColormap([base(i if E <= 20 else i / E) for i in range(E)])
 
 
+def plot_utilisation(plt, res):
+    """utilisation.png: one bar chart per MoE layer, the share of tokens whose top-1 is e."""
+    layers = res["moe_layers"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
+    for ax, block, u, h in zip(axes[0], layers, res["utilisation"], res["routing_entropy"]):
+        ax.bar(range(len(u)), u)
+        ax.axhline(1 / len(u), color="k", ls="--", lw=1, label="balanced: 1/E")
+        ax.set(title=f"block {block}: entropy {h:.3f}", xlabel="expert", ylabel="utilisation")
+    axes[0, 0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(plt, res, history):
+    """curves.png: the run's log.jsonl, one point per epoch; shaded: epochs that distilled."""
+    layers = res["moe_layers"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    epochs = [r["epoch"] for r in history]
+    per_layer = lambda key: zip(*[r[key] or [] for r in history])  # noqa: E731
+    blocks = [f"block {b}" for b in layers]
+    panels = [("val top-1 (%)", [[r["val_top1"] for r in history]], [None]),
+              ("routing entropy H(u)/log E", per_layer("routing_entropy"), blocks),
+              ("adjacent-epoch consistency", per_layer("consistency_prev"), blocks),
+              ("distillation KL (train mean, Σ layers)",
+               [[r.get("train_distill") for r in history]], [None])]  # fmt: skip
+    for ax, (title, series, names) in zip(axes.flat, panels):
+        for name, ys in zip(names, series):
+            xy = [(x, y) for x, y in zip(epochs, ys) if y is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=name)
+        for e in (r["epoch"] for r in history if r["distilling"]):
+            ax.axvspan(e - 0.5, e + 0.5, color="tab:orange", alpha=0.12, lw=0)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "dense: no routing" if not layers else "not logged: no teacher",
+                    ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        ax.set(title=title, xlabel="epoch")
+        if len(ax.lines) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{res['model']} {res['method']} (shaded: distilling epochs)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_expert_maps(plt, res, images, maps):
+    """expert_maps.png: each patch coloured by its top-1 expert; student next to teacher."""
+    pics = for_display(images)  # (B, S, S, 3)
+    columns = [("image", None)]
+    for block, (s, t) in zip(res["moe_layers"], maps):
+        columns += [(f"block {block}: student", s)] + (
+            [(f"block {block}: teacher", t)] * (t is not None)
+        )
+    rows, E, S = len(pics), res["num_experts"], pics.shape[1]
+    fig, axes = plt.subplots(
+        rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False
+    )
+    cmap = expert_colours(plt, E)
+    for r, pic in enumerate(pics):
+        for c, (title, m) in enumerate(columns):
+            ax = axes[r, c]
+            if m is None:  # the image itself
+                ax.imshow(pic.numpy())
+            else:  # the image in grey (shapes stay visible) under the expert colours
+                ax.imshow(pic.mean(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(m[r].numpy(), cmap=cmap, vmin=-0.5, vmax=E - 0.5, alpha=0.7,
+                          extent=(0, S, S, 0), interpolation="nearest")  # fmt: skip
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+    fig.suptitle(f"top-1 expert of every patch (colour = expert, E = {E})", fontsize=9)
+    return fig
+
+
 def write_plots(plt, out, res, history, images, maps):
     """utilisation.png, curves.png (needs the run's log.jsonl), expert_maps.png; returns paths."""
     if out.exists() and not out.is_dir():
         raise EvalError(f"--plots {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    written, layers = [], res["moe_layers"]
-
-    def save(fig, name):
+    figures = {}
+    if res["moe_layers"]:
+        figures["utilisation.png"] = lambda: plot_utilisation(plt, res)
+    if history:
+        figures["curves.png"] = lambda: plot_curves(plt, res, history)
+    if res["moe_layers"]:
+        figures["expert_maps.png"] = lambda: plot_expert_maps(plt, res, images, maps)
+    for name, draw in figures.items():
+        fig = draw()
         fig.savefig(out / name, dpi=DPI)
         plt.close(fig)
-        written.append(str(out / name))
+    return [str(out / name) for name in figures]
 
-    if layers:  # one bar chart per MoE layer: the share of tokens whose top-1 is expert e
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
-        for ax, block, u, h in zip(axes[0], layers, res["utilisation"], res["routing_entropy"]):
-            ax.bar(range(len(u)), u)
-            ax.axhline(1 / len(u), color="k", ls="--", lw=1, label="balanced: 1/E")
-            ax.set(title=f"block {block}: entropy {h:.3f}", xlabel="expert", ylabel="utilisation")
-        axes[0, 0].legend()
-        fig.tight_layout()
-        save(fig, "utilisation.png")
 
-    if history:  # the run's log.jsonl, one point per epoch; shaded: epochs that distilled
-        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-        epochs = [r["epoch"] for r in history]
-        per_layer = lambda key: zip(*[r[key] or [] for r in history])  # noqa: E731
-        blocks = [f"block {b}" for b in layers]
-        panels = [("val top-1 (%)", [[r["val_top1"] for r in history]], [None]),
-                  ("routing entropy H(u)/log E", per_layer("routing_entropy"), blocks),
-                  ("adjacent-epoch consistency", per_layer("consistency_prev"), blocks),
-                  ("distillation KL (train mean, Σ layers)",
-                   [[r.get("train_distill") for r in history]], [None])]  # fmt: skip
-        for ax, (title, series, names) in zip(axes.flat, panels):
-            for name, ys in zip(names, series):
-                xy = [(x, y) for x, y in zip(epochs, ys) if y is not None]
-                if xy:
-                    ax.plot(*zip(*xy), marker="o", label=name)
-            for e in (r["epoch"] for r in history if r["distilling"]):
-                ax.axvspan(e - 0.5, e + 0.5, color="tab:orange", alpha=0.12, lw=0)
-            if not ax.lines:
-                ax.text(0.5, 0.5, "dense: no routing" if not layers else "not logged: no teacher",
-                        ha="center", va="center", transform=ax.transAxes)  # fmt: skip
-            ax.set(title=title, xlabel="epoch")
-            if len(ax.lines) > 1:
-                ax.legend(fontsize=8)
-        fig.suptitle(f"{res['model']} {res['method']} (shaded: distilling epochs)")
-        fig.tight_layout()
-        save(fig, "curves.png")
+# ----------------------------------------------------------------------------- checkpoints
+def load_run(path, device, what="--checkpoint", eval_capacity_factor=None):
+    """A train.py checkpoint -> (model in eval mode, the run's flags as a Namespace, checkpoint).
 
-    if layers:  # each patch coloured by its top-1 expert; student next to teacher router
-        pics = for_display(images)  # (B, S, S, 3)
-        columns = [("image", None)]
-        for block, (s, t) in zip(layers, maps):
-            columns += [(f"block {block}: student", s)] + (
-                [(f"block {block}: teacher", t)] * (t is not None)
-            )
-        rows, E, S = len(pics), res["num_experts"], pics.shape[1]
-        fig, axes = plt.subplots(
-            rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False
-        )
-        cmap = expert_colours(plt, E)
-        for r, pic in enumerate(pics):
-            for c, (title, m) in enumerate(columns):
-                ax = axes[r, c]
-                if m is None:  # the image itself
-                    ax.imshow(pic.numpy())
-                else:  # the image in grey (shapes stay visible) under the expert colours
-                    ax.imshow(pic.mean(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-                    ax.imshow(m[r].numpy(), cmap=cmap, vmin=-0.5, vmax=E - 0.5, alpha=0.7,
-                              extent=(0, S, S, 0), interpolation="nearest")  # fmt: skip
-                ax.set_axis_off()
-                if r == 0:
-                    ax.set_title(title, fontsize=8)
-        fig.suptitle(f"top-1 expert of every patch (colour = expert, E = {E})", fontsize=9)
-        save(fig, "expert_maps.png")
-    return written
+    The model is rebuilt from the checkpoint's `model_args` (the `build_model` keyword
+    arguments), or, in a checkpoint written before they were saved, from its flags.
+    """
+    ckpt = read_checkpoint(path, what)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not ckpt.get("args"):
+        raise EvalError(f"{what} {path}: not a train.py checkpoint (it has no 'model' and 'args')")
+    args = argparse.Namespace(**ckpt["args"])
+    model_args = ckpt.get("model_args")
+    if model_args is None:  # older checkpoint: the same arguments, from the run's flags
+        try:
+            model_args = model_args_from_flags(ckpt["args"], ckpt["model"]["head.weight"].shape[0])
+        except KeyError as err:
+            raise EvalError(f"{what} {path}: an old checkpoint without flag {err}") from None
+    if eval_capacity_factor is not None and "eval_capacity_factor" in model_args:
+        model_args = {**model_args, "eval_capacity_factor": eval_capacity_factor}
+    model = build_model(**model_args)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise EvalError(f"{what} {path}: {str(err).splitlines()[-1].strip()}") from None
+    return model.to(device).eval(), args, ckpt
+
+
+def load_teacher_route(model, ckpt, device, source=None):
+    """The run's frozen teacher + its trained teacher routers as images -> list of (B, N, E)."""
+    teacher_args = ckpt.get("teacher_args")
+    if teacher_args is None:  # older checkpoint: from the run's flags
+        teacher_args = teacher_args_from_flags(ckpt["args"], model.moe_layers)
+    teacher = load_teacher(**{**teacher_args, "source": source or teacher_args["source"]})
+    routers = build_teacher_routers(teacher, model.num_experts)
+    routers.load_state_dict(ckpt["teacher_router"])
+    return teacher_route(teacher.to(device), routers.to(device).eval())
+
+
+def compare(model, other, val_set, opts, device):
+    """Routing consistency of two checkpoints on the first --probe-size validation images."""
+    if (other.moe_layers, other.num_experts, other.grid) != (
+        model.moe_layers, model.num_experts, model.grid):  # fmt: skip
+        raise EvalError(f"--compare {opts.compare}: another architecture (MoE layers "
+                        f"{other.moe_layers}, E={other.num_experts}, grid {other.grid}) than "
+                        f"the checkpoint's ({model.moe_layers}, E={model.num_experts}, "
+                        f"grid {model.grid})")  # fmt: skip
+    probe = probe_images(val_set, opts.probe_size).to(device)  # train.py's probe set
+    pairs = zip(probe_assignments(model, probe), probe_assignments(other, probe))
+    return [routing_consistency(a, b) for a, b in pairs]
 
 
 # ----------------------------------------------------------------------------- printing
@@ -414,8 +400,62 @@ def fmt_table(res):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="accuracy and routing analytics of a train.py run")
+# ----------------------------------------------------------------------------- the command line
+# python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
+#                [--data ... --data-path ...] [--json] [--plots DIR]
+def run(opts):
+    """Evaluate opts.checkpoint; returns the result dict (what --json prints)."""
+    plt = require_matplotlib() if opts.plots else None  # fail before the slow part
+    check_routing(1, 1, opts.eval_capacity_factor)  # one line for a capacity factor <= 0
+    device = torch.device(opts.device)
+    model, args, ckpt = load_run(
+        opts.checkpoint, device, eval_capacity_factor=opts.eval_capacity_factor
+    )
+    for name in ("data", "data_path", "batch_size"):  # None: keep the run's value
+        if getattr(opts, name) is not None:
+            setattr(args, name, getattr(opts, name))
+    val_set, classes = build_dataset(False, args)  # the validation split only
+    if classes != model.head.out_features:
+        raise EvalError(f"--data {args.data} has {classes} classes, the checkpoint's head "
+                        f"{model.head.out_features}: give the run's data")  # fmt: skip
+    has_router = ckpt.get("teacher_router") is not None
+    if opts.route == "teacher" and not has_router:
+        raise EvalError(f"--route teacher: {opts.checkpoint} ({args.method}) has no teacher "
+                        "router (tgr and teacher-route runs save one)")  # fmt: skip
+    teacher = None
+    if has_router:  # the teacher router: to route by (--route teacher) or to compare with
+        try:
+            teacher = load_teacher_route(model, ckpt, device, source=opts.teacher)
+        except TeacherError as err:  # student routing needs no teacher: measure the rest
+            if opts.route == "teacher":
+                raise
+            print(f"note: no teacher agreement: {err} (give the run's --teacher)", file=sys.stderr)
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, pin_memory=cuda,
+                                         num_workers=opts.num_workers)  # fmt: skip
+    res = {"checkpoint": str(opts.checkpoint), "model": args.model, "method": args.method,
+           "epoch": ckpt.get("epoch"), "data": args.data, "images": len(val_set),
+           "route": opts.route if model.moe_layers else None}  # fmt: skip
+    res.update(evaluate(model, loader, device, teacher=teacher, amp_dtype=torch.bfloat16 if cuda
+                        else None, route_by_teacher=opts.route == "teacher"))  # fmt: skip
+    res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
+    if not model.moe_layers:
+        res["note"] = "dense: no routing"
+    if opts.compare:
+        other, _, _ = load_run(opts.compare, device, "--compare", opts.eval_capacity_factor)
+        res["compare"] = str(opts.compare)
+        res["consistency"] = compare(model, other, val_set, opts, device)
+    if plt is not None:
+        log = Path(opts.checkpoint).with_name("log.jsonl")
+        history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+        images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
+        maps = expert_maps(model, images, teacher)
+        res["plots"] = write_plots(plt, Path(opts.plots), res, history, images, maps)
+    return res
+
+
+def get_args_parser():
+    p = ArgumentParser(description="accuracy and routing analytics of a train.py run")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt")
     p.add_argument("--route", choices=["student", "teacher"], default="student",
                    help="who chooses the experts (teacher: tgr / teacher-route runs)")  # fmt: skip
@@ -432,16 +472,12 @@ def main(argv=None):
     p.add_argument("--map-images", type=int, default=4, help="images in expert_maps.png")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.error = lambda msg: sys.exit(print(f"error: {msg} (see --help)", file=sys.stderr) or 2)
-    opts = p.parse_args(argv)
-    from teacher import TeacherError
-    from train import TrainError
+    return p
 
-    try:
-        res = run(opts)
-    except (EvalError, TrainError, TeacherError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+def main(argv=None):
+    opts = get_args_parser().parse_args(argv)
+    res = run_cli(run, opts)
     print(json.dumps(res) if opts.json else fmt_table(res))
     return res
 

@@ -19,7 +19,9 @@ logs every part.
 | `switch_load_loss` | M²oT student (λ_2)                       | Switch Transformer eq. (4)  |
 
 Legend: p `probs` (T, E) clean softmax; Imp_e importance of expert e; Φ the standard normal
-CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`).
+CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `noise_std` of
+`load_loss` is the std of the noise that was added to the logits (the router's σ/E,
+`Routing.logit_noise_std`).
 
 Decisions where the papers are silent
 -------------------------------------
@@ -58,9 +60,8 @@ def load_loss(logits, noisy_logits, noise_std, k):
     # L_load = CV²(mean_t P_{t,e})
     logits, noisy_logits = _tokens(logits), _tokens(noisy_logits)  # (T, E)
     threshold = noisy_logits.topk(k, dim=-1).values[:, -1:]  # (T, 1)
-    if noise_std > 0:
-        normal = torch.distributions.Normal(0.0, 1.0)
-        prob_selected = 1.0 - normal.cdf((threshold - logits) / noise_std)  # (T, E)
+    if noise_std > 0:  # Φ = torch.special.ndtr (no argument validation: no host sync)
+        prob_selected = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # (T, E)
     else:  # σ -> 0: the CDF becomes a step
         prob_selected = (logits >= threshold).to(logits.dtype)  # (T, E)
     return _cv_squared(prob_selected.mean(dim=0))

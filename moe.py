@@ -46,21 +46,24 @@ Decisions where the papers are silent
   expert of block i starts as block i's MLP, routers stay fresh.
 """
 
+import ctypes
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torchvision.ops import stochastic_depth
 
-from router import Routing, expert_choice_routing, group_size_for, top_k_routing
+from router import Routing, check_routing, expert_choice_routing, group_size_for, top_k_routing
 
 # Letters: B images, N tokens (patches + CLS), D width, H hidden, E experts, K top-k,
 # C capacity per expert and group, G groups, T tokens (B·N), P slots per expert (Soft MoE).
 
-MODELS = {  # name: (embed_dim, depth, num_heads, default MoE layers), mlp_ratio 4 throughout
-    "micro": (96, 6, 3, (4, 6)),
-    "tiny": (192, 12, 3, (8, 10, 12)),
-    "small": (384, 12, 6, (8, 10, 12)),
-    "base": (768, 12, 12, (8, 10, 12)),
+MODELS = {  # VisionTransformer keyword arguments per --model (mlp_ratio 4 throughout), as timm
+    "micro": dict(embed_dim=96, depth=6, num_heads=3, moe_layers=(4, 6)),  # CPU demos, tests
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, moe_layers=(8, 10, 12)),  # DeiT-Ti
+    "small": dict(embed_dim=384, depth=12, num_heads=6, moe_layers=(8, 10, 12)),  # DeiT-S
+    "base": dict(embed_dim=768, depth=12, num_heads=12, moe_layers=(8, 10, 12)),  # DeiT-B
 }
 # --method -> which MLP the MoE blocks get; the rest of a method lives in train.py
 METHODS = {
@@ -98,25 +101,11 @@ class StackedExperts(nn.Module):
 class MoEMLP(StackedExperts):
     """A sparse MoE layer that replaces a block's MLP: y, routing = layer(x), x: (B, N, D)."""
 
-    def __init__(
-        self,
-        dim,
-        hidden,
-        num_experts,
-        *,
-        k=1,
-        capacity_factor=1.05,
-        noise_std=1.0,
-        group_size=8,
-        batch_priority=False,
-        eval_capacity_factor=None,
-        router="top-k",
-    ):
+    def __init__(self, dim, hidden, num_experts, *, k=1, capacity_factor=1.05, noise_std=1.0,
+                 group_size=8, batch_priority=False, eval_capacity_factor=None,
+                 router="top-k"):  # fmt: skip
         super().__init__(dim, hidden, num_experts)
-        if k > num_experts:
-            raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({num_experts})")
-        if capacity_factor <= 0 or (eval_capacity_factor or 1) <= 0:
-            raise ValueError("capacity factor must be > 0 (capacity < 1 token per expert)")
+        check_routing(num_experts, k, capacity_factor, eval_capacity_factor)  # one line if not
         if router not in ("top-k", "expert-choice"):
             raise ValueError(f"unknown router {router!r}: use 'top-k' or 'expert-choice'")
         self.k, self.noise_std, self.group_size = k, noise_std, group_size
@@ -137,14 +126,9 @@ class MoEMLP(StackedExperts):
             # teacher-route mode: outside logits choose; our own are recorded for the KL
             chooser = logits if route_logits is None else route_logits.reshape(B * N, -1)
             noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
-            routing = top_k_routing(
-                chooser,
-                k=self.k,
-                capacity_factor=cf,
-                num_groups=groups,
-                noise_std=noise,
-                batch_priority=self.batch_priority,
-            )
+            options = dict(logit_noise_std=noise, batch_priority=self.batch_priority)
+            routing = top_k_routing(chooser, k=self.k, capacity_factor=cf, num_groups=groups,
+                                    **options)  # fmt: skip
             routing.student_logits = logits
         y = self.combine(self.run_experts(self.dispatch(tokens, routing)), routing)  # (T, D)
         return rearrange(y, "(b n) d -> b n d", b=B), routing
@@ -210,14 +194,8 @@ class SoftMoEMLP(StackedExperts):
         out = rearrange(self.run_experts(buf), "e (b p) d -> b (e p) d", b=B)  # (B, E·P, D)
         y = torch.einsum("bns,bsd->bnd", combine, out)  # (B, N, D)
         share = rearrange(combine, "b n (e p) -> (b n) e p", e=E).sum(-1)  # (T, E)
-        routing = Routing(
-            logits=None,
-            probs=share,
-            experts=share.argmax(-1, keepdim=True),
-            weights=None,
-            kept=None,
-        )
-        return y, routing
+        experts = share.argmax(-1, keepdim=True)  # (T, 1)
+        return y, Routing(logits=None, probs=share, experts=experts, weights=None, kept=None)
 
 
 # ----------------------------------------------------------------------------- the ViT
@@ -254,14 +232,6 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def drop_path(x, rate, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of images."""
-    if rate == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)  # (B, 1, 1)
-    return x * keep / (1 - rate)
-
-
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path_rate, init_values, mlp):
         super().__init__()
@@ -273,36 +243,26 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
+    def drop_path(self, x):
+        # stochastic depth: drop the whole residual branch for a random subset of images
+        return stochastic_depth(x, self.drop_path_rate, "row", self.training)  # (B, N, D)
+
     def forward(self, x, route_logits=None):
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))  # (B, N, D)
         if route_logits is None:
             y, routing = self.mlp(self.norm2(x))
         else:
             y, routing = self.mlp(self.norm2(x), route_logits)
-        return x + drop_path(self.ls2(y), self.drop_path_rate, self.training), routing
+        return x + self.drop_path(self.ls2(y)), routing  # (B, N, D)
 
 
 class VisionTransformer(nn.Module):
     """DeiT / ViT with timm's names; `moe_layers` (1-indexed) get `moe_mlp(dim, hidden)`."""
 
-    def __init__(
-        self,
-        *,
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        num_classes=1000,
-        embed_dim=192,
-        depth=12,
-        num_heads=3,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.0,
-        init_values=None,
-        no_embed_class=False,
-        moe_layers=(),
-        moe_mlp=None,
-    ):
+    def __init__(self, *, img_size=224, patch_size=16, in_chans=3, num_classes=1000,
+                 embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True,
+                 drop_path_rate=0.0, init_values=None, no_embed_class=False, moe_layers=(),
+                 moe_mlp=None):  # fmt: skip
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
@@ -316,7 +276,7 @@ class VisionTransformer(nn.Module):
         pos_len = self.grid**2 if no_embed_class else self.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim))
         hidden = int(embed_dim * mlp_ratio)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -326,7 +286,7 @@ class VisionTransformer(nn.Module):
                 dpr[i],
                 init_values,
                 moe_mlp(embed_dim, hidden) if i + 1 in self.moe_layers else None,
-            )
+            )  # fmt: skip
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -370,35 +330,32 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- builders
-def build_model(
-    name,
-    method="vmoe",
-    num_classes=1000,
-    img_size=224,
-    patch_size=16,
-    num_experts=16,
-    k=1,
-    moe_layers=None,
-    **options,
-):
+def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=16,
+                num_experts=16, k=1, moe_layers=None, **options):  # fmt: skip
     """Build a DeiT (`method="dense"`) or its MoE student.
 
     options: drop_path_rate, capacity_factor, eval_capacity_factor, noise_std, group_size,
     batch_priority (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
+    The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
+    store them, so `build_model(**ckpt["model_args"])` rebuilds a model without the trainer.
     """
+    model_args = dict(name=name, method=method, num_classes=num_classes, img_size=img_size,
+                      patch_size=patch_size, num_experts=num_experts, k=k, moe_layers=moe_layers,
+                      **options)  # fmt: skip
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    dim, depth, heads, default_layers = MODELS[name]
+    config = dict(MODELS[name])  # embed_dim, depth, num_heads
+    default_layers = config.pop("moe_layers")
     moe_layers = tuple(default_layers if moe_layers is None else moe_layers)
     if METHODS[method] is None:
         moe_layers = ()
-    bad = [i for i in moe_layers if not 1 <= i <= depth]
+    bad = [i for i in moe_layers if not 1 <= i <= config["depth"]]
     if bad:
-        raise ValueError(f"MoE layers {bad} are outside blocks 1..{depth} of {name}")
-    if METHODS[method] and k > num_experts:
-        raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({num_experts})")
+        raise ValueError(f"MoE layers {bad} are outside blocks 1..{config['depth']} of {name}")
+    if METHODS[method]:
+        check_routing(num_experts, k)
     vit_keys = ("drop_path_rate", "init_values", "no_embed_class", "in_chans", "qkv_bias")
     vit_opts = {key: options.pop(key) for key in vit_keys if key in options}
     num_tokens = (img_size // patch_size) ** 2 + 1
@@ -408,18 +365,11 @@ def build_model(
             return SoftMoEMLP(d, hidden, num_experts, num_tokens=num_tokens, k=k)
         return MoEMLP(d, hidden, num_experts, k=k, router=METHODS[method], **options)
 
-    model = VisionTransformer(
-        img_size=img_size,
-        patch_size=patch_size,
-        num_classes=num_classes,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        moe_layers=moe_layers,
-        moe_mlp=moe_mlp,
-        **vit_opts,
-    )
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
+                              moe_layers=moe_layers, moe_mlp=moe_mlp, **config,
+                              **vit_opts)  # fmt: skip
     model.method, model.num_experts = method, num_experts if moe_layers else 0
+    model.model_args = model_args
     return model
 
 
@@ -438,12 +388,8 @@ def upcycle(model, dense_state_dict):
         parts = key.split(".")
         if len(parts) > 3 and parts[2] == "mlp" and int(parts[1]) + 1 in model.moe_layers:
             prefix = ".".join(parts[:3])
-            src = {
-                "w1": ("fc1.weight", True),
-                "b1": ("fc1.bias", False),
-                "w2": ("fc2.weight", True),
-                "b2": ("fc2.bias", False),
-            }.get(parts[3])
+            src = {"w1": ("fc1.weight", True), "b1": ("fc1.bias", False),
+                   "w2": ("fc2.weight", True), "b2": ("fc2.bias", False)}.get(parts[3])  # fmt: skip
             if src is None:
                 fresh.append(key)  # router / slot parameters
                 continue
@@ -464,14 +410,46 @@ def upcycle(model, dense_state_dict):
 def moe_num_params(model):
     """(total, active per token) parameter counts: active counts K of the E experts."""
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if n.split(".")[-1] in ("w1", "b1", "w2", "b2")
-    )
+    is_expert = lambda name: name.split(".")[-1] in ("w1", "b1", "w2", "b2")  # noqa: E731
+    expert = sum(p.numel() for n, p in model.named_parameters() if is_expert(n))
     active = total - expert
     for i in model.moe_layers:
         mlp = model.blocks[i - 1].mlp
         per_expert = sum(p[0].numel() for p in (mlp.w1, mlp.b1, mlp.w2, mlp.b2))
         active += per_expert * getattr(mlp, "k", 1)
     return total, active
+
+
+def model_args_from_flags(flags, num_classes):
+    """`build_model` keyword arguments from train.py's flags (a dict or Namespace).
+
+    Every method with a router (top-K and expert choice) gets the capacity and group options;
+    Soft MoE and dense have none.
+    """
+    f = flags if isinstance(flags, dict) else vars(flags)
+    margs = dict(name=f["model"], method=f["method"], num_classes=num_classes,
+                 img_size=f["img_size"], patch_size=f["patch_size"], num_experts=f["experts"],
+                 k=f["topk"], moe_layers=f["moe_layers"],
+                 drop_path_rate=f["drop_path"])  # fmt: skip
+    if METHODS[f["method"]] in ("top-k", "expert-choice"):
+        margs.update(capacity_factor=f["capacity_factor"], noise_std=f["noise_std"],
+                     group_size=f["moe_group_size"], batch_priority=f["batch_priority"],
+                     eval_capacity_factor=f["eval_capacity_factor"])  # fmt: skip
+    return margs
+
+
+def keep_freed_memory():
+    """CPU, glibc: serve big tensors from the heap and keep freed memory for the next step.
+
+    glibc gives every allocation above 32 MiB fresh mmap pages and unmaps them on free, so
+    such a tensor costs page faults (the kernel zeroes every page) on every step. MoE layers
+    make them: at E=128 the weight gradients (E, D, H) of one Tiny layer are 75 MB each, and
+    this alone made the layer ~25% slower (benchmarks/moe_layer.py --glibc-default).
+    jemalloc / tcmalloc behave like this setting. Returns False where mallopt is missing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): leave the allocator alone
+        return False
+    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = 2 GiB: keep the freed heap
+    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1

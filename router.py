@@ -72,7 +72,7 @@ class Routing:
     weights: torch.Tensor | None  # (T, K) combine weights, 0 where dropped
     kept: torch.Tensor | None  # (T, K) bool, False where capacity dropped it
     noisy_logits: torch.Tensor | None = None  # (T, E) logits + noise (training only)
-    noise_std: float = 0.0  # σ/E actually used (0 at eval)
+    logit_noise_std: float = 0.0  # std of the noise added to the logits: σ/E (0 at eval)
     position: torch.Tensor | None = None  # (T, K) long, slot in the expert buffer
     capacity: int = 0  # C per expert and group
     num_groups: int = 1  # G
@@ -91,56 +91,54 @@ def group_size_for(batch: int, group_size: int) -> int:
     return g
 
 
+def check_routing(num_experts: int, k: int, *capacity_factors: float | None) -> None:
+    """The one check of the routing settings: K ≤ E and every capacity factor > 0.
+
+    Raises ValueError with one readable line; MoEMLP calls it when it is built (so a bad flag
+    fails before any step), the routing functions when they run.
+    """
+    if k > num_experts:
+        raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({num_experts})")
+    if any(cf is not None and cf <= 0 for cf in capacity_factors):
+        raise ValueError("capacity factor must be > 0 (capacity < 1 token per expert)")
+
+
 def capacity_for(tokens_per_group: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """C = ceil(K · S · cf / E), rounded up to a multiple of 4 (V-MoE's convention)."""
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity factor must be > 0, got {capacity_factor}")
+    check_routing(num_experts, k, capacity_factor)
     c = math.ceil(k * tokens_per_group * capacity_factor / num_experts)
     return 4 * math.ceil(c / 4)
 
 
-def top_k_routing(
-    logits: torch.Tensor,
+def queue_positions(
+    experts: torch.Tensor,
+    num_experts: int,
     *,
-    k: int,
-    capacity_factor: float,
     num_groups: int,
-    noise_std: float = 0.0,
-    batch_priority: bool = False,
-) -> Routing:
-    """Noisy top-K token choice with capacity, V-MoE semantics.
+    priority: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each assignment's place in its expert's queue: (T, K) long, 0 = first in line.
 
-    logits: (T, E) clean router logits, T = num_groups · S tokens, groups contiguous.
-    noise_std: the σ/E actually added (0 = deterministic, e.g. at eval).
+    experts: (T, K) chosen experts, T = num_groups · S tokens, groups contiguous.
+    The queue of a group is k-major: all top-1 choices of the group, then all top-2 choices,
+    ...; within one k, tokens in their order in the group, or by decreasing `priority` (T,)
+    (batch-priority routing passes the top-1 weights).
+
+        position(t, k) = #{earlier assignments in the queue with the same expert}
+
+    The textbook computes it as a cumsum over a (G, K·S, E) one-hot tensor. A stable sort by
+    expert gives the same numbers without it: it lines each expert's assignments up in queue
+    order, so an assignment's position is its index in the sorted queue minus where its
+    expert's run starts.
     """
-    T, E = logits.shape
-    if k > E:
-        raise ValueError(f"top-k ({k}) cannot exceed the number of experts ({E})")
+    T, k = experts.shape
     G, S = num_groups, T // num_groups
-    probs = logits.softmax(dim=-1)  # (T, E) clean p
-
-    # q = softmax(logits + ε), ε ~ N(0, (σ/E)²): noise only chooses, it never enters the losses
-    noisy_logits = None
-    if noise_std > 0:
-        noisy_logits = logits + noise_std * torch.randn_like(logits)  # (T, E)
-        gates = noisy_logits.softmax(dim=-1)  # (T, E) q
-    else:
-        gates = probs
-    combine, experts = gates.topk(k, dim=-1)  # (T, K), (T, K)
-
-    # --- capacity: position of every assignment in its expert's queue, per group ---
-    capacity = capacity_for(S, E, k, capacity_factor)
+    E = num_experts
     expert_g = experts.view(G, S, k)  # (G, S, K)
-    if batch_priority:
-        # BPR: tokens with the largest top-1 weight go first (and are the last dropped)
-        order = combine[:, 0].view(G, S).argsort(dim=1, descending=True)  # (G, S)
+    if priority is not None:  # highest priority first (and so the last dropped)
+        order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
         expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
-    # k-major queue: all top-1 choices of the group, then all top-2 choices, ...
-    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S)
-    # position = how many earlier assignments in the queue chose the same expert. A stable
-    # sort by expert lines each expert's assignments up in queue order; an assignment's
-    # position is then its index in the sorted queue minus where its expert's run starts.
-    # (The textbook one-hot cumsum gives the same numbers through a (G, K·S, E) tensor.)
+    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
     by_expert = queue.sort(dim=1, stable=True).indices  # (G, K·S) queue slots, sorted
     counts = torch.zeros(G, E, dtype=torch.long, device=queue.device)
     counts.scatter_add_(1, queue, torch.ones_like(queue))  # (G, E) assignments per expert
@@ -149,12 +147,45 @@ def top_k_routing(
     sorted_position = rank - run_start.gather(1, queue.gather(1, by_expert))  # (G, K·S)
     position = torch.empty_like(queue).scatter_(1, by_expert, sorted_position)  # (G, K·S)
     position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
-    if batch_priority:
-        # undo the sort: put every position back at its token's place in the group
+    if priority is not None:  # undo the sort: every position back at its token's place
         position = torch.empty_like(position).scatter_(
             1, order.unsqueeze(-1).expand(G, S, k), position
         )  # (G, S, K)
-    position = position.reshape(T, k)  # (T, K)
+    return position.reshape(T, k)  # (T, K)
+
+
+def top_k_routing(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    capacity_factor: float,
+    num_groups: int,
+    logit_noise_std: float = 0.0,
+    batch_priority: bool = False,
+) -> Routing:
+    """Noisy top-K token choice with capacity, V-MoE semantics.
+
+    logits: (T, E) clean router logits, T = num_groups · S tokens, groups contiguous.
+    logit_noise_std: std of the noise added to the logits, σ/E (0 = deterministic, e.g. eval).
+    """
+    T, E = logits.shape
+    check_routing(E, k, capacity_factor)
+    G, S = num_groups, T // num_groups
+    probs = logits.softmax(dim=-1)  # (T, E) clean p
+
+    # q = softmax(logits + ε), ε ~ N(0, (σ/E)²): noise only chooses, it never enters the losses
+    noisy_logits = None
+    if logit_noise_std > 0:
+        noisy_logits = logits + logit_noise_std * torch.randn_like(logits)  # (T, E)
+        gates = noisy_logits.softmax(dim=-1)  # (T, E) q
+    else:
+        gates = probs
+    combine, experts = gates.topk(k, dim=-1)  # (T, K), (T, K)
+
+    # --- capacity: position of every assignment in its expert's queue, per group ---
+    capacity = capacity_for(S, E, k, capacity_factor)
+    order = combine[:, 0] if batch_priority else None  # BPR: surest tokens first
+    position = queue_positions(experts, E, num_groups=G, priority=order)  # (T, K)
     kept = position < capacity  # (T, K)
     weights = combine * kept  # (T, K) dropped assignments contribute nothing
 
@@ -165,7 +196,7 @@ def top_k_routing(
         weights=weights,
         kept=kept,
         noisy_logits=noisy_logits,
-        noise_std=noise_std,
+        logit_noise_std=logit_noise_std,
         position=position,
         capacity=capacity,
         num_groups=G,
@@ -184,6 +215,7 @@ def expert_choice_routing(
     be kept 0..E times; position[t, e] is its slot in expert e's buffer.
     """
     T, E = logits.shape
+    check_routing(E, k, capacity_factor)
     G, S = num_groups, T // num_groups
     probs = logits.softmax(dim=-1)  # (T, E)
     capacity = min(S, math.ceil(k * S * capacity_factor / E))

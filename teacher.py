@@ -45,6 +45,9 @@ Decisions where the papers are silent
   from the weights. Heads are not stored anywhere: a project checkpoint gives its model name
   (`moe.MODELS`); otherwise `HEADS_BY_WIDTH` (DeiT/timm/torchvision's 64-dim heads, ViT-H's 16).
 * The final norm and the head are never run, so their keys are ignored (any class count loads).
+* The ViT is built on the "meta" device and the checkpoint's tensors are assigned to it: no
+  random initialisation that the weights would overwrite, and loading a teacher draws nothing
+  from torch's random stream (the student's initialisation does not depend on the teacher).
 * The teacher runs under bf16 autocast by default (it is TGR's main extra cost); features are
   returned as float32. bf16 stays within cosine 0.999 of fp32 (tests/test_teacher.py).
 * `no_grad`, not `inference_mode`: inference tensors cannot enter the teacher router's graph.
@@ -55,6 +58,9 @@ Decisions where the papers are silent
   student's and resizes input images (bilinear) to grid × teacher patch, so teacher patch
   (r, c) covers the same pixels as student patch (r, c).
 * The teacher router is a bias-free linear map, the same form as the student's router.
+* Two helpers every command line needs live here, the lowest file that has a command line:
+  `read_checkpoint` (the one checkpoint reader, used for teacher weights, train.py's --resume
+  and --finetune, and eval.py) and `run_cli` (a user mistake becomes one `error:` line).
 """
 
 import argparse
@@ -96,23 +102,27 @@ class TeacherError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading weights
-def _read_checkpoint(path):
-    """torch.load a file, turning every failure into one TeacherError line."""
+def read_checkpoint(path, what="checkpoint", hint=""):
+    """The project's one checkpoint reader (teacher weights, --resume, --finetune, eval.py).
+
+    torch.load on the CPU with `weights_only=True` (tensors and plain containers only), which
+    every file train.py writes and the DeiT-III/timm/torchvision files allow. Only a torch.save
+    zip holding other Python objects (an argparse Namespace, numpy RNG states: older DeiT-style
+    checkpoints) is read in full, since the user named the file. Every failure is one
+    TeacherError line naming `what` (e.g. "--resume") and the path.
+    """
     if not os.path.isfile(path):
-        raise TeacherError(
-            f"teacher checkpoint not found: {path} (give a .pth/.pt file or torchvision:vit_b_16)"
-        )
+        raise TeacherError(f"{what} {path}: no such checkpoint{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        if not zipfile.is_zipfile(path):  # not written by torch.save at all
-            raise TeacherError(
-                f"{path} is not a PyTorch checkpoint ({type(err).__name__})"
-            ) from None
-    try:  # a torch.save zip holding Python objects (argparse args, numpy RNG): our own files
+        if not zipfile.is_zipfile(path):  # not (or no longer all) a torch.save zip
+            why = f"not a PyTorch checkpoint, or truncated ({type(err).__name__})"
+            raise TeacherError(f"{what} {path}: {why}; use another file") from None
+    try:  # a torch.save zip holding Python objects
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise TeacherError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        raise TeacherError(f"{what} {path}: cannot read it ({type(err).__name__}: {err})") from None
 
 
 def _torchvision_weights(name, random_ok):
@@ -173,8 +183,8 @@ def _vit_config(sd, args, where):
         if grid * grid != positions - 1:
             raise TeacherError(f"{where}: pos_embed has {positions} positions, not G² or G² + 1")
     name = args.get("model")
-    if name in MODELS and MODELS[name][0] == dim:
-        heads = MODELS[name][2]
+    if name in MODELS and MODELS[name]["embed_dim"] == dim:
+        heads = MODELS[name]["num_heads"]
     elif dim in HEADS_BY_WIDTH or dim % 64 == 0:
         heads = HEADS_BY_WIDTH.get(dim, dim // 64)
     else:
@@ -273,6 +283,24 @@ class Teacher(nn.Module):
         return f"kind={self.kind}, layers={self.layers}, dim={self.dim}, grid={self.grid}"
 
 
+def teacher_args_from_flags(flags, moe_layers):
+    """`load_teacher` keyword arguments from train.py's flags (a dict or Namespace).
+
+    moe_layers: the student's MoE blocks; the teacher uses the same blocks unless
+    --teacher-layers names others (one per MoE layer). train.py saves the result in its
+    checkpoints as `teacher_args`; eval.py reads it back.
+    """
+    f = flags if isinstance(flags, dict) else vars(flags)
+    layers = list(f["teacher_layers"] or moe_layers)
+    if len(layers) != len(moe_layers):
+        raise TeacherError(
+            f"--teacher-layers: {len(layers)} blocks for {len(moe_layers)} MoE layers"
+        )
+    return dict(source=f["teacher"], layers=layers, dtype=f.get("teacher_dtype") or "bf16",
+                random_ok=f["teacher_random"], resample=f["teacher_resample"],
+                student_grid=f["img_size"] // f["patch_size"])  # fmt: skip
+
+
 def load_teacher(
     source, layers, *, dtype="bf16", random_ok=False, resample=False, student_grid=None
 ):
@@ -291,7 +319,8 @@ def load_teacher(
     if isinstance(source, str) and source.startswith("torchvision:"):
         sd, pretrained = _torchvision_weights(source.split(":", 1)[1], random_ok)
     else:
-        ckpt = _read_checkpoint(str(source))
+        hint = " (give a .pth/.pt file or torchvision:vit_b_16)"
+        ckpt = read_checkpoint(str(source), "--teacher", hint)
         if not isinstance(ckpt, dict):
             raise TeacherError(f"{source} holds a {type(ckpt).__name__}, not a state dict")
         args = ckpt.get("args") or {}
@@ -303,7 +332,8 @@ def load_teacher(
     sd, kind = _to_timm(sd)
     kind = "project" if args.get("method") is not None else kind
     cfg = _vit_config(sd, args, source)
-    vit = VisionTransformer(**cfg)
+    with torch.device("meta"):  # shapes only: no random init to overwrite, no RNG consumed
+        vit = VisionTransformer(**cfg)
     expected = {k: v for k, v in vit.state_dict().items() if not k.startswith(NEVER_RUN)}
     sd = {k: v.float() for k, v in sd.items() if not k.startswith(NEVER_RUN)}
     _check_keys(sd, expected, source)
@@ -321,8 +351,10 @@ def load_teacher(
             )
         has_cls = not cfg["no_embed_class"]
         sd["pos_embed"] = _resample_pos_embed(sd["pos_embed"], grid, student_grid, has_cls)
-        vit = VisionTransformer(**{**cfg, "img_size": student_grid * cfg["patch_size"]})
-    vit.load_state_dict(sd, strict=False)  # strict by _check_keys; norm and head dropped below
+        with torch.device("meta"):
+            vit = VisionTransformer(**{**cfg, "img_size": student_grid * cfg["patch_size"]})
+    # strict by _check_keys; the final norm and head stay on "meta" and are dropped by Teacher
+    vit.load_state_dict(sd, strict=False, assign=True)
     return Teacher(vit, layers, dtype=dtype, resample=resample, kind=kind, pretrained=pretrained)
 
 
@@ -333,6 +365,20 @@ class TeacherRouter(nn.Linear):
     def __init__(self, teacher_dim, num_experts):
         super().__init__(teacher_dim, num_experts, bias=False)
         nn.init.trunc_normal_(self.weight, std=0.02)  # as the student's router
+
+
+def build_teacher_routers(teacher, num_experts):
+    """One fresh TeacherRouter per teacher layer (= per student MoE layer)."""
+    return nn.ModuleList(TeacherRouter(teacher.dim, num_experts) for _ in teacher.layers)
+
+
+def teacher_route(teacher, routers):
+    """images -> [R_t^(i)(h_t^(i)) for each MoE layer i]: the (B, N, E) teacher-router logits.
+
+    The one place the frozen teacher's features meet the trainable routers (train.py's step,
+    the validation agreement and eval.py --route teacher all call it).
+    """
+    return lambda images: [R(h) for R, h in zip(routers, teacher(images))]  # (B, N, E) each
 
 
 def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005):
@@ -352,25 +398,34 @@ def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005):
     return total, {"load": load.detach(), "ent": ent.detach()}
 
 
-# ----------------------------------------------------------------------------- command line
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Load a TGR teacher, print its feature shapes.")
-    parser.add_argument("source", help="checkpoint path or torchvision:vit_b_16")
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 10, 12])
-    parser.add_argument("--img-size", type=int, default=224, help="the student's image size")
-    parser.add_argument("--patch-size", type=int, default=16, help="the student's patch size")
-    parser.add_argument("--teacher-dtype", "--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--teacher-random", action="store_true", help="random torchvision ok")
-    parser.add_argument("--teacher-resample", action="store_true", help="resample grid/images")
-    args = parser.parse_args(argv)
-    options = dict(dtype=args.teacher_dtype, random_ok=args.teacher_random)
-    options.update(resample=args.teacher_resample, student_grid=args.img_size // args.patch_size)
+# ----------------------------------------------------------------------------- command lines
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: ... (see --help)`, exit 2)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main, args):
+    """main(args) for train.py, eval.py and this file: a user mistake is one line, exit 2.
+
+    User mistakes arrive as ValueError (TeacherError, bad flags, files that do not fit) or
+    OSError (missing files and folders): SPEC sec. 10, never a traceback from deep inside torch.
+    """
     try:
-        teacher = load_teacher(args.source, args.layers, **options)
-        feats = teacher(torch.randn(2, 3, args.img_size, args.img_size))
-    except TeacherError as err:
+        return main(args)
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def show_teacher(args):
+    """Load the teacher of `args`, run it on two random images, print what it is."""
+    options = dict(dtype=args.teacher_dtype, random_ok=args.teacher_random)
+    options.update(resample=args.teacher_resample, student_grid=args.img_size // args.patch_size)
+    teacher = load_teacher(args.source, args.layers, **options)
+    feats = teacher(torch.randn(2, 3, args.img_size, args.img_size))
     print(
         f"{teacher.kind} teacher: D_t={teacher.dim}, {teacher.depth} blocks, grid "
         f"{teacher.grid}x{teacher.grid}, patch {teacher.patch_size}, "
@@ -378,6 +433,18 @@ def main(argv=None):
     )
     for i, h in zip(teacher.layers, feats):
         print(f"block {i}: LN2 output {tuple(h.shape)}")
+
+
+def main(argv=None):
+    parser = ArgumentParser(description="Load a TGR teacher, print its feature shapes.")
+    parser.add_argument("source", help="checkpoint path or torchvision:vit_b_16")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 10, 12])
+    parser.add_argument("--img-size", type=int, default=224, help="the student's image size")
+    parser.add_argument("--patch-size", type=int, default=16, help="the student's patch size")
+    parser.add_argument("--teacher-dtype", "--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--teacher-random", action="store_true", help="random torchvision ok")
+    parser.add_argument("--teacher-resample", action="store_true", help="resample grid/images")
+    run_cli(show_teacher, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ p is the student router's clean softmax, p_t = softmax(R_t(h_t)) the teacher rou
 frozen teacher's layer-aligned features h_t. Both go into one backward: the KL detaches p_t
 and L_teacher reaches only R_t. After `--distill-until` (fraction of the epochs; 0.5, the
 paper's best "first half", or `adaptive`) teacher and routers are deleted and never run
-again, so the rest of the run costs what V-MoE costs.
+again, so the rest of the run costs what V-MoE costs (`switch_due` decides, `switch_off`
+performs it).
 Other methods: dense; vmoe (importance + load, 0.005 each, summed over layers as V-MoE);
 expert-choice; softmoe; stablemoe (V-MoE, router frozen at the same switch); zloss (+1e-3
 z-loss); teacher-route (sec. 5.3: R_t routes, trained by L_task + λ_load Σ(importance +
@@ -32,72 +33,79 @@ Decisions where the papers are silent
   reach it only through g too). It stays inside autograd, so DDP averages it like
   any gradient (a separate autograd.grad would need an all-reduce of its own).
 * The teacher routers sit outside the DDP-wrapped student: their gradients are averaged by hand.
-* Fixed schedule: distil while epoch < round(F·epochs). `adaptive`: after each epoch a streak
-  grows if every MoE layer's adjacent-epoch consistency is >= `--switch-consistency` (else it
-  resets); at `--switch-patience` it switches. Epoch 0 compares with the initial routing.
+* Fixed schedule: distil the first ceil(F·epochs) epochs (at least one whenever F > 0),
+  printed at start. `adaptive`: after each epoch a streak grows if every MoE layer's
+  adjacent-epoch consistency is >= `--switch-consistency` (else it resets); at
+  `--switch-patience` it switches. Epoch 0 compares with the initial routing.
+* Every input file (--resume, --finetune, --teacher, --data-path) is opened and checked before
+  any data set is built, any file is written or any step runs, whatever the schedule.
 * Per-step LR: warm-up from `--warmup-lr`, cosine to `--min-lr`; base = lr·batch·world/512.
   No weight decay on biases, norms, pos_embed, cls_token (DeiT). bf16 autocast on CUDA only.
 * The frozen teacher runs under bf16 autocast on CPU and GPU alike (`--teacher-dtype`): on
   this project's CPU a TGR step was 1.4x faster than with an fp32 teacher (train_step.py).
-* Images of <= 64 px get a reflect-padded random crop (CIFAR style), not RandomResizedCrop.
 * Exact resume: every rank's RNG states, the step, the switch state and the probe's last
   assignments are saved; sampler and worker seeds follow (seed, epoch, rank); log.jsonl is
-  cut back to the checkpoint's epoch.
+  cut back to the checkpoint's epoch. Checkpoints also carry `model_args` and `teacher_args`
+  (the `build_model` / `load_teacher` keyword arguments): eval.py needs nothing else.
 * Besides log.jsonl, consistency_final.json holds every epoch's per-layer consistency with the
   last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve.
-* On CPU the process asks glibc to keep freed memory (`keep_freed_memory`): without it the big
-  MoE weight gradients are page-faulted afresh every step.
+* On CPU the process asks glibc to keep freed memory (`moe.keep_freed_memory`): without it the
+  big MoE weight gradients are page-faulted afresh every step.
 * Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` 8 on CUDA, 0 on CPU (where
   workers would take the model's cores). The teacher agreement is logged on training
   batches and, while a teacher runs, on the validation set (`val_teacher_agreement`).
 """
 
 import argparse
-import ctypes
 import datetime
-import itertools
 import json
 import math
 import os
 import random
-import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.transforms import v2
 
-from eval import (
-    evaluate,
-    probe_assignments,
-    probe_images,
-    routing_consistency,
-    teacher_agreement,
-)
+from data import DATASETS, build_dataset, build_loader, build_mixup, check_data_path
+from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
 from losses import importance_loss, load_loss, routing_kl, z_loss
-from moe import METHODS, MODELS, build_model, upcycle
-from teacher import TeacherError, TeacherRouter, load_teacher, teacher_objective
+from moe import METHODS, MODELS, build_model, keep_freed_memory, model_args_from_flags, upcycle
+from router import check_routing
+from teacher import (
+    ArgumentParser,
+    build_teacher_routers,
+    load_teacher,
+    read_checkpoint,
+    run_cli,
+    teacher_args_from_flags,
+    teacher_objective,
+    teacher_route,
+)
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "pets", "imagenet", "folder")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DeiT
 
-
-class TrainError(Exception):
-    """A user mistake: the CLI prints this one line (`error: ...`) and exits with status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error (SPEC sec. 10)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+class TrainError(ValueError):
+    """A user mistake: `teacher.run_cli` prints this one line (`error: ...`), exit status 2."""
 
 
 # ============================================================================ arguments
+def distill_until(text):
+    """--distill-until, parsed once: a fraction F in [0, 1] of the epochs, or "adaptive"."""
+    if text == "adaptive":
+        return text
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 1:
+        raise argparse.ArgumentTypeError(f"--distill-until {text!r}: give a fraction or adaptive")
+    return fraction
+
+
 def get_args_parser(add_help=True):
     parser = ArgumentParser("tgr-moe training (DeiT flags + MoE + TGR)", add_help=add_help)
 
@@ -128,7 +136,8 @@ def get_args_parser(add_help=True):
     add(g, "--distill-coef", type=float, default=5.0, help="λ_distill")
     add(g, "--teacher-load-coef", type=float, default=0.005, help="λ_load (teacher router)")
     add(g, "--teacher-ent-coef", type=float, default=0.005, help="λ_ent (teacher router)")
-    add(g, "--distill-until", default="0.5", help="fraction of epochs to distil, or adaptive")
+    add(g, "--distill-until", type=distill_until, default=0.5,
+        help="fraction F of the epochs to distil (ceil(F·epochs) epochs), or adaptive")  # fmt: skip
     add(g, "--switch-consistency", type=float, default=0.8, help="adaptive switch threshold")
     add(g, "--switch-patience", type=int, default=2, help="adaptive: epochs above threshold")
     add(g, "--router-grad", default="task", choices=["task", "distill-only"], help="tgr router")
@@ -160,7 +169,7 @@ def get_args_parser(add_help=True):
     add(g, "--compile", action="store_true", help="torch.compile the student")
 
     g = parser.add_argument_group("data")
-    add(g, "--data", "--data-set", default="synthetic", choices=DATASETS)
+    add(g, "--data", "--data-set", default="synthetic", choices=DATASETS, help="data set")
     add(g, "--data-path", default="data", help="data root (ImageFolder: train/ and val/)")
     add(g, "--nb-classes", type=int, default=None, help="classes of the synthetic set")
     add(g, "--synthetic-train-size", type=int, default=10000)
@@ -181,16 +190,10 @@ def get_args_parser(add_help=True):
 
 def check_args(args):
     """Turn impossible settings into one readable line each (SPEC sec. 10)."""
-    moe = METHODS[args.method] is not None
-    if moe and args.topk > args.experts:
-        raise TrainError(f"--topk {args.topk} exceeds --experts {args.experts}")
-    if args.capacity_factor <= 0 or (args.eval_capacity_factor or 1) <= 0:
-        raise TrainError("capacity factor must be > 0 (capacity < 1 token per expert)")
+    if METHODS[args.method] in ("top-k", "expert-choice"):  # router.py owns these rules
+        check_routing(args.experts, args.topk, args.capacity_factor, args.eval_capacity_factor)
     if args.method in ("tgr", "teacher-route") and not args.teacher:
         raise TrainError(f"--method {args.method} needs --teacher (e.g. runs/micro-dense/...pt)")
-    fraction = args.distill_until.replace(".", "", 1).isdigit() and float(args.distill_until) <= 1
-    if args.distill_until != "adaptive" and not fraction:
-        raise TrainError(f"--distill-until {args.distill_until!r}: give a fraction or adaptive")
     for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
@@ -203,166 +206,144 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-# ============================================================================ data
-class SyntheticImages(torch.utils.data.Dataset):
-    """Generated images: each class is a pair of *part types* from a shared pool.
+# ============================================================================ distributed
+def init_distributed(args):
+    """(rank, world size, device): torchrun is detected from the RANK environment variable."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(args.device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = args.device.startswith("cuda")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
 
-    A part type is a shape (disc, square, ring, cross, stripes, diamond) in a colour; an image
-    of class c draws each of its two parts 1-2 times at random places and sizes on a noisy
-    background. Parts are shared between classes, so tokens fall into a few visual kinds that
-    experts can specialise on, while the class needs the pair. Image i of a split is a pure
-    function of (seed, split, i): any size and class count, no files, identical everywhere.
+
+def wrap(model, args, world, device):
+    """DDP (rebuilt when the set of trainable parameters changes) and optional compile."""
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None  # CPU (gloo): no device ids
+        model = DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if args.compile else model
+
+
+# ============================================================================ the schedule
+@dataclass
+class Switch:
+    """The distillation switch: has it happened, at which epoch, why; the adaptive streak."""
+
+    done: bool = False
+    epoch: int = 0
+    reason: str = ""
+    streak: int = 0
+
+
+def distill_epochs(args):
+    """Epochs 0 .. n-1 distil: n = ceil(F · epochs), None for the adaptive rule."""
+    if args.distill_until == "adaptive":
+        return None
+    return math.ceil(round(args.distill_until * args.epochs, 6))  # round: 0.3·10 is 3.0000…04
+
+
+def describe_schedule(args):
+    """The one line printed at start, e.g. "distilling epochs 0–149 of 300"."""
+    n, what = distill_epochs(args), "distilling"
+    if args.method == "stablemoe":  # stage 1 learns the router, stage 2 freezes it
+        what = "router learning (frozen after)"
+    if n is None:
+        return f"{what} until the adaptive switch (--switch-consistency {args.switch_consistency})"
+    return f"{what} epochs 0–{n - 1} of {args.epochs}" if n else f"{what}: no epoch"
+
+
+def switch_due(args, switch, epoch, consistency):
+    """(switch now?, why): the fixed fraction, or the adaptive consistency rule."""
+    n = distill_epochs(args)
+    if n is not None:
+        return epoch + 1 >= n, f"--distill-until {args.distill_until} of {args.epochs} epochs"
+    # adaptive: every MoE layer's adjacent-epoch consistency above the threshold, `patience` times
+    switch.streak = switch.streak + 1 if min(consistency) >= args.switch_consistency else 0
+    last = [round(c, 3) for c in consistency]
+    why = f"adaptive: consistency_prev >= {args.switch_consistency} in every MoE layer"
+    return switch.streak >= args.switch_patience, f"{why} for {switch.streak} epoch(s), last {last}"
+
+
+def decide_switch(args, switch, epoch, consistency, world, device):
+    """The one decision, taken on rank 0 and broadcast: every rank must take the same branch."""
+    last_epoch = epoch + 1 == args.epochs  # nothing left to switch to
+    if args.method not in ("tgr", "stablemoe") or switch.done or last_epoch:
+        return False, ""
+    due, why = switch_due(args, switch, epoch, consistency)
+    if world > 1:
+        flag = torch.tensor([float(due)], device=device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return due, why
+
+
+def freeze_routers(model):
+    """StableMoE stage 2: the student's routers stop learning (requires_grad False)."""
+    for i in model.moe_layers:
+        model.blocks[i - 1].mlp.router.requires_grad_(False)
+
+
+def switch_off(args, model, optimizer, routers):
+    """Perform the switch. tgr: returns the teacher routers' final weights (CPU, for eval.py
+    --route teacher) and removes their optimizer group, found by its name, with its state;
+    the caller then drops teacher and routers. stablemoe: freezes the student's routers."""
+    if args.method == "stablemoe":
+        freeze_routers(model)
+        return None
+    group = next(g for g in optimizer.param_groups if g.get("name") == "teacher_router")
+    for p in group["params"]:
+        optimizer.state.pop(p, None)
+    optimizer.param_groups.remove(group)
+    return {k: v.cpu() for k, v in routers.state_dict().items()}
+
+
+# ============================================================================ inputs and model
+def read_inputs(args, out):
+    """Open and check every input file before anything else runs (SPEC sec. 10).
+
+    Returns (resume path, resume checkpoint, --finetune checkpoint, teacher, its
+    `load_teacher` arguments): None where not asked for. The teacher is loaded (and so
+    checked) even where the schedule will not run it, e.g. a resume after the switch: a bad
+    --teacher never passes silently.
     """
-
-    SHAPES = ("disc", "square", "ring", "cross", "stripes", "diamond")
-
-    def __init__(self, size, num_classes, img_size, split="train", *, seed=0, transform=None):
-        self.size, self.num_classes, self.img_size = size, num_classes, img_size
-        self.transform = transform
-        self.seed = 2 * seed + (split != "train")
-        parts = 4  # P part types with P(P-1)/2 >= classes
-        while parts * (parts - 1) // 2 < num_classes:
-            parts += 1
-        g = torch.Generator().manual_seed(seed)
-        pairs = list(itertools.combinations(range(parts), 2))
-        self.pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:num_classes]]
-        hue = (torch.arange(parts) * 0.618034) % 1.0  # golden-ratio hues: well spread
-        # fully saturated colour of that hue: the HSV -> RGB formula with S = V = 1
-        rgb = (((hue[:, None] * 6 + torch.tensor([0.0, 4.0, 2.0])) % 6 - 3).abs() - 1).clamp(0, 1)
-        self.colours = 0.1 + 0.9 * rgb  # (P, 3)
-        ys, xs = torch.meshgrid(torch.arange(img_size), torch.arange(img_size), indexing="ij")
-        self.yx = torch.stack([ys, xs]).float() + 0.5  # (2, S, S) pixel centres
-
-    def __len__(self):
-        return self.size
-
-    def _mask(self, kind, dy, dx, r):
-        a, b, d = dy.abs(), dx.abs(), (dy**2 + dx**2).sqrt()
-        box = torch.maximum(a, b)
-        return {
-            "disc": d <= r,
-            "square": box <= 0.8 * r,
-            "ring": (d <= r) & (d >= 0.55 * r),
-            "cross": (torch.minimum(a, b) <= 0.3 * r) & (box <= r),
-            "stripes": (box <= 0.85 * r) & (((dx + r) / (0.35 * r)).floor() % 2 == 0),
-            "diamond": a + b <= r,
-        }[kind]
-
-    def __getitem__(self, index):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
-        S, label = self.img_size, index % self.num_classes
-        img = 0.25 + 0.25 * rand(3, 1, 1) + 0.08 * torch.randn(3, S, S, generator=g)  # (3, S, S)
-        for part in self.pairs[label]:
-            for _ in range(1 + int(rand(1) < 0.5)):
-                r = S * (0.12 + 0.1 * float(rand(1)))
-                cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
-                mask = self._mask(self.SHAPES[part % 6], self.yx[0] - cy, self.yx[1] - cx, r)
-                colour = self.colours[part] * (0.8 + 0.4 * float(rand(1)))  # (3,)
-                img = torch.where(mask, colour[:, None, None], img)  # (3, S, S)
-        img = (img + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)  # (3, S, S)
-        img = torchvision.tv_tensors.Image((img * 255).round().to(torch.uint8))  # (3, S, S)
-        return (self.transform(img) if self.transform else img), label
+    resume = args.resume
+    if resume == "auto":
+        resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else ""
+    ckpt = read_checkpoint(resume, "--resume") if resume else None
+    pre = read_checkpoint(args.finetune, "--finetune") if args.finetune else None
+    teacher = t_args = None
+    if args.method in ("tgr", "teacher-route"):
+        t_args = teacher_args_from_flags(args, args.moe_layers or MODELS[args.model]["moe_layers"])
+        teacher = load_teacher(**t_args)
+    check_data_path(args)
+    return resume, ckpt, pre, teacher, t_args
 
 
-def build_transform(args, train):
-    """DeiT's train / eval pipelines on uint8 images, in torchvision.transforms.v2."""
-    S, small = args.img_size, args.img_size <= 64
-    t = [v2.ToImage()]
-    if train and args.crop_flip:
-        if small:  # CIFAR-style: keep the whole small image, shift it a little
-            t += [v2.Resize((S, S)), v2.RandomCrop(S, padding=S // 8, padding_mode="reflect")]
-        else:
-            t += [v2.RandomResizedCrop(S, interpolation=v2.InterpolationMode.BICUBIC)]
-        t += [v2.RandomHorizontalFlip()]
-    elif small:
-        t += [v2.Resize((S, S))]
-    else:  # DeiT eval: resize to S/0.875, centre crop S
-        t += [v2.Resize(int(S / 0.875), interpolation=v2.InterpolationMode.BICUBIC)]
-        t += [v2.CenterCrop(S)]
-    if train and args.randaug_n > 0:
-        t += [v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m)]
-    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-    return v2.Compose(t)
+def build_student(args, num_classes):
+    """The student ViT of --model/--method (`model.model_args` rebuilds it)."""
+    return build_model(**model_args_from_flags(args, num_classes))
 
 
-def build_datasets(args, with_train=True):
-    """(train set, val set, number of classes) for --data.
-
-    with_train=False returns None for the train set without touching it (eval.py: no scan of
-    ImageNet's 1.28M training files, no download of a training split).
-    """
-    root, name = Path(args.data_path), args.data
-    tr, ev = build_transform(args, True), build_transform(args, False)
-    if name == "synthetic":
-        C, kw = args.nb_classes or 10, dict(seed=args.synthetic_seed)
-        train = SyntheticImages(args.synthetic_train_size, C, args.img_size, transform=tr, **kw)
-        val = SyntheticImages(args.synthetic_val_size, C, args.img_size, "val", transform=ev, **kw)
-        return (train if with_train else None), val, C
-    if name in ("imagenet", "folder"):
-        for split in ("train", "val") if with_train else ("val",):
-            if not (root / split).is_dir():
-                raise TrainError(f"--data-path {root}: no {split}/CLASS/*.jpg folders found")
-        train = torchvision.datasets.ImageFolder(root / "train", tr) if with_train else None
-        val = torchvision.datasets.ImageFolder(root / "val", ev)
-        return train, val, len((train or val).classes)
-    sets = torchvision.datasets
-    cls, C = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}.get(name) or (
-        sets.OxfordIIITPet, 37)  # fmt: skip
-
-    def split(train, transform):
-        kw = {"train": train} if name != "pets" else {"split": "trainval" if train else "test"}
-        try:
-            return cls(root, transform=transform, download=False, **kw)
-        except RuntimeError:  # not there yet: fetch it (needs the network)
-            try:
-                return cls(root, transform=transform, download=True, **kw)
-            except Exception as err:
-                why = f"not in --data-path {root} and the download failed ({type(err).__name__})"
-                raise TrainError(f"{name}: {why}") from None
-
-    return (split(True, tr) if with_train else None), split(False, ev), C
+def build_teacher(args, model, device, world, teacher=None):
+    """The frozen teacher and one TeacherRouter per MoE layer (identical on every rank)."""
+    if teacher is None:
+        teacher = load_teacher(**teacher_args_from_flags(args, model.moe_layers))
+    routers = build_teacher_routers(teacher, args.experts).to(device)
+    if world > 1:  # rank 0's initial routers everywhere (DDP does the same for the student)
+        for p in routers.parameters():
+            dist.broadcast(p.data, 0)
+    return teacher.to(device), routers
 
 
-# ============================================================================ checkpoints
-def save_checkpoint(path, state):
-    """torch.save to PATH.tmp, then rename: a kill mid-save leaves the last good file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_checkpoint(path, what):
-    if not Path(path).is_file():
-        raise TrainError(f"{what} {path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        why = f"cannot read it ({type(err).__name__}): truncated? Use an earlier one"
-        raise TrainError(f"{what} {path}: {why}") from None
-
-
-def rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-
-
-def load_pretrained(model, path, probe):
+def load_pretrained(model, sd, path, probe):
     """--finetune: pre-trained weights in, head dropped if the classes differ.
 
     Returns the pre-trained model's probe routing (to log consistency against) or None.
     """
-    sd = read_checkpoint(path, "--finetune")
     pre_args, sd = sd.get("args") or {}, sd.get("model", sd)
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and v.shape != own[k].shape)}
@@ -377,37 +358,30 @@ def load_pretrained(model, path, probe):
     return probe_assignments(model, probe) if model.moe_layers else None
 
 
-def build_student(args, num_classes):
-    """The student ViT of --model/--method; bad combinations become one TrainError line."""
-    a, opts = args, {}
-    if METHODS[a.method] == "top-k":
-        opts = dict(capacity_factor=a.capacity_factor, noise_std=a.noise_std,
-                    group_size=a.moe_group_size, batch_priority=a.batch_priority,
-                    eval_capacity_factor=a.eval_capacity_factor)  # fmt: skip
-    try:
-        return build_model(a.model, a.method, num_classes, a.img_size, a.patch_size, a.experts,
-                           a.topk, a.moe_layers, drop_path_rate=a.drop_path, **opts)  # fmt: skip
-    except ValueError as err:
-        raise TrainError(str(err)) from None
+def build_optimizer(model, routers, args, cuda):
+    """AdamW (DeiT): no weight decay on biases, norms, pos_embed and cls_token; the teacher
+    routers, while they train, in a group named "teacher_router" (`switch_off` removes it)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        flat = p.ndim <= 1 or name.endswith((".b1", ".b2")) or name in ("pos_embed", "cls_token")
+        (no_decay if flat else decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if routers is not None:
+        groups.append({"params": list(routers.parameters()), "name": "teacher_router"})
+    fast = {"fused": True} if cuda else {"foreach": True}  # one kernel over all the experts
+    return torch.optim.AdamW(groups, betas=tuple(args.opt_betas), eps=args.opt_eps,
+                             weight_decay=args.weight_decay, **fast)  # fmt: skip
 
 
-def build_teacher(args, model, device, world):
-    """The frozen teacher and one TeacherRouter per MoE layer (identical on every rank)."""
-    layers = args.teacher_layers or list(model.moe_layers)
-    if len(layers) != len(model.moe_layers):
-        raise TrainError(
-            f"--teacher-layers: {len(layers)} blocks for {len(model.moe_layers)} MoE layers"
-        )
-    teacher = load_teacher(args.teacher, layers, dtype=args.teacher_dtype or "bf16",
-                           random_ok=args.teacher_random, resample=args.teacher_resample,
-                           student_grid=model.grid)  # fmt: skip
-    teacher.to(device)
-    routers = torch.nn.ModuleList(TeacherRouter(teacher.dim, args.experts) for _ in layers)
-    routers.to(device)
-    if world > 1:  # rank 0's initial routers everywhere (DDP does the same for the student)
-        for p in routers.parameters():
-            dist.broadcast(p.data, 0)
-    return teacher, routers
+def lr_at(step, args, steps_per_epoch):
+    """Linear warm-up from --warmup-lr, then cosine to --min-lr (per step)."""
+    # lr(s) = warmup_lr + (base − warmup_lr)·s/W  for s < W, else
+    # lr(s) = min_lr + ½(base − min_lr)(1 + cos(π (s − W)/(total − W)))
+    warm, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    if step < warm:
+        return args.warmup_lr + (args.base_lr - args.warmup_lr) * step / warm
+    progress = (step - warm) / max(1, total - warm)
+    return args.min_lr + 0.5 * (args.base_lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ============================================================================ one step
@@ -416,20 +390,18 @@ def compute_losses(model, images, targets, args, teacher, routers):
 
     Returns (student loss, teacher-router loss or 0, {part: detached value}).
     """
-    parts, t_logits = {}, None
-    if teacher is not None:
-        feats = teacher(images)  # frozen backbone, runs under no_grad: list of (B, N, D_t)
-        t_logits = [R(h) for R, h in zip(routers, feats)]  # (B, N, E) each, trainable routers
+    parts = {}
+    # (B, N, E) per MoE layer: the trainable routers on the frozen (no_grad) teacher features
+    t_logits = teacher_route(teacher, routers)(images) if teacher is not None else None
     route = t_logits if args.method == "teacher-route" else None
     logits, routings = model(images, route=route)  # (B, classes), one Routing per MoE layer
     loss = parts["task"] = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
     if args.student_balance_coef > 0 and METHODS[args.method] == "top-k":
         # V-MoE: L_aux = Σ_i λ·(L_imp + L_load); in teacher-route the record's logits are R_t's
         parts["importance"] = sum(importance_loss(r.probs) for r in routings)
-        parts["load"] = sum(
-            load_loss(r.logits, r.noisy_logits if r.noise_std else r.logits, r.noise_std, args.topk)
-            for r in routings
-        )
+        noisy = lambda r: r.noisy_logits if r.logit_noise_std else r.logits  # noqa: E731
+        parts["load"] = sum(load_loss(r.logits, noisy(r), r.logit_noise_std, args.topk)
+                            for r in routings)  # fmt: skip
         loss = loss + args.student_balance_coef * (parts["importance"] + parts["load"])
     if args.method == "zloss":
         parts["zloss"] = sum(z_loss(r.logits) for r in routings)  # L_z = mean_t logsumexp²
@@ -455,51 +427,158 @@ def compute_losses(model, images, targets, args, teacher, routers):
     return loss, teacher_loss, {k: v.detach().float() for k, v in parts.items()}
 
 
-def keep_freed_memory():
-    """CPU, glibc: serve big tensors from the heap and keep freed memory for the next step.
+def average_router_grads(routers, world):
+    """The teacher routers are not inside the DDP-wrapped student, so DDP never averages their
+    gradients: without this every rank's router would follow its own shard of the data and the
+    ranks would distil toward different targets."""
+    for p in routers.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
-    glibc gives every allocation above 32 MiB fresh mmap pages and unmaps them on free, so
-    such a tensor costs page faults (the kernel zeroes every page) on every step. MoE layers
-    make them: at E=128 the weight gradients (E, D, H) of one Tiny layer are 75 MB each, and
-    this alone made the layer ~25% slower (benchmarks/moe_layer.py --glibc-default).
-    jemalloc / tcmalloc behave like this setting. Returns False where mallopt is missing.
+
+def train_one_epoch(model, teacher, routers, optimizer, loader, mix, args, epoch, step, out,
+                    world):  # fmt: skip
+    """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
+
+    sums: every loss part summed over the epoch's steps (this rank's), for `epoch_means`.
     """
+    device, steps = next(model.parameters()).device, len(loader)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    sums, seen, t0 = {}, 0, time.time()
+    for it, (images, targets) in enumerate(loader):
+        lr = lr_at(step, args, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True)  # (B, 3, S, S)
+        targets = targets.to(device, non_blocking=True)  # (B,)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
+        if mix is not None:
+            images, targets = mix(images, targets)  # targets: (B, classes) soft labels
+        with torch.autocast(**amp):  # bf16 on GPU only
+            loss, teacher_loss, parts = compute_losses(model, images, targets, args, teacher,
+                                                       routers)  # fmt: skip
+        total = loss + teacher_loss
+        if not math.isfinite(value := total.item()):
+            kept = f"the last good checkpoint is {out / 'checkpoint.pt'}"
+            raise TrainError(f"loss is {value} at step {step} (epoch {epoch}); {kept}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if routers is not None and world > 1:
+            average_router_grads(routers, world)
+        if args.clip_grad:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        optimizer.step()
+        step, seen = step + 1, seen + images.shape[0] * world
+        for k, v in {"loss": total.detach().float(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
+            elapsed = time.time() - t0
+            eta = datetime.timedelta(seconds=round(elapsed * (steps / (it + 1) - 1)))
+            shown = " ".join(f"{k} {float(v) / (it + 1):.4f}" for k, v in sums.items())
+            print0(f"epoch {epoch} [{it + 1}/{steps}] {shown} lr {lr:.2e} "
+                   f"{seen / elapsed:.0f} img/s eta {eta}")  # fmt: skip
+    return step, sums, seen, lr
+
+
+# ============================================================================ checkpoints
+def save_checkpoint(path, state):
+    """torch.save to PATH.tmp, then rename: a kill mid-save leaves the last good file intact."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): leave the allocator alone
-        return False
-    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = 2 GiB: keep the freed heap
-    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def lr_at(step, args, steps_per_epoch):
-    """Linear warm-up from --warmup-lr, then cosine to --min-lr (per step)."""
-    # lr(s) = warmup_lr + (base − warmup_lr)·s/W  for s < W, else
-    # lr(s) = min_lr + ½(base − min_lr)(1 + cos(π (s − W)/(total − W)))
-    warm, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-    if step < warm:
-        return args.warmup_lr + (args.base_lr - args.warmup_lr) * step / warm
-    progress = (step - warm) / max(1, total - warm)
-    return args.min_lr + 0.5 * (args.base_lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def load_weights(model, state_dict, what):
+    """load_state_dict, strict, with the last line of torch's message as the one error line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        msg = str(err).splitlines()[-1].strip()
+        raise TrainError(f"{what} does not fit this model: {msg}") from None
+
+
+def restore(ckpt, resume, optimizer, out, rank, world):
+    """--resume: optimizer, RNG, log.jsonl cut back; returns (start epoch, step, last probe)."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as err:  # another --method (e.g. one with teacher routers)
+        raise TrainError(f"--resume {resume}: optimizer state does not fit ({err})") from None
+    set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
+    if rank == 0 and (out / "log.jsonl").is_file():  # drop epochs the checkpoint lacks
+        lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if json.loads(ln)["epoch"] <= ckpt["epoch"]]
+        (out / "log.jsonl").write_text("".join(kept))
+    print0(f"resumed from {resume} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["probe_prev"]
+
+
+def save_epoch(out, state, record, assign, probe_history):
+    """Rank 0, end of an epoch: log line, checkpoint, and the consistency-with-final file."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    save_checkpoint(out / "checkpoint.pt", state)
+    if assign:  # consistency with the final routing (TGR Fig. 1), rewritten each epoch
+        probe_history[record["epoch"]] = [a.to(torch.uint8) for a in assign]  # E <= 256
+        save_checkpoint(out / "probe_routing.pt", probe_history)
+        last = probe_history[record["epoch"]]
+        final = [[routing_consistency(a, b) for a, b in zip(h, last)]
+                 for h in probe_history.values()]  # fmt: skip
+        (out / "consistency_final.json").write_text(json.dumps(final))
+
+
+# ============================================================================ epoch metrics
+def epoch_means(sums, world, steps, device):
+    """Every logged loss part averaged over the epoch's steps and all ranks."""
+    means = torch.stack([torch.as_tensor(v, device=device) for v in sums.values()])
+    if world > 1:
+        dist.all_reduce(means)
+    return dict(zip(sums, (means / (world * steps)).tolist()))
+
+
+def validate(args, model, val_loader, device, route):
+    """The epoch's validation: accuracy and routing metrics (teacher-route: also student's)."""
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
+    val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, teacher=route,
+                   route_by_teacher=by_teacher)  # fmt: skip
+    record = {"val_top1": val["top1"], "val_top5": val.get("top5"),
+              "moe_layers": list(model.moe_layers)}  # fmt: skip
+    record.update({k: val.get(k) for k in ("routing_entropy", "utilisation", "dropped_frac")})
+    record["val_teacher_agreement"] = val.get("teacher_agreement")  # while a teacher runs
+    if by_teacher:  # the upper bound vs routing by the student's own router
+        record["val_top1_student_route"] = evaluate(model, val_loader, device,
+                                                    amp_dtype=amp_dtype)["top1"]  # fmt: skip
+    return record
 
 
 # ============================================================================ main
 def main(args):
-    """Train; returns {"model": the unwrapped student, "routers", "history": epoch records}."""
+    """Train; returns {"model": the unwrapped student, "routers", "history", "args"}."""
     check_args(args)
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
     args.output_dir = args.output_dir or f"runs/{args.model}-{args.method}"
-    # ------------------------------------------------------------------ distributed init
-    if "RANK" in os.environ:  # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        cuda = args.device.startswith("cuda")
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        rank, world, device = 0, 1, torch.device(args.device)
+    rank, world, device = init_distributed(args)
+    if args.num_workers is None:
+        args.num_workers = 8 if device.type == "cuda" else 0
     if device.type == "cpu":
         keep_freed_memory()  # big per-step tensors reuse memory instead of fresh pages
     try:
@@ -510,101 +589,70 @@ def main(args):
 
 
 def train(args, rank, world, device):
+    out, cuda = Path(args.output_dir), device.type == "cuda"
+    resume, ckpt, pretrained, teacher, t_args = read_inputs(args, out)  # checked first
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
-    out, cuda = Path(args.output_dir), device.type == "cuda"
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)  # bf16 on GPU only
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
 
     # ------------------------------------------------------------------ data
-    train_set, val_set, num_classes = build_datasets(args)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    train_set, num_classes = build_dataset(True, args)
+    val_set, _ = build_dataset(False, args)
     loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds follow (seed, epoch)
-    workers = args.num_workers if args.num_workers is not None else (8 if cuda else 0)
-    kw = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and cuda)
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, generator=loader_rng,
-                              **kw)  # fmt: skip
-    val_sampler = DistributedSampler(val_set, world, rank, shuffle=False)
-    val_loader = DataLoader(val_set, sampler=val_sampler, generator=torch.Generator(), **kw)
+    pin = args.pin_mem and cuda
+    train_loader = build_loader(train_set, True, args, rank=rank, world=world,
+                                generator=loader_rng, pin_memory=pin)  # fmt: skip
+    val_loader = build_loader(val_set, False, args, rank=rank, world=world, pin_memory=pin)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainError(f"{len(train_set)} training images < one batch of {args.batch_size}")
-    mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
-    mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
-    mix = v2.RandomChoice(mixes) if mixes else None  # MixUp or CutMix per batch, as DeiT
+    mix = build_mixup(args, num_classes)  # MixUp or CutMix per batch, or None
     # (P, 3, S, S) fixed validation images whose routing we follow over epochs
     probe = probe_images(val_set, args.probe_size).to(device)
 
     # ------------------------------------------------------------------ model and teacher
     model = build_student(args, num_classes).to(device)
-    resume = args.resume
-    if resume == "auto":
-        resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else ""
-    ckpt = read_checkpoint(resume, "--resume") if resume else None
     ref_assign = None  # --finetune: the pre-trained model's routing of the probe set
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            msg = str(err).splitlines()[-1].strip()
-            raise TrainError(f"--resume {resume} does not fit this model: {msg}") from None
+        load_weights(model, ckpt["model"], f"--resume {resume}")
         ref_assign = ckpt["ref_assign"]
-    elif args.finetune:
-        ref_assign = load_pretrained(model, args.finetune, probe)
-    schedule = args.distill_until
-    distill_epochs = None if schedule == "adaptive" else round(float(schedule) * args.epochs)
-    sw = {"done": distill_epochs == 0, "epoch": 0, "reason": "--distill-until 0", "streak": 0}
-    sw = ckpt["switch"] if ckpt else sw  # the switch state: has it happened, when, why
-    if args.method == "stablemoe" and sw["done"]:
+    elif pretrained is not None:
+        ref_assign = load_pretrained(model, pretrained, args.finetune, probe)
+    default = Switch(done=distill_epochs(args) == 0, reason="--distill-until 0")
+    switch = Switch(**ckpt["switch"]) if ckpt else default  # done? when? why?
+    if args.method == "stablemoe" and switch.done:
         freeze_routers(model)
-    teacher = routers = teacher_route = None
+    if args.method in ("tgr", "stablemoe"):
+        print0(describe_schedule(args))
+    routers = route = None
     # after the switch the last teacher router is kept (CPU, frozen) for eval.py --route teacher
     router_state = ckpt.get("teacher_router") if ckpt else None
-    if args.method == "teacher-route" or (args.method == "tgr" and not sw["done"]):
-        teacher, routers = build_teacher(args, model, device, world)
+    if args.method == "teacher-route" or (args.method == "tgr" and not switch.done):
+        teacher, routers = build_teacher(args, model, device, world, teacher)
         if ckpt is not None:
             routers.load_state_dict(ckpt["teacher_router"])
-        teacher_route = lambda x: [R(h) for R, h in zip(routers, teacher(x))]  # noqa: E731
+        route = teacher_route(teacher, routers)
+    else:
+        teacher = None  # checked above; not needed by the rest of this run
     model_without_ddp = model  # checkpoints hold these weights: no module./_orig_mod. prefixes
     model = wrap(model_without_ddp, args, world, device)
 
     # ------------------------------------------------------------------ optimizer
     args.base_lr = args.lr * args.batch_size * world / 512  # DeiT's linear scaling rule
-    decay, no_decay = [], []
-    for name, p in model_without_ddp.named_parameters():
-        flat = p.ndim <= 1 or name.endswith((".b1", ".b2")) or name in ("pos_embed", "cls_token")
-        (no_decay if flat else decay).append(p)  # no weight decay on biases, norms, embeddings
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if routers is not None:
-        groups.append({"params": list(routers.parameters()), "name": "teacher_router"})
-    fast = {"fused": True} if cuda else {"foreach": True}  # one kernel over all the experts
-    optimizer = torch.optim.AdamW(groups, betas=tuple(args.opt_betas), eps=args.opt_eps,
-                                  weight_decay=args.weight_decay, **fast)  # fmt: skip
-    start_epoch, step, prev_assign = 0, 0, None
+    optimizer = build_optimizer(model_without_ddp, routers, args, cuda)
+    start_epoch, step, prev_assign, probe_history = 0, 0, None, {}
     if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as err:  # another --method (e.g. one with teacher routers)
-            raise TrainError(f"--resume {resume}: optimizer state does not fit ({err})") from None
-        start_epoch, step, prev_assign = ckpt["epoch"] + 1, ckpt["step"], ckpt["probe_prev"]
-        set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
-        if rank == 0 and (out / "log.jsonl").is_file():  # drop epochs the checkpoint lacks
-            lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
-            kept = [ln for ln in lines if json.loads(ln)["epoch"] <= ckpt["epoch"]]
-            (out / "log.jsonl").write_text("".join(kept))
-        print0(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+        start_epoch, step, prev_assign = restore(ckpt, resume, optimizer, out, rank, world)
+        if (out / "probe_routing.pt").is_file():  # every epoch's probe routing, for the final plot
+            history = torch.load(out / "probe_routing.pt", weights_only=True)
+            probe_history = {e: a for e, a in history.items() if e < start_epoch}
     elif rank == 0:
         (out / "log.jsonl").unlink(missing_ok=True)
-    routing_file = out / "probe_routing.pt"  # every epoch's probe routing, for the final plot
-    probe_history = (
-        torch.load(routing_file, weights_only=True) if ckpt and routing_file.is_file() else {}
-    )
-    probe_history = {e: a for e, a in probe_history.items() if e < start_epoch}
     if prev_assign is None:  # routing at initialisation: epoch 0's "previous epoch"
         prev_assign = probe_assignments(model_without_ddp, probe)
-    del ckpt
+    del ckpt, pretrained
     params = sum(p.numel() for p in model_without_ddp.parameters()) / 1e6
     print0(f"{args.model} {args.method}: {params:.2f}M params, {len(train_set)} images, "
            f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch")  # fmt: skip
@@ -612,105 +660,44 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ loop
     history = []
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
         loader_rng.manual_seed(args.seed * 100_003 + epoch * 101 + rank)
-        model.train()
-        distilling = teacher is not None
-        sums, seen, t0 = {}, 0, time.time()
-        for it, (images, targets) in enumerate(train_loader):
-            lr = lr_at(step, args, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True)  # (B, 3, S, S)
-            targets = targets.to(device, non_blocking=True)  # (B,)
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
-            if mix is not None:
-                images, targets = mix(images, targets)  # targets: (B, classes) soft labels
-            with torch.autocast(**amp):
-                loss, teacher_loss, parts = compute_losses(model, images, targets, args,
-                                                           teacher, routers)  # fmt: skip
-            total = loss + teacher_loss
-            if not math.isfinite(value := total.item()):
-                kept = f"the last good checkpoint is {out / 'checkpoint.pt'}"
-                raise TrainError(f"loss is {value} at step {step} (epoch {epoch}); {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if routers is not None and world > 1:
-                # The teacher routers are not inside the DDP-wrapped student, so DDP never
-                # averages their gradients: without this every rank's router would follow its
-                # own shard of the data and the ranks would distil toward different targets.
-                for p in routers.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            if args.clip_grad:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            optimizer.step()
-            step, seen = step + 1, seen + images.shape[0] * world
-            for k, v in {"loss": total.detach().float(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if (it + 1) % args.print_freq == 0 or it + 1 == steps_per_epoch:
-                elapsed = time.time() - t0
-                eta = datetime.timedelta(seconds=round(elapsed * (steps_per_epoch / (it + 1) - 1)))
-                shown = " ".join(f"{k} {float(v) / (it + 1):.4f}" for k, v in sums.items())
-                print0(f"epoch {epoch} [{it + 1}/{steps_per_epoch}] {shown} lr {lr:.2e} "
-                       f"{seen / elapsed:.0f} img/s eta {eta}")  # fmt: skip
+        distilling, t0 = teacher is not None, time.time()
+        step, sums, seen, lr = train_one_epoch(model, teacher, routers, optimizer, train_loader,
+                                               mix, args, epoch, step, out, world)  # fmt: skip
         train_time = time.time() - t0
-        means = torch.stack([torch.as_tensor(v, device=device) for v in sums.values()])
-        if world > 1:
-            dist.all_reduce(means)
-        means = (means / (world * steps_per_epoch)).tolist()
+        means = epoch_means(sums, world, steps_per_epoch, device)
 
         # -------------------------------------------------------------- metrics and switch
-        by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
-        amp_dtype = torch.bfloat16 if cuda else None
-        val = evaluate(model_without_ddp, val_loader, device, amp_dtype=amp_dtype,
-                       teacher=teacher_route, route_by_teacher=by_teacher)  # fmt: skip
+        val = validate(args, model_without_ddp, val_loader, device, route)
         assign = probe_assignments(model_without_ddp, probe)
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling,
-                  **{f"train_{k}": v for k, v in zip(sums, means)},  # train_loss and its parts
-                  "val_top1": val["top1"], "val_top5": val.get("top5"),
-                  "moe_layers": list(model_without_ddp.moe_layers), "consistency_prev": consistency,
-                  **{k: val.get(k) for k in ("routing_entropy", "utilisation", "dropped_frac")},
-                  "val_teacher_agreement": val.get("teacher_agreement"),  # while a teacher runs
+                  **{f"train_{k}": v for k, v in means.items()},  # train_loss and its parts
+                  **val, "consistency_prev": consistency,
                   "images_per_s": seen / train_time}  # fmt: skip
-        if args.method == "teacher-route":  # the upper bound vs routing by the student's router
-            student_route = evaluate(model_without_ddp, val_loader, device, amp_dtype=amp_dtype)
-            record["val_top1_student_route"] = student_route["top1"]
-        if ref_assign is not None:
-            pairs = zip(assign, ref_assign)  # the same tokens, before and after fine-tuning
+        if ref_assign is not None:  # the same tokens, before and after fine-tuning
+            pairs = zip(assign, ref_assign)
             record["consistency_pretrained"] = [routing_consistency(a, b) for a, b in pairs]
         prev_assign = assign
         if args.method == "stablemoe":  # during this epoch
-            record["router_frozen"] = sw["done"]
-        last_epoch = epoch + 1 == args.epochs  # nothing left to switch to
-        if args.method in ("tgr", "stablemoe") and not sw["done"] and not last_epoch:
-            switch, why = switch_due(args, sw, epoch, distill_epochs, consistency)
-            if world > 1:  # every rank must take the same branch: rank 0 decides
-                flag = torch.tensor([float(switch)], device=device)
-                dist.broadcast(flag, 0)
-                switch = bool(flag.item())
-            if switch:
-                sw.update(done=True, epoch=epoch + 1, reason=why)
-                record["switch"] = {"after_epoch": epoch, "reason": why}
-                print0(f"switch after epoch {epoch}: {why}")
-                if args.method == "tgr":  # free the teacher: the rest of the run is V-MoE
-                    router_state = {k: v.cpu() for k, v in routers.state_dict().items()}
-                    for p in routers.parameters():
-                        optimizer.state.pop(p, None)
-                    optimizer.param_groups.pop()  # the teacher-router group, added last
-                    teacher = routers = teacher_route = None
-                    if cuda:
-                        torch.cuda.empty_cache()
-                else:  # stablemoe: the router is kept as it is and frozen from now on
-                    freeze_routers(model_without_ddp)
-                    model = wrap(model_without_ddp, args, world, device)
+            record["router_frozen"] = switch.done
+        due, why = decide_switch(args, switch, epoch, consistency, world, device)
+        if due:
+            switch = Switch(done=True, epoch=epoch + 1, reason=why, streak=switch.streak)
+            record["switch"] = {"after_epoch": epoch, "reason": why}
+            print0(f"switch after epoch {epoch}: {why}")
+            router_state = switch_off(args, model_without_ddp, optimizer, routers) or router_state
+            if args.method == "tgr":  # free the teacher: the rest of the run is V-MoE
+                teacher = routers = route = None
+                if cuda:
+                    torch.cuda.empty_cache()
+            else:  # stablemoe: the frozen router changes the trainable set, so DDP is rebuilt
+                model = wrap(model_without_ddp, args, world, device)
         record["epoch_time_s"] = time.time() - t0
         history.append(record)
         entropy = [round(e, 3) for e in val.get("routing_entropy") or []]
-        print0(f"epoch {epoch}: val top-1 {val['top1']:.2f}  routing entropy {entropy}  "
+        print0(f"epoch {epoch}: val top-1 {val['val_top1']:.2f}  routing entropy {entropy}  "
                f"consistency {[round(c, 3) for c in consistency]}")  # fmt: skip
 
         # -------------------------------------------------------------- checkpoint
@@ -718,57 +705,19 @@ def train(args, rank, world, device):
         if world > 1:  # every rank's RNG, so that a resumed DDP run continues exactly
             dist.all_gather_object(rngs, rng_state())
         if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": {"step": step, "base_lr": args.base_lr}, "epoch": epoch,
                      "scaler": None, "args": vars(args),  # DeiT's layout, then ours:
                      "teacher_router": router_state if routers is None else routers.state_dict(),
-                     "step": step, "rng": rngs, "switch": sw, "probe_prev": prev_assign,
-                     "ref_assign": ref_assign}  # fmt: skip
-            save_checkpoint(out / "checkpoint.pt", state)
-            if assign:  # consistency with the final routing (TGR Fig. 1), rewritten each epoch
-                probe_history[epoch] = [a.to(torch.uint8) for a in assign]  # E <= 256
-                save_checkpoint(routing_file, probe_history)
-                final = [[routing_consistency(a, b) for a, b in zip(h, probe_history[epoch])]
-                         for h in probe_history.values()]  # fmt: skip
-                (out / "consistency_final.json").write_text(json.dumps(final))
-    return {"model": model_without_ddp, "routers": routers, "history": history}
-
-
-def switch_due(args, sw, epoch, distill_epochs, consistency):
-    """(switch now?, why): the fixed fraction, or the adaptive consistency rule."""
-    if distill_epochs is not None:
-        why = f"--distill-until {args.distill_until} of {args.epochs} epochs"
-        return epoch + 1 >= distill_epochs, why
-    # adaptive: every MoE layer's adjacent-epoch consistency above the threshold, `patience` times
-    sw["streak"] = sw["streak"] + 1 if min(consistency) >= args.switch_consistency else 0
-    last = [round(c, 3) for c in consistency]
-    why = f"adaptive: consistency_prev >= {args.switch_consistency} in every MoE layer"
-    return sw["streak"] >= args.switch_patience, f"{why} for {sw['streak']} epoch(s), last {last}"
-
-
-def freeze_routers(model):
-    """StableMoE stage 2: the student's routers stop learning (requires_grad False)."""
-    for i in model.moe_layers:
-        model.blocks[i - 1].mlp.router.requires_grad_(False)
-
-
-def wrap(model, args, world, device):
-    """DDP (rebuilt when the set of trainable parameters changes) and optional compile."""
-    if world > 1:
-        ids = [device] if device.type == "cuda" else None  # CPU (gloo): no device ids
-        model = DistributedDataParallel(model, device_ids=ids)
-    return torch.compile(model) if args.compile else model
+                     "step": step, "rng": rngs, "switch": asdict(switch), "probe_prev": prev_assign,
+                     "ref_assign": ref_assign, "model_args": model_without_ddp.model_args,
+                     "teacher_args": t_args}  # fmt: skip
+            save_epoch(out, state, record, assign, probe_history)
+    return {"model": model_without_ddp, "routers": routers, "history": history, "args": args}
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (TrainError, TeacherError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

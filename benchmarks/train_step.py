@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from moe import build_model  # noqa: E402
+from moe import build_model, keep_freed_memory  # noqa: E402
 
 
 def step_fn(variant, args, device, teacher_path):
@@ -113,7 +113,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":
-        train.keep_freed_memory()  # as train.py does on CPU
+        keep_freed_memory()  # as train.py does on CPU
     with tempfile.TemporaryDirectory() as tmp:
         # a teacher with random weights in this project's checkpoint layout
         dense = build_model(args.teacher_model, "dense", 1000, args.img_size, args.patch_size)

@@ -17,6 +17,7 @@ from PIL import Image
 
 import eval as ev
 import train
+from data import MEAN, STD
 from moe import build_model
 from router import capacity_for
 
@@ -49,7 +50,7 @@ def test_patch_map_and_display():
     top1 = torch.arange(2 * (4 + 1))  # 2 images of CLS + 2x2 patches
     assert ev.patch_map(top1, 2).tolist() == [[[1, 2], [3, 4]], [[6, 7], [8, 9]]]
     pixels = torch.rand(2, 3, 4, 4)
-    mean, std = torch.tensor(train.MEAN), torch.tensor(train.STD)
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
     normalised = (pixels - mean[:, None, None]) / std[:, None, None]  # what train.py feeds
     torch.testing.assert_close(ev.for_display(normalised), pixels.permute(0, 2, 3, 1))
 
@@ -253,3 +254,21 @@ def test_bad_input_is_one_line(runs, case, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and want in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+# ----------------------------------------------------------------------------- without the trainer
+def test_eval_imports_nothing_of_the_trainer():
+    code = "import sys, eval; print('train' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_an_old_checkpoint_without_model_args_still_loads(runs, capsys, tmp_path):
+    """Checkpoints written before `model_args` / `teacher_args` existed: rebuilt from flags."""
+    new = cli_json(capsys, "--checkpoint", runs["tgr"])
+    ckpt = torch.load(runs["tgr"], weights_only=True)
+    del ckpt["model_args"], ckpt["teacher_args"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = cli_json(capsys, "--checkpoint", tmp_path / "old.pt")
+    for key in ("top1", "utilisation", "teacher_agreement", "dropped_frac"):
+        assert old[key] == new[key], key

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from losses import importance_loss, load_loss
 from moe import MoEMLP, build_model, moe_num_params, upcycle
-from router import capacity_for, group_size_for, top_k_routing
+from router import capacity_for, group_size_for, queue_positions, top_k_routing
 
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
 
@@ -116,6 +116,9 @@ def test_queue_positions_equal_the_one_hot_cumsum(k, bpr):
         position = seen.gather(1, queue[:, None]).squeeze(1) - 1  # (K·S,)
         want[rows] = position.view(k, S).t()  # back to (token, choice)
     assert torch.equal(r.position, want)
+    # the same numbers from router.queue_positions itself, called directly
+    priority = r.probs.max(-1).values if bpr else None  # (T,) top-1 p (no noise: = q)
+    assert torch.equal(queue_positions(r.experts, E, num_groups=G, priority=priority), want)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -190,7 +193,7 @@ def test_eval_is_deterministic_and_uses_clean_probs():
     y1, r1 = layer(x)
     y2, r2 = layer(x)
     torch.testing.assert_close(y1, y2)
-    assert r1.noisy_logits is None and r1.noise_std == 0.0
+    assert r1.noisy_logits is None and r1.logit_noise_std == 0.0
     torch.testing.assert_close(r1.weights, r1.probs.gather(1, r1.experts) * r1.kept)
 
 
@@ -305,7 +308,9 @@ def test_loss_falls_on_a_fixed_batch(method):
         loss = F.cross_entropy(logits, labels)
         for r in routings:  # V-MoE's auxiliary losses where they apply
             if r.noisy_logits is not None:
-                aux = importance_loss(r.probs) + load_loss(r.logits, r.noisy_logits, r.noise_std, 1)
+                aux = importance_loss(r.probs) + load_loss(
+                    r.logits, r.noisy_logits, r.logit_noise_std, 1
+                )
                 loss = loss + 0.005 * aux
         opt.zero_grad()
         loss.backward()

@@ -321,7 +321,7 @@ def test_grid_mismatch_and_resampling(micro_ckpt):
 def test_bad_inputs_raise_one_clear_line(tmp_path, micro_ckpt):
     torchvision = pytest.importorskip("torchvision")
     cases = []
-    cases.append((tmp_path / "nope.pth", "not found"))
+    cases.append((tmp_path / "nope.pth", "no such checkpoint"))
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     cases.append((tmp_path / "notes.txt", "not a PyTorch checkpoint"))
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
@@ -359,7 +359,15 @@ def run_cli(*argv):
 def test_cli(tmp_path, micro_ckpt):
     bad = run_cli(tmp_path / "missing.pth", "--layers", "8")
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "no such checkpoint" in bad.stderr
     ok = run_cli(micro_ckpt, "--layers", 4, 6, "--img-size", 32, "--patch-size", 4)
     assert ok.returncode == 0, ok.stderr
     assert "D_t=96" in ok.stdout and "block 6: LN2 output (2, 65, 96)" in ok.stdout
+
+
+def test_loading_a_teacher_draws_nothing_from_the_random_stream(micro_ckpt):
+    """The teacher is built on the meta device and assigned its weights: the student's
+    initialisation (drawn after it) does not depend on whether or when a teacher was loaded."""
+    state = torch.get_rng_state()
+    load_teacher(micro_ckpt, [4, 6])
+    assert torch.equal(state, torch.get_rng_state())

@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import train
+from data import build_dataset
 from losses import routing_kl
+from moe import METHODS as METHOD_KINDS
+from moe import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (
@@ -62,7 +65,7 @@ def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp
     train.check_args(args)
     args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
     torch.manual_seed(0)
-    train_set, _, classes = train.build_datasets(args)
+    train_set, classes = build_dataset(True, args)
     model = train.build_student(args, classes)
     teacher = routers = None
     params = list(model.parameters())
@@ -90,7 +93,7 @@ def test_distill_only_router_gradient_is_the_kl_gradient(teacher_ckpt, tmp_path)
     args = args_for(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, *QUIET)
     args.student_balance_coef = 0.0
     torch.manual_seed(0)
-    train_set, _, classes = train.build_datasets(args)
+    train_set, classes = build_dataset(True, args)
     model = train.build_student(args, classes)
     teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
     images = torch.stack([train_set[i][0] for i in range(8)])
@@ -285,10 +288,10 @@ def test_bad_input_gives_one_line(tmp_path, capsys, teacher_ckpt):
         "--data mnist": "invalid choice: 'mnist'",
         f"--data imagenet --data-path {tmp_path}/nowhere": "no train/CLASS",
         "--method tgr": "needs --teacher",
-        "--method tgr --teacher missing.pth": "teacher checkpoint not found",
+        "--method tgr --teacher missing.pth": "--teacher missing.pth: no such checkpoint",
         f"--method tgr --teacher {moe_ckpt}/checkpoint.pt": "must be dense",
         f"--method tgr --teacher {teacher_ckpt} --patch-size 8": "token grids differ",
-        "--topk 5": "--topk 5 exceeds --experts 4",
+        "--topk 5": "top-k (5) cannot exceed the number of experts (4)",
         "--capacity-factor 0": "capacity",
         f"--resume {tmp_path}/none.pt": "no such checkpoint",
         f"--resume {truncated}": "truncated",
@@ -333,6 +336,9 @@ DDP_HELPER = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import train
+from data import build_dataset
+from moe import METHODS as METHOD_KINDS
+from moe import build_model
 result = train.main(train.get_args_parser().parse_args(sys.argv[1:]))
 state = {{"model": result["model"].state_dict(), "routers": result["routers"].state_dict()}}
 torch.save(state, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
@@ -379,3 +385,95 @@ def test_demo_quick(tmp_path):
     assert "| teacher-route |" in proc.stdout  # the teacher router routes (upper bound) ...
     assert "| teacher-route, student's route |" in proc.stdout  # ... and the student's does
     assert "not a claim" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- issue 11 fixes
+@pytest.mark.parametrize(
+    "until, epochs, distilled", [("0.5", 1, 1), ("0.5", 5, 3), ("0.3", 10, 3), ("0.01", 3, 1)]
+)
+def test_distilling_epochs_are_the_ceiling_of_the_fraction(until, epochs, distilled):
+    """ceil(F·epochs), at least one epoch whenever F > 0 (round() gave 0 and 2 at first)."""
+    args = train.get_args_parser().parse_args(["--distill-until", until, "--epochs", str(epochs)])
+    assert train.distill_epochs(args) == distilled
+    assert train.describe_schedule(args) == f"distilling epochs 0–{distilled - 1} of {epochs}"
+
+
+def test_one_epoch_tgr_distils_and_says_so(teacher_ckpt, tmp_path, capsys):
+    run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "1")
+    assert "distilling epochs 0–0 of 1" in capsys.readouterr().out
+    assert [r["distilling"] for r in log(tmp_path)] == [True]
+    assert log(tmp_path)[0]["train_distill"] > 0
+
+
+def test_inputs_are_checked_before_any_data_or_file(tmp_path, capsys, monkeypatch, teacher_ckpt):
+    """Every input file fails in one line before a data set is built or anything is written,
+    whatever the schedule (a 0-epoch distillation once skipped loading the teacher at all)."""
+    monkeypatch.setattr(train, "build_dataset", lambda *a: pytest.fail("a data set was built"))
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not weights")
+    cases = {
+        f"--method tgr --teacher {junk} --epochs 1": "not a PyTorch checkpoint",
+        f"--method tgr --teacher {tmp_path}/gone.pth --distill-until 0": "no such checkpoint",
+        f"--method teacher-route --teacher {junk}": "not a PyTorch checkpoint",
+        f"--resume {tmp_path}/gone.pt": "no such checkpoint",
+        f"--finetune {junk}": "not a PyTorch checkpoint",
+        f"--data folder --data-path {tmp_path}/nowhere": "no train/CLASS",
+    }
+    for flags, message in cases.items():
+        out = tmp_path / "out"
+        line = cli_error(capsys, [*TINY, "--output-dir", str(out), *flags.split()])
+        assert message in line and not out.exists(), (flags, line)
+
+
+def test_a_bad_teacher_fails_on_resume_after_the_switch(teacher_ckpt, tmp_path, capsys):
+    common = ["--method", "tgr", "--distill-until", "0.5", "--output-dir", str(tmp_path)]
+    run(tmp_path, *common, "--teacher", teacher_ckpt, "--epochs", "2")  # switched after epoch 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    argv = [*TINY, *common, "--teacher", str(tmp_path / "gone.pth"), "--epochs", "3"]
+    line = cli_error(capsys, [*argv, "--resume", "auto"])
+    assert "no such checkpoint" in line
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing already written is lost
+
+
+ROUTED = [m for m, kind in METHOD_KINDS.items() if kind in ("top-k", "expert-choice")]
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_routing_flags_reach_the_router_of_every_method(method, tmp_path):
+    """--capacity-factor, --eval-capacity-factor and --moe-group-size change what the layer
+    does for every method with a router (expert choice once ignored all three)."""
+
+    def routing(*flags, training=True):
+        model = train.build_student(args_for(tmp_path, "--method", method, *flags), 10)
+        _, routings = model.train(training)(torch.randn(8, 3, 32, 32))
+        return routings[0]
+
+    base = routing()
+    assert routing("--capacity-factor", "2").capacity > base.capacity
+    at_eval = routing(training=False).capacity
+    assert routing("--eval-capacity-factor", "3", training=False).capacity > at_eval
+    assert base.num_groups == 1 and routing("--moe-group-size", "2").num_groups == 4
+
+
+def test_checkpoint_rebuilds_its_model_without_the_trainer(tmp_path):
+    run(tmp_path, "--method", "expert-choice", "--epochs", "1", "--capacity-factor", "1.5")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    model = build_model(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])  # strict: every key and shape fits
+    assert ckpt["model_args"]["capacity_factor"] == 1.5 and ckpt["teacher_args"] is None
+
+
+def test_the_teacher_router_group_is_removed_by_name(teacher_ckpt, tmp_path):
+    args = args_for(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt)
+    model = train.build_student(args, 10)
+    teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
+    optimizer = train.build_optimizer(model, routers, args, cuda=False)
+    for p in routers.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # the routers now have optimizer state (Adam moments)
+    assert all(p in optimizer.state for p in routers.parameters())
+    optimizer.param_groups.reverse()  # not the last group any more
+    state = train.switch_off(args, model, optimizer, routers)
+    assert [g.get("name") for g in optimizer.param_groups] == [None, None]
+    assert state.keys() == routers.state_dict().keys()
+    assert not any(p in optimizer.state for p in routers.parameters())

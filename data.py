@@ -1,0 +1,187 @@
+"""The data: generated images, CIFAR, Pets and ImageNet, with DeiT's transforms and samplers.
+
+The idea
+--------
+DeiT's `datasets.py` in one file. A data set is chosen by `--data`, built by
+`build_dataset(is_train, args)` (DeiT's name and argument order) and fed through
+`build_transform(is_train, args)`; `build_loader` wraps it in a DataLoader with the sampler a
+(possibly distributed) run needs. The offline default is `SyntheticImages`: generated
+images whose classes are pairs of shared "parts", so tokens fall into a few visual kinds that
+experts can specialise on, with no file and no download.
+
+| --data            | what                                              | classes |
+|-------------------|---------------------------------------------------|---------|
+| synthetic         | generated, deterministic, offline                 | --nb-classes (10) |
+| cifar10, cifar100 | torchvision, downloaded into --data-path if online | 10, 100 |
+| pets              | Oxford-IIIT Pets (trainval / test), torchvision    | 37      |
+| imagenet, folder  | ImageFolder with --data-path/train and /val        | folders |
+
+Letters: B images, S image side in pixels.
+
+Decisions where the papers are silent
+-------------------------------------
+* Images of <= 64 px get a reflect-padded random crop (CIFAR style), not RandomResizedCrop.
+* Evaluation of larger images resizes to S/0.875 and centre-crops S (DeiT's default crop ratio).
+* Errors are ordinary exceptions (FileNotFoundError for a missing folder, ValueError for a
+  failed download); the command lines turn them into one line (`teacher.run_cli`).
+* `with_train=False` callers (eval.py) build the validation split alone: no scan of
+  ImageNet's 1.28M training files and no download of a training split.
+"""
+
+import itertools
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "pets", "imagenet", "folder")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DeiT
+
+
+# ----------------------------------------------------------------------------- generated images
+class SyntheticImages(torch.utils.data.Dataset):
+    """Generated images: each class is a pair of *part types* from a shared pool.
+
+    A part type is a shape (disc, square, ring, cross, stripes, diamond) in a colour; an image
+    of class c draws each of its two parts 1-2 times at random places and sizes on a noisy
+    background. Parts are shared between classes, so tokens fall into a few visual kinds that
+    experts can specialise on, while the class needs the pair. Image i of a split is a pure
+    function of (seed, split, i): any size and class count, no files, identical everywhere.
+    """
+
+    SHAPES = ("disc", "square", "ring", "cross", "stripes", "diamond")
+
+    def __init__(self, size, num_classes, img_size, split="train", *, seed=0, transform=None):
+        self.size, self.num_classes, self.img_size = size, num_classes, img_size
+        self.transform = transform
+        self.seed = 2 * seed + (split != "train")
+        parts = 4  # P part types with P(P-1)/2 >= classes
+        while parts * (parts - 1) // 2 < num_classes:
+            parts += 1
+        g = torch.Generator().manual_seed(seed)
+        pairs = list(itertools.combinations(range(parts), 2))
+        self.pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:num_classes]]
+        hue = (torch.arange(parts) * 0.618034) % 1.0  # golden-ratio hues: well spread
+        # fully saturated colour of that hue: the HSV -> RGB formula with S = V = 1
+        rgb = (((hue[:, None] * 6 + torch.tensor([0.0, 4.0, 2.0])) % 6 - 3).abs() - 1).clamp(0, 1)
+        self.colours = 0.1 + 0.9 * rgb  # (P, 3)
+        ys, xs = torch.meshgrid(torch.arange(img_size), torch.arange(img_size), indexing="ij")
+        self.yx = torch.stack([ys, xs]).float() + 0.5  # (2, S, S) pixel centres
+
+    def __len__(self):
+        return self.size
+
+    def _mask(self, kind, dy, dx, r):
+        a, b, d = dy.abs(), dx.abs(), (dy**2 + dx**2).sqrt()
+        box = torch.maximum(a, b)
+        return {
+            "disc": d <= r,
+            "square": box <= 0.8 * r,
+            "ring": (d <= r) & (d >= 0.55 * r),
+            "cross": (torch.minimum(a, b) <= 0.3 * r) & (box <= r),
+            "stripes": (box <= 0.85 * r) & (((dx + r) / (0.35 * r)).floor() % 2 == 0),
+            "diamond": a + b <= r,
+        }[kind]
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
+        S, label = self.img_size, index % self.num_classes
+        img = 0.25 + 0.25 * rand(3, 1, 1) + 0.08 * torch.randn(3, S, S, generator=g)  # (3, S, S)
+        for part in self.pairs[label]:
+            for _ in range(1 + int(rand(1) < 0.5)):
+                r = S * (0.12 + 0.1 * float(rand(1)))
+                cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
+                mask = self._mask(self.SHAPES[part % 6], self.yx[0] - cy, self.yx[1] - cx, r)
+                colour = self.colours[part] * (0.8 + 0.4 * float(rand(1)))  # (3,)
+                img = torch.where(mask, colour[:, None, None], img)  # (3, S, S)
+        img = (img + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)  # (3, S, S)
+        img = torchvision.tv_tensors.Image((img * 255).round().to(torch.uint8))  # (3, S, S)
+        return (self.transform(img) if self.transform else img), label
+
+
+# ----------------------------------------------------------------------------- DeiT's pipeline
+def build_transform(is_train, args):
+    """DeiT's train / eval pipelines on uint8 images, in torchvision.transforms.v2."""
+    S, small = args.img_size, args.img_size <= 64
+    t = [v2.ToImage()]
+    if is_train and args.crop_flip:
+        if small:  # CIFAR-style: keep the whole small image, shift it a little
+            t += [v2.Resize((S, S)), v2.RandomCrop(S, padding=S // 8, padding_mode="reflect")]
+        else:
+            t += [v2.RandomResizedCrop(S, interpolation=v2.InterpolationMode.BICUBIC)]
+        t += [v2.RandomHorizontalFlip()]
+    elif small:
+        t += [v2.Resize((S, S))]
+    else:  # DeiT eval: resize to S/0.875, centre crop S
+        t += [v2.Resize(int(S / 0.875), interpolation=v2.InterpolationMode.BICUBIC)]
+        t += [v2.CenterCrop(S)]
+    if is_train and args.randaug_n > 0:
+        t += [v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m)]
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(t)
+
+
+def check_data_path(args, with_train=True):
+    """An ImageFolder data set needs --data-path/train and /val: FileNotFoundError if not."""
+    if args.data in ("imagenet", "folder"):
+        for split in ("train", "val") if with_train else ("val",):
+            if not (Path(args.data_path) / split).is_dir():
+                raise FileNotFoundError(
+                    f"--data-path {args.data_path}: no {split}/CLASS/*.jpg folders found"
+                )
+
+
+def build_dataset(is_train, args):
+    """(data set, number of classes) of --data, the train or the validation split."""
+    root, name, transform = Path(args.data_path), args.data, build_transform(is_train, args)
+    if name == "synthetic":
+        split, C = ("train" if is_train else "val"), args.nb_classes or 10
+        size = args.synthetic_train_size if is_train else args.synthetic_val_size
+        return SyntheticImages(size, C, args.img_size, split, seed=args.synthetic_seed,
+                               transform=transform), C  # fmt: skip
+    if name in ("imagenet", "folder"):
+        check_data_path(args, with_train=is_train)
+        dataset = torchvision.datasets.ImageFolder(
+            root / ("train" if is_train else "val"), transform
+        )
+        return dataset, len(dataset.classes)
+    sets = torchvision.datasets
+    cls, C = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}.get(name) or (
+        sets.OxfordIIITPet, 37)  # fmt: skip
+    kw = {"train": is_train} if name != "pets" else {"split": "trainval" if is_train else "test"}
+    try:
+        return cls(root, transform=transform, download=False, **kw), C
+    except RuntimeError:  # not there yet: fetch it (needs the network)
+        try:
+            return cls(root, transform=transform, download=True, **kw), C
+        except Exception as err:
+            why = f"not in --data-path {root} and the download failed ({type(err).__name__})"
+            raise ValueError(f"{name}: {why}") from None
+
+
+def build_mixup(args, num_classes):
+    """DeiT's batch mixing: MixUp (α --mixup) or CutMix (α --cutmix), one chosen per batch.
+
+    Runs on a collated batch (images, labels) and returns soft labels (B, classes); None when
+    both are off."""
+    mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
+    mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+# ----------------------------------------------------------------------------- loaders
+def build_loader(dataset, is_train, args, *, rank=0, world=1, generator=None, pin_memory=False):
+    """A DataLoader over this process's shard: shuffled for training, in order for validation.
+
+    Training drops the last incomplete batch (every step has B images) and shuffles with a
+    DistributedSampler seeded by --seed (call `loader.sampler.set_epoch(epoch)` every epoch);
+    `generator` seeds the workers, so a resumed run draws the same augmentations.
+    """
+    sampler = DistributedSampler(dataset, world, rank, shuffle=is_train, seed=args.seed)
+    generator = generator if generator is not None else torch.Generator()
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=is_train,
+                      num_workers=args.num_workers, pin_memory=pin_memory,
+                      generator=generator)  # fmt: skip
