@@ -21,7 +21,8 @@ Letters: B images, S image side in pixels.
 Decisions where the papers are silent
 -------------------------------------
 * Images of <= 64 px get a reflect-padded random crop (CIFAR style), not RandomResizedCrop.
-* Evaluation of larger images resizes to S/0.875 and centre-crops S (DeiT's default crop ratio).
+* Evaluation of larger images resizes to S / `--eval-crop-ratio` and centre-crops S (DeiT's
+  0.875 by default; DeiT-III evaluates at 1.0).
 * Errors are ordinary exceptions (FileNotFoundError for a missing folder, ValueError for a
   failed download); the command lines turn them into one line (`teacher.run_cli`).
 * `with_train=False` callers (eval.py) build the validation split alone: no scan of
@@ -115,8 +116,9 @@ def build_transform(is_train, args):
         t += [v2.RandomHorizontalFlip()]
     elif small:
         t += [v2.Resize((S, S))]
-    else:  # DeiT eval: resize to S/0.875, centre crop S
-        t += [v2.Resize(int(S / 0.875), interpolation=v2.InterpolationMode.BICUBIC)]
+    else:  # DeiT eval: resize to S / crop ratio, centre crop S
+        ratio = getattr(args, "eval_crop_ratio", 0.875)  # checkpoints older than the flag: 0.875
+        t += [v2.Resize(int(S / ratio), interpolation=v2.InterpolationMode.BICUBIC)]
         t += [v2.CenterCrop(S)]
     if is_train and args.randaug_n > 0:
         t += [v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m)]

@@ -17,7 +17,8 @@ paper's best "first half", or `adaptive`) teacher and routers are deleted and ne
 again, so the rest of the run costs what V-MoE costs (`switch_due` decides, `switch_off`
 performs it).
 Other methods: dense; vmoe (importance + load, 0.005 each, summed over layers as V-MoE);
-expert-choice; softmoe; stablemoe (V-MoE, router frozen at the same switch); zloss (+1e-3
+expert-choice; softmoe; stablemoe (V-MoE, then router frozen, noise and balance loss off
+after `--stable-stage1`); zloss (+1e-3
 z-loss); teacher-route (sec. 5.3: R_t routes, trained by L_task + λ_load Σ(importance +
 load); the student router, never used to choose, learns from λ_distill Σ_i KL, eq. S2).
 
@@ -93,17 +94,24 @@ class TrainError(ValueError):
 
 
 # ============================================================================ arguments
-def distill_until(text):
+def distill_until(text, flag="--distill-until", adaptive=True):
     """--distill-until, parsed once: a fraction F in [0, 1] of the epochs, or "adaptive"."""
-    if text == "adaptive":
+    if text == "adaptive" and adaptive:
         return text
     try:
         fraction = float(text)
     except ValueError:
         fraction = -1.0
     if not 0 <= fraction <= 1:
-        raise argparse.ArgumentTypeError(f"--distill-until {text!r}: give a fraction or adaptive")
+        raise argparse.ArgumentTypeError(
+            f"{flag} {text!r}: give a fraction" + " or adaptive" * adaptive
+        )
     return fraction
+
+
+def stable_stage1(text):
+    """--stable-stage1: the fraction of the epochs in which StableMoE's router still learns."""
+    return distill_until(text, "--stable-stage1", adaptive=False)
 
 
 def get_args_parser(add_help=True):
@@ -138,6 +146,8 @@ def get_args_parser(add_help=True):
     add(g, "--teacher-ent-coef", type=float, default=0.005, help="λ_ent (teacher router)")
     add(g, "--distill-until", type=distill_until, default=0.5,
         help="fraction F of the epochs to distil (ceil(F·epochs) epochs), or adaptive")  # fmt: skip
+    add(g, "--stable-stage1", type=stable_stage1, default=0.5,
+        help="stablemoe: fraction of the epochs before the router is frozen")  # fmt: skip
     add(g, "--switch-consistency", type=float, default=0.8, help="adaptive switch threshold")
     add(g, "--switch-patience", type=int, default=2, help="adaptive: epochs above threshold")
     add(g, "--router-grad", default="task", choices=["task", "distill-only"], help="tgr router")
@@ -148,6 +158,8 @@ def get_args_parser(add_help=True):
     add(g, "--teacher-dtype", default="bf16", choices=["bf16", "fp32"], help="teacher autocast")
     add(g, "--teacher-random", action="store_true", help="allow random torchvision weights")
     add(g, "--teacher-resample", action="store_true", help="resample a different token grid")
+    add(g, "--fresh-teacher-router", action="store_true",
+        help="tgr --finetune: a new teacher router, not the pre-trained run's")  # fmt: skip
 
     g = parser.add_argument_group("optimisation (DeiT recipe)")
     add(g, "--batch-size", type=int, default=64, help="images per process per step")
@@ -166,6 +178,7 @@ def get_args_parser(add_help=True):
     add(g, "--randaug-n", type=int, default=2, help="RandAugment ops (0 = off)")
     add(g, "--randaug-m", type=int, default=9, help="RandAugment magnitude")
     add(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
+    add(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
     add(g, "--compile", action="store_true", help="torch.compile the student")
 
     g = parser.add_argument_group("data")
@@ -197,6 +210,8 @@ def check_args(args):
     for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.eval_crop_ratio <= 1:
+        raise TrainError(f"--eval-crop-ratio {args.eval_crop_ratio}: give a ratio in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda but no GPU is visible; use --device cpu")
 
@@ -240,10 +255,12 @@ class Switch:
 
 
 def distill_epochs(args):
-    """Epochs 0 .. n-1 distil: n = ceil(F · epochs), None for the adaptive rule."""
-    if args.distill_until == "adaptive":
+    """Epochs 0 .. n-1 distil (stablemoe: learn the router): n = ceil(F · epochs), F from
+    --distill-until (--stable-stage1); None for the adaptive rule."""
+    fraction = args.stable_stage1 if args.method == "stablemoe" else args.distill_until
+    if fraction == "adaptive":
         return None
-    return math.ceil(round(args.distill_until * args.epochs, 6))  # round: 0.3·10 is 3.0000…04
+    return math.ceil(round(fraction * args.epochs, 6))  # round: 0.3·10 is 3.0000…04
 
 
 def describe_schedule(args):
@@ -260,6 +277,8 @@ def switch_due(args, switch, epoch, consistency):
     """(switch now?, why): the fixed fraction, or the adaptive consistency rule."""
     n = distill_epochs(args)
     if n is not None:
+        if args.method == "stablemoe":
+            return epoch + 1 >= n, f"--stable-stage1 {args.stable_stage1} of {args.epochs} epochs"
         return epoch + 1 >= n, f"--distill-until {args.distill_until} of {args.epochs} epochs"
     # adaptive: every MoE layer's adjacent-epoch consistency above the threshold, `patience` times
     switch.streak = switch.streak + 1 if min(consistency) >= args.switch_consistency else 0
@@ -281,18 +300,22 @@ def decide_switch(args, switch, epoch, consistency, world, device):
     return due, why
 
 
-def freeze_routers(model):
-    """StableMoE stage 2: the student's routers stop learning (requires_grad False)."""
+def stable_stage2(model, args):
+    """StableMoE stage 2 (TGR-MoE's baseline): the router is copied and frozen, and the task
+    trains alone: no router noise (it would still move assignments) and no balance loss (it
+    would still move the backbone features the frozen router reads)."""
     for i in model.moe_layers:
         model.blocks[i - 1].mlp.router.requires_grad_(False)
+        model.blocks[i - 1].mlp.noise_std = 0.0  # σ = 0: the clean top-K of p chooses
+    args.student_balance_coef = 0.0
 
 
 def switch_off(args, model, optimizer, routers):
     """Perform the switch. tgr: returns the teacher routers' final weights (CPU, for eval.py
     --route teacher) and removes their optimizer group, found by its name, with its state;
-    the caller then drops teacher and routers. stablemoe: freezes the student's routers."""
+    the caller then drops teacher and routers. stablemoe: stage 2 (`stable_stage2`)."""
     if args.method == "stablemoe":
-        freeze_routers(model)
+        stable_stage2(model, args)
         return None
     group = next(g for g in optimizer.param_groups if g.get("name") == "teacher_router")
     for p in group["params"]:
@@ -315,6 +338,10 @@ def read_inputs(args, out):
         resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else ""
     ckpt = read_checkpoint(resume, "--resume") if resume else None
     pre = read_checkpoint(args.finetune, "--finetune") if args.finetune else None
+    if pre is not None and args.method == "tgr" and not args.fresh_teacher_router:
+        if not (isinstance(pre, dict) and pre.get("teacher_router")):  # see continued_router
+            why = "has no teacher router to continue TGR with (tgr runs save one)"
+            raise TrainError(f"--finetune {args.finetune} {why}; or --fresh-teacher-router")
     teacher = t_args = None
     if args.method in ("tgr", "teacher-route"):
         t_args = teacher_args_from_flags(args, args.moe_layers or MODELS[args.model]["moe_layers"])
@@ -356,6 +383,18 @@ def load_pretrained(model, sd, path, probe):
             raise TrainError(f"--finetune {path}: {key} is {tuple(value.shape)}, here {shape}")
     model.load_state_dict(sd, strict=False)
     return probe_assignments(model, probe) if model.moe_layers else None
+
+
+def continued_router(args, ckpt, pretrained):
+    """The teacher routers' starting state: the checkpoint's on --resume; on a tgr --finetune
+    the pre-trained run's (TGR-MoE continues TGR while fine-tuning: the teacher router was
+    trained together with the student's experts, so its expert numbering is theirs; a fresh
+    one would pull the student toward a random permutation of its experts); else None."""
+    if ckpt is not None:
+        return ckpt["teacher_router"]
+    if pretrained is not None and args.method == "tgr" and not args.fresh_teacher_router:
+        return pretrained["teacher_router"]
+    return None
 
 
 def build_optimizer(model, routers, args, cuda):
@@ -623,7 +662,7 @@ def train(args, rank, world, device):
     default = Switch(done=distill_epochs(args) == 0, reason="--distill-until 0")
     switch = Switch(**ckpt["switch"]) if ckpt else default  # done? when? why?
     if args.method == "stablemoe" and switch.done:
-        freeze_routers(model)
+        stable_stage2(model, args)
     if args.method in ("tgr", "stablemoe"):
         print0(describe_schedule(args))
     routers = route = None
@@ -631,8 +670,8 @@ def train(args, rank, world, device):
     router_state = ckpt.get("teacher_router") if ckpt else None
     if args.method == "teacher-route" or (args.method == "tgr" and not switch.done):
         teacher, routers = build_teacher(args, model, device, world, teacher)
-        if ckpt is not None:
-            routers.load_state_dict(ckpt["teacher_router"])
+        if (state := continued_router(args, ckpt, pretrained)) is not None:
+            load_weights(routers, state, f"the teacher router of {resume or args.finetune}")
         route = teacher_route(teacher, routers)
     else:
         teacher = None  # checked above; not needed by the rest of this run

@@ -176,10 +176,30 @@ def test_adaptive_switch_follows_its_condition(threshold, switches, teacher_ckpt
 
 
 def test_stablemoe_freezes_the_router_at_the_switch(tmp_path):
-    result = run(tmp_path, "--method", "stablemoe", "--epochs", "2", "--distill-until", "0.5")
+    result = run(tmp_path, "--method", "stablemoe", "--epochs", "2", "--stable-stage1", "0.5")
     assert [r["router_frozen"] for r in log(tmp_path)] == [False, True]
     model = result["model"]
     assert all(not model.blocks[i - 1].mlp.router.weight.requires_grad for i in model.moe_layers)
+
+
+def test_stablemoe_stage_two_trains_the_task_alone(tmp_path):
+    """Stage 2: router frozen, no router noise, no balance loss; its length is --stable-stage1,
+    not --distill-until."""
+    common = ["--method", "stablemoe", "--stable-stage1", "0.3", "--distill-until", "1.0"]
+    run(tmp_path, *common, "--epochs", "2")  # ceil(0.3 · 3) = 1: epoch 0 learns the router
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    result = run(tmp_path, *common, "--epochs", "3", "--resume", "auto")
+    history = log(tmp_path)
+    assert [r["router_frozen"] for r in history] == [False, True, True]
+    assert ["train_importance" in r for r in history] == [True, False, False]
+    assert "--stable-stage1 0.3" in history[0]["switch"]["reason"]
+    model = result["model"]
+    for i in model.moe_layers:
+        key = f"blocks.{i - 1}.mlp.router.weight"
+        assert torch.equal(first[key], model.state_dict()[key])  # frozen through epoch 2
+        assert model.blocks[i - 1].mlp.noise_std == 0.0
+        _, routings = model.train()(torch.randn(8, 3, 32, 32))
+        assert all(r.noisy_logits is None for r in routings)  # training, yet no noise
 
 
 def test_log_and_checkpoint_layout(tmp_path):
@@ -296,6 +316,8 @@ def test_bad_input_gives_one_line(tmp_path, capsys, teacher_ckpt):
         f"--resume {tmp_path}/none.pt": "no such checkpoint",
         f"--resume {truncated}": "truncated",
         "--distill-until half": "--distill-until 'half'",
+        "--stable-stage1 adaptive": "--stable-stage1 'adaptive': give a fraction",
+        "--eval-crop-ratio 0": "--eval-crop-ratio 0.0",
     }
     for flags, message in cases.items():
         line = cli_error(capsys, [*base, *flags.split()])
@@ -477,3 +499,47 @@ def test_the_teacher_router_group_is_removed_by_name(teacher_ckpt, tmp_path):
     assert [g.get("name") for g in optimizer.param_groups] == [None, None]
     assert state.keys() == routers.state_dict().keys()
     assert not any(p in optimizer.state for p in routers.parameters())
+
+
+# ----------------------------------------------------------------------------- issue 12 (part)
+class Started(Exception):
+    """Raised instead of the first training epoch: the run's set-up is what a test inspects."""
+
+
+def test_tgr_finetune_continues_the_pretrained_teacher_router(teacher_ckpt, tmp_path, monkeypatch):
+    pre = ["--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "1"]
+    run(tmp_path / "pre", *pre)
+    trained = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["teacher_router"]
+
+    def first_epoch(model, teacher, routers, *a, **kw):
+        raise Started(routers.state_dict())
+
+    monkeypatch.setattr(train, "train_one_epoch", first_epoch)
+    ft = [*pre, "--finetune", str(tmp_path / "pre" / "checkpoint.pt"), "--nb-classes", "5"]
+    with pytest.raises(Started) as started:  # a 0-step fine-tune start
+        run(tmp_path / "ft", *ft)
+    start = started.value.args[0]
+    assert start.keys() == trained.keys()
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+    with pytest.raises(Started) as started:  # --fresh-teacher-router: a new one
+        run(tmp_path / "fresh", *ft, "--fresh-teacher-router")
+    assert not torch.equal(started.value.args[0]["0.weight"], trained["0.weight"])
+
+
+def test_tgr_finetune_without_a_teacher_router_is_one_line(teacher_ckpt, tmp_path, capsys):
+    run(tmp_path / "pre", "--method", "vmoe", "--epochs", "1")  # a V-MoE run has none
+    argv = [*TINY, "--output-dir", str(tmp_path / "ft"), "--method", "tgr", "--teacher",
+            teacher_ckpt, "--finetune", str(tmp_path / "pre" / "checkpoint.pt")]  # fmt: skip
+    assert "no teacher router" in cli_error(capsys, argv)
+
+
+def test_eval_crop_ratio_sets_the_resize(tmp_path):
+    """DeiT: resize to S / ratio, then centre-crop S (0.875 by default; DeiT-III uses 1.0)."""
+    from data import build_transform
+
+    for ratio, resized in (("0.875", 109), ("1.0", 96)):  # int(96 / 0.875) = 109
+        args = args_for(
+            tmp_path, "--img-size", "96", "--patch-size", "16", "--eval-crop-ratio", ratio
+        )
+        resize = build_transform(False, args).transforms[1]
+        assert resize.size == [resized]
