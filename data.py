@@ -30,12 +30,16 @@ Decisions where the papers are silent
 """
 
 import itertools
+import math
+import random
+import re
 from pathlib import Path
 
 import torch
 import torchvision
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "pets", "imagenet", "folder")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DeiT
@@ -103,6 +107,111 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+# ----------------------------------------------------------------------------- RandAugment
+# DeiT's `--aa rand-m9-mstd0.5-inc1` is timm's RandAugment: n = 2 ops per image, each applied
+# with probability 0.5 at a magnitude m ~ N(9, 0.5²) clipped to [0, 10], from timm's
+# "increasing" op set, where m / 10 is the fraction of each op's full strength (m9: rotate
+# ≤ 27°). The same ops in torchvision's functional API; each maps (image, m, fill) -> image.
+# torchvision's own v2.RandAugment(magnitude=9) is 9 of 31 bins: 0.3 of full strength.
+def _signed(x):
+    return x if random.random() < 0.5 else -x  # timm's _randomly_negate
+
+
+def _enhance(m):
+    return max(0.1, 1.0 + _signed(0.9 * m / 10))  # factor 1 ± 0.9·m/10 (timm: ≥ 0.1)
+
+
+def _solarize_add(img, m):  # add 110·m/10 to the pixels below 128
+    return torch.where(img < 128, (img.int() + int(110 * m / 10)).clamp(max=255), img).to(img.dtype)
+
+
+def _affine(img, fill, translate=(0.0, 0.0), shear=(0.0, 0.0)):  # about the corner, as PIL
+    bilinear = TF.InterpolationMode.BILINEAR
+    return TF.affine(img, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
+                     interpolation=bilinear, fill=fill, center=[0, 0])  # fmt: skip
+
+
+def _shear(m):  # timm's shear factor 0.3·m/10, as an angle in degrees
+    return math.degrees(math.atan(_signed(0.3 * m / 10)))
+
+
+RAND_OPS = {  # timm's _RAND_INCREASING_TRANSFORMS
+    "AutoContrast": lambda img, m, fill: TF.autocontrast(img),
+    "Equalize": lambda img, m, fill: TF.equalize(img),
+    "Invert": lambda img, m, fill: TF.invert(img),
+    "Rotate": lambda img, m, fill: TF.rotate(
+        img, _signed(30 * m / 10), interpolation=TF.InterpolationMode.BILINEAR, fill=fill),
+    "PosterizeIncreasing": lambda img, m, fill: TF.posterize(img, 4 - int(4 * m / 10)),
+    "SolarizeIncreasing": lambda img, m, fill: TF.solarize(img, 256 - int(256 * m / 10))
+    if m >= 10 / 256 else img,  # threshold 256: nothing is inverted
+    "SolarizeAdd": lambda img, m, fill: _solarize_add(img, m),
+    "ColorIncreasing": lambda img, m, fill: TF.adjust_saturation(img, _enhance(m)),
+    "ContrastIncreasing": lambda img, m, fill: TF.adjust_contrast(img, _enhance(m)),
+    "BrightnessIncreasing": lambda img, m, fill: TF.adjust_brightness(img, _enhance(m)),
+    "SharpnessIncreasing": lambda img, m, fill: TF.adjust_sharpness(img, _enhance(m)),
+    "ShearX": lambda img, m, fill: _affine(img, fill, shear=(_shear(m), 0.0)),
+    "ShearY": lambda img, m, fill: _affine(img, fill, shear=(0.0, _shear(m))),
+    "TranslateXRel": lambda img, m, fill: _affine(
+        img, fill, translate=(_signed(0.45 * m / 10) * img.shape[-1], 0.0)),
+    "TranslateYRel": lambda img, m, fill: _affine(
+        img, fill, translate=(0.0, _signed(0.45 * m / 10) * img.shape[-2])),
+}  # fmt: skip
+
+
+def parse_aa(policy):
+    """--aa: "none", or timm's "rand-m9-mstd0.5-inc1" -> dict(num_ops, magnitude, std)."""
+    if policy in ("none", ""):
+        return None
+    parts, opts = policy.split("-"), {"n": 2, "m": 10, "mstd": 0.0, "inc": 0}  # timm's defaults
+    for part in parts[1:]:
+        match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d+)?)", part)  # "m9" -> ("m", "9")
+        if match is None or match[1] not in opts:
+            raise ValueError(f"--aa {policy}: cannot read {part!r} (n, m, mstd, inc are known)")
+        opts[match[1]] = float(match[2])
+    if parts[0] != "rand" or opts["inc"] != 1:
+        raise ValueError(f"--aa {policy}: only timm's rand-...-inc1 (DeiT's) is implemented")
+    return dict(num_ops=int(opts["n"]), magnitude=opts["m"], magnitude_std=opts["mstd"])
+
+
+class RandAugment(torch.nn.Module):
+    """timm's RandAugment (increasing ops) on uint8 images; see RAND_OPS above.
+
+    Differs from timm only in the pixels: torchvision's bilinear resampling for the geometric
+    ops (DeiT asks timm for bicubic, which torchvision's tensor ops do not offer).
+    """
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=None):
+        super().__init__()
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = (
+            num_ops, magnitude, magnitude_std, prob)  # fmt: skip
+        self.fill = fill or [round(255 * x) for x in MEAN]  # DeiT fills with the mean colour
+
+    def sample_magnitude(self):
+        # m ~ N(magnitude, std²) per op, clipped to timm's [0, 10]
+        m = (
+            random.gauss(self.magnitude, self.magnitude_std)
+            if self.magnitude_std
+            else self.magnitude
+        )
+        return min(10.0, max(0.0, m))
+
+    def forward(self, img):  # img: (3, S, S) uint8
+        for name in random.choices(list(RAND_OPS), k=self.num_ops):  # with replacement, as timm
+            if random.random() < self.prob:
+                img = RAND_OPS[name](img, self.sample_magnitude(), self.fill)
+        return img
+
+
+def random_erasing(args):
+    """DeiT's random erasing (timm's, after normalisation): with probability --reprob erase
+    1..--recount rectangles (2%-33% of the image, aspect 0.3-3.3), filled with N(0, 1) noise
+    per pixel (--remode pixel) or zeros (const)."""
+    value = {"pixel": "random", "const": 0}[args.remode]
+    erase = v2.RandomErasing(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=value)
+    counts = [v2.Compose([erase] * k) for k in range(1, args.recount + 1)]  # timm: count ~ U
+    return v2.RandomApply([v2.RandomChoice(counts)], p=args.reprob)
+
+
 # ----------------------------------------------------------------------------- DeiT's pipeline
 def build_transform(is_train, args):
     """DeiT's train / eval pipelines on uint8 images, in torchvision.transforms.v2."""
@@ -120,9 +229,11 @@ def build_transform(is_train, args):
         ratio = getattr(args, "eval_crop_ratio", 0.875)  # checkpoints older than the flag: 0.875
         t += [v2.Resize(int(S / ratio), interpolation=v2.InterpolationMode.BICUBIC)]
         t += [v2.CenterCrop(S)]
-    if is_train and args.randaug_n > 0:
-        t += [v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m)]
+    if is_train and (aa := parse_aa(args.aa)):
+        t += [RandAugment(**aa)]  # on uint8, as timm on PIL images
     t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if is_train and args.reprob > 0:
+        t += [random_erasing(args)]  # after normalisation: the noise is N(0, 1) in its units
     return v2.Compose(t)
 
 

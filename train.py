@@ -72,7 +72,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import DATASETS, build_dataset, build_loader, build_mixup, check_data_path
+from data import DATASETS, build_dataset, build_loader, build_mixup, check_data_path, parse_aa
 from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
 from losses import importance_loss, load_loss, routing_kl, z_loss
 from moe import METHODS, MODELS, build_model, keep_freed_memory, model_args_from_flags, upcycle
@@ -175,8 +175,10 @@ def get_args_parser(add_help=True):
     add(g, "--smoothing", type=float, default=0.1, help="label smoothing")
     add(g, "--mixup", type=float, default=0.8, help="MixUp α (0 = off)")
     add(g, "--cutmix", type=float, default=1.0, help="CutMix α (0 = off)")
-    add(g, "--randaug-n", type=int, default=2, help="RandAugment ops (0 = off)")
-    add(g, "--randaug-m", type=int, default=9, help="RandAugment magnitude")
+    add(g, "--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy (timm's), or none")
+    add(g, "--reprob", type=float, default=0.25, help="random erasing probability (0 = off)")
+    add(g, "--remode", default="pixel", choices=["pixel", "const"], help="random erasing fill")
+    add(g, "--recount", type=int, default=1, help="random erasing: up to N rectangles")
     add(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
     add(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
     add(g, "--compile", action="store_true", help="torch.compile the student")
@@ -210,6 +212,9 @@ def check_args(args):
     for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+    parse_aa(args.aa)  # one line for a policy data.py cannot build
+    if not 0 <= args.reprob <= 1 or args.recount < 1:
+        raise TrainError(f"--reprob {args.reprob} / --recount {args.recount}: need [0, 1] / >= 1")
     if not 0 < args.eval_crop_ratio <= 1:
         raise TrainError(f"--eval-crop-ratio {args.eval_crop_ratio}: give a ratio in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -26,7 +26,7 @@ E, N = 8, 65  # experts, tokens per 32x32 image with 4x4 patches (+ CLS)
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 8 --batch-size 16 --nb-classes 10 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --warmup-epochs 0 --lr 2e-3 "
-    "--print-freq 1000 --probe-size 16 --num-workers 0 --mixup 0 --cutmix 0 --randaug-n 0"
+    "--print-freq 1000 --probe-size 16 --num-workers 0 --mixup 0 --cutmix 0 --aa none --reprob 0"
 ).split()
 
 

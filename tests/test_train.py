@@ -27,7 +27,7 @@ TINY = (
 ).split()
 # the settings under which DDP must equal one process: no randomness that depends on the rank
 QUIET = (
-    "--mixup 0 --cutmix 0 --randaug-n 0 --no-crop-flip --drop-path 0 --noise-std 0 "
+    "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-crop-flip --drop-path 0 --noise-std 0 "
     "--capacity-factor 4"  # cf = E: no token is ever dropped, whatever the group holds
 ).split()
 
@@ -318,6 +318,9 @@ def test_bad_input_gives_one_line(tmp_path, capsys, teacher_ckpt):
         "--distill-until half": "--distill-until 'half'",
         "--stable-stage1 adaptive": "--stable-stage1 'adaptive': give a fraction",
         "--eval-crop-ratio 0": "--eval-crop-ratio 0.0",
+        "--aa rand-m9-inc0": "only timm's rand-...-inc1",
+        "--aa rand-x9": "cannot read 'x9'",
+        "--reprob 2": "--reprob 2.0",
     }
     for flags, message in cases.items():
         line = cli_error(capsys, [*base, *flags.split()])

@@ -1,0 +1,107 @@
+"""data.py: DeiT's augmentations on timm's scale (checked against timm itself) and random
+erasing. The data sets and loaders are exercised by every train.py test."""
+
+import argparse
+import math
+import random
+
+import pytest
+import torch
+from torchvision import tv_tensors
+
+import data
+
+timm_aa = pytest.importorskip("timm.data.auto_augment")
+
+
+def image(seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return tv_tensors.Image(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g))
+
+
+def recorded_args(monkeypatch, name, m):
+    """The arguments RAND_OPS[name] hands to torchvision at magnitude m (signs made positive)."""
+    calls = {}
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # _signed keeps +x
+    for fn in ("rotate", "affine", "posterize", "solarize", "adjust_brightness"):
+        monkeypatch.setattr(
+            data.TF, fn, lambda img, *a, _fn=fn, **kw: calls.setdefault(_fn, (a, kw)) and img
+        )
+    data.RAND_OPS[name](image(), m, [0, 0, 0])
+    return calls
+
+
+def test_the_op_set_and_the_policy_are_timms():
+    assert set(data.RAND_OPS) == set(timm_aa._RAND_INCREASING_TRANSFORMS)
+    timm = timm_aa.rand_augment_transform("rand-m9-mstd0.5-inc1", {})
+    ours = data.parse_aa("rand-m9-mstd0.5-inc1")
+    assert ours == {"num_ops": timm.num_layers, "magnitude": 9.0, "magnitude_std": 0.5}
+    assert {op.magnitude for op in timm.ops} == {9} and {op.prob for op in timm.ops} == {0.5}
+    assert {op.magnitude_std for op in timm.ops} == {0.5}
+    assert data.RandAugment(**ours).prob == 0.5
+    assert data.parse_aa("none") is None
+
+
+@pytest.mark.parametrize("m", [9.0, 10.0, 4.5])
+def test_largest_rotation_shear_translate_equal_timms(monkeypatch, m):
+    """At DeiT's m9, rotate ≤ 27°, shear ≤ 0.27, translate ≤ 0.405 of the side: timm's
+    level-to-argument functions, not torchvision's 31-bin scale (0.3 of that at magnitude 9)."""
+    rotate = recorded_args(monkeypatch, "Rotate", m)["rotate"][0][0]
+    assert rotate == pytest.approx(timm_aa._rotate_level_to_arg(m, {})[0])
+    shear = recorded_args(monkeypatch, "ShearX", m)["affine"][1]["shear"][0]
+    timm_shear = abs(timm_aa._shear_level_to_arg(m, {})[0])  # a shear factor
+    assert math.tan(math.radians(shear)) == pytest.approx(timm_shear)
+    shift = recorded_args(monkeypatch, "TranslateXRel", m)["affine"][1]["translate"][0]
+    timm_shift = timm_aa._translate_rel_level_to_arg(m, {"translate_pct": 0.45})[0]
+    assert shift == pytest.approx(abs(timm_shift) * 32)  # a fraction of the image side
+    bits = recorded_args(monkeypatch, "PosterizeIncreasing", m)["posterize"][0][0]
+    assert bits == timm_aa._posterize_increasing_level_to_arg(m, {})[0]
+    if m < 10:
+        threshold = recorded_args(monkeypatch, "SolarizeIncreasing", m)["solarize"][0][0]
+        assert threshold == timm_aa._solarize_increasing_level_to_arg(m, {})[0]
+    factor = recorded_args(monkeypatch, "BrightnessIncreasing", m)["adjust_brightness"][0][0]
+    assert factor == pytest.approx(max(timm_aa._enhance_increasing_level_to_arg(m, {})))
+
+
+def test_magnitude_noise_varies_between_calls():
+    random.seed(0)
+    noisy = data.RandAugment(magnitude=9.0, magnitude_std=0.5)
+    draws = torch.tensor([noisy.sample_magnitude() for _ in range(2000)])
+    assert draws.std() == pytest.approx(0.5, rel=0.1) and draws.mean() == pytest.approx(9, abs=0.05)
+    assert draws.max() <= 10.0  # clipped to timm's [0, 10]
+    fixed = data.RandAugment(magnitude=9.0, magnitude_std=0.0)
+    assert {fixed.sample_magnitude() for _ in range(10)} == {9.0}
+
+
+@pytest.mark.parametrize("name", sorted(data.RAND_OPS))
+def test_every_op_keeps_a_uint8_image(name):
+    for m in (0.0, 9.0, 10.0):
+        out = data.RAND_OPS[name](image(), m, [124, 116, 104])
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def flags(**kw):
+    return argparse.Namespace(**{"reprob": 1.0, "remode": "pixel", "recount": 1, **kw})
+
+
+@pytest.mark.parametrize("remode", ["pixel", "const"])
+def test_random_erasing_erases_one_rectangle(remode):
+    torch.manual_seed(0)
+    x = torch.full((3, 40, 40), 7.0)  # a normalised image far from N(0, 1) values
+    erased = (data.random_erasing(flags(remode=remode))(x) != 7.0).all(0)  # (40, 40)
+    rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
+    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert erased.sum() == area  # one solid rectangle
+    assert 0.02 * 1600 <= area <= 1600 / 3 + 40  # timm's scale (0.02, 1/3), rounding
+    if remode == "const":
+        assert (x * 0 == data.random_erasing(flags(remode=remode))(x)).any()
+
+
+def test_no_erasing_with_reprob_zero_and_the_order_of_the_pipeline():
+    args = argparse.Namespace(img_size=32, crop_flip=False, aa="rand-m9-mstd0.5-inc1",
+                              reprob=0.25, remode="pixel", recount=1)  # fmt: skip
+    names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
+    assert names[-4:] == ["RandAugment", "ToDtype", "Normalize", "RandomApply"]  # erase last
+    args.reprob, args.aa = 0.0, "none"
+    names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
+    assert "RandomApply" not in names and "RandAugment" not in names
