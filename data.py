@@ -286,14 +286,49 @@ def build_mixup(args, num_classes):
 
 
 # ----------------------------------------------------------------------------- loaders
+class RASampler(torch.utils.data.Sampler):
+    """DeiT's repeated augmentation (Hoffer et al. 2020; DeiT's samplers.py, `--repeated-aug`).
+
+    Every epoch a seeded permutation of the data set, each image repeated 3 times in a row and
+    dealt round-robin to the processes: an image's copies land on different processes, where
+    each gets its own augmentation. Each process keeps len(data set) // world indices, so an
+    epoch stays the data set's length (and sees about a third of its images, 3 times each).
+    DeiT also rounds that length down to a multiple of 256 images; we keep every whole image,
+    since a small data set would otherwise get no epoch at all.
+    """
+
+    def __init__(self, dataset, world=1, rank=0, *, repeats=3, shuffle=True, seed=0):
+        self.n, self.world, self.rank, self.repeats = len(dataset), world, rank, repeats
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.num_samples = self.n // world
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        order = order.repeat_interleave(self.repeats)  # (3n,) a a a b b b c c c ...
+        total = -(-len(order) // self.world) * self.world  # padded to a multiple of world
+        order = torch.cat([order, order[: total - len(order)]])
+        return iter(order[self.rank :: self.world][: self.num_samples].tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+
 def build_loader(dataset, is_train, args, *, rank=0, world=1, generator=None, pin_memory=False):
     """A DataLoader over this process's shard: shuffled for training, in order for validation.
 
     Training drops the last incomplete batch (every step has B images) and shuffles with a
-    DistributedSampler seeded by --seed (call `loader.sampler.set_epoch(epoch)` every epoch);
-    `generator` seeds the workers, so a resumed run draws the same augmentations.
+    sampler seeded by --seed, DeiT's RASampler under --repeated-aug, else a DistributedSampler
+    (call `loader.sampler.set_epoch(epoch)` every epoch); `generator` seeds the workers, so a
+    resumed run draws the same augmentations.
     """
-    sampler = DistributedSampler(dataset, world, rank, shuffle=is_train, seed=args.seed)
+    if is_train and args.repeated_aug:
+        sampler = RASampler(dataset, world, rank, seed=args.seed)
+    else:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=is_train, seed=args.seed)
     generator = generator if generator is not None else torch.Generator()
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=is_train,
                       num_workers=args.num_workers, pin_memory=pin_memory,

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data import DATASETS, build_dataset, build_loader, build_mixup, check_data_path, parse_aa
 from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
@@ -179,9 +180,12 @@ def get_args_parser(add_help=True):
     add(g, "--reprob", type=float, default=0.25, help="random erasing probability (0 = off)")
     add(g, "--remode", default="pixel", choices=["pixel", "const"], help="random erasing fill")
     add(g, "--recount", type=int, default=1, help="random erasing: up to N rectangles")
+    add(g, "--repeated-aug", action=on_off, default=True, help="DeiT's repeated augmentation ×3")
     add(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
     add(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
     add(g, "--compile", action="store_true", help="torch.compile the student")
+    add(g, "--model-ema", action=on_off, default=True, help="keep an EMA of the weights (DeiT)")
+    add(g, "--model-ema-decay", type=float, default=0.99996, help="EMA decay per step")
 
     g = parser.add_argument_group("data")
     add(g, "--data", "--data-set", default="synthetic", choices=DATASETS, help="data set")
@@ -417,6 +421,19 @@ def build_optimizer(model, routers, args, cuda):
                              weight_decay=args.weight_decay, **fast)  # fmt: skip
 
 
+def build_ema(model, args, ckpt):
+    """--model-ema (DeiT): ema ← decay·ema + (1 − decay)·θ after every optimizer step, its own
+    validation line (val_top1_ema), saved as "model_ema" and resumed. None without the flag."""
+    if not args.model_ema:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
+                        use_buffers=True)  # fmt: skip
+    if ckpt is not None and ckpt.get("model_ema") is not None:
+        load_weights(ema.module, ckpt["model_ema"], "--resume's model_ema")
+        ema.n_averaged.fill_(max(1, ckpt["step"]))  # > 0: the next update averages
+    return ema
+
+
 def lr_at(step, args, steps_per_epoch):
     """Linear warm-up from --warmup-lr, then cosine to --min-lr (per step)."""
     # lr(s) = warmup_lr + (base − warmup_lr)·s/W  for s < W, else
@@ -481,7 +498,7 @@ def average_router_grads(routers, world):
 
 
 def train_one_epoch(model, teacher, routers, optimizer, loader, mix, args, epoch, step, out,
-                    world):  # fmt: skip
+                    world, ema=None):  # fmt: skip
     """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
 
     sums: every loss part summed over the epoch's steps (this rank's), for `epoch_means`.
@@ -515,6 +532,8 @@ def train_one_epoch(model, teacher, routers, optimizer, loader, mix, args, epoch
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         optimizer.step()
+        if ema is not None:  # the first update copies the weights, later ones average
+            ema.update_parameters(model)
         step, seen = step + 1, seen + images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -597,19 +616,22 @@ def epoch_means(sums, world, steps, device):
     return dict(zip(sums, (means / (world * steps)).tolist()))
 
 
-def validate(args, model, val_loader, device, route):
-    """The epoch's validation: accuracy and routing metrics (teacher-route: also student's)."""
+def validate(args, model, val_loader, device, route, ema=None):
+    """The epoch's validation: accuracy and routing metrics (teacher-route: also the student's
+    own route; --model-ema: also the averaged weights, routed the same way)."""
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
-    val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, teacher=route,
-                   route_by_teacher=by_teacher)  # fmt: skip
+    routed = dict(teacher=route, route_by_teacher=by_teacher)
+    run = lambda m, **kw: evaluate(m, val_loader, device, amp_dtype=amp_dtype, **kw)  # noqa: E731
+    val = run(model, **routed)
     record = {"val_top1": val["top1"], "val_top5": val.get("top5"),
               "moe_layers": list(model.moe_layers)}  # fmt: skip
     record.update({k: val.get(k) for k in ("routing_entropy", "utilisation", "dropped_frac")})
     record["val_teacher_agreement"] = val.get("teacher_agreement")  # while a teacher runs
     if by_teacher:  # the upper bound vs routing by the student's own router
-        record["val_top1_student_route"] = evaluate(model, val_loader, device,
-                                                    amp_dtype=amp_dtype)["top1"]  # fmt: skip
+        record["val_top1_student_route"] = run(model)["top1"]
+    if ema is not None:
+        record["val_top1_ema"] = run(ema.module, **routed)["top1"]
     return record
 
 
@@ -686,6 +708,7 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ optimizer
     args.base_lr = args.lr * args.batch_size * world / 512  # DeiT's linear scaling rule
     optimizer = build_optimizer(model_without_ddp, routers, args, cuda)
+    ema = build_ema(model_without_ddp, args, ckpt)  # None unless --model-ema
     start_epoch, step, prev_assign, probe_history = 0, 0, None, {}
     if ckpt is not None:
         start_epoch, step, prev_assign = restore(ckpt, resume, optimizer, out, rank, world)
@@ -708,12 +731,12 @@ def train(args, rank, world, device):
         loader_rng.manual_seed(args.seed * 100_003 + epoch * 101 + rank)
         distilling, t0 = teacher is not None, time.time()
         step, sums, seen, lr = train_one_epoch(model, teacher, routers, optimizer, train_loader,
-                                               mix, args, epoch, step, out, world)  # fmt: skip
+                                               mix, args, epoch, step, out, world, ema)  # fmt: skip
         train_time = time.time() - t0
         means = epoch_means(sums, world, steps_per_epoch, device)
 
         # -------------------------------------------------------------- metrics and switch
-        val = validate(args, model_without_ddp, val_loader, device, route)
+        val = validate(args, model_without_ddp, val_loader, device, route, ema)
         assign = probe_assignments(model_without_ddp, probe)
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling,
@@ -755,6 +778,7 @@ def train(args, rank, world, device):
                      "teacher_router": router_state if routers is None else routers.state_dict(),
                      "step": step, "rng": rngs, "switch": asdict(switch), "probe_prev": prev_assign,
                      "ref_assign": ref_assign, "model_args": model_without_ddp.model_args,
+                     "model_ema": ema.module.state_dict() if ema is not None else None,
                      "teacher_args": t_args}  # fmt: skip
             save_epoch(out, state, record, assign, probe_history)
     return {"model": model_without_ddp, "routers": routers, "history": history, "args": args}

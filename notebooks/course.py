@@ -74,7 +74,9 @@ def micro_flags(*, img_size, patch_size, experts, train_images, val_images, seed
         "--synthetic-train-size", str(train_images), "--synthetic-val-size", str(val_images),
         "--probe-size", str(val_images),
         "--warmup-epochs", "1", "--lr", "8e-3", "--min-lr", "1e-4",
-        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--smoothing", "0",
+        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--no-repeated-aug",
+        "--no-model-ema",
+        "--smoothing", "0",
         "--drop-path", "0",
         "--print-freq", "100000",  # no per-step lines (the epoch lines are silenced too)
         "--num-workers", "0",  # loader workers would take the model's CPU cores

@@ -105,3 +105,61 @@ def test_no_erasing_with_reprob_zero_and_the_order_of_the_pipeline():
     args.reprob, args.aa = 0.0, "none"
     names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
     assert "RandomApply" not in names and "RandAugment" not in names
+
+
+# ---------------------------------------------------------------------------- repeated augmentation
+def check_repeats(per_rank, n, world):
+    """DeiT's RASampler: n // world indices per process; within the epoch each image appears 3
+    times (one image at the cut may have fewer), its copies on different processes."""
+    assert all(len(ix) == n // world for ix in per_rank)
+    everything = [i for ix in per_rank for i in ix]
+    counts = torch.bincount(torch.tensor(everything), minlength=n)
+    assert sorted(set(counts.tolist()) - {0}) in ([3], [1, 3], [2, 3])
+    assert (counts < 3).sum() - (counts == 0).sum() <= 1  # only the image at the cut
+    assert (counts == 3).sum() >= (n // world * world) // 3 - 1  # about a third of the images
+    if world > 1:  # a's three copies are dealt to different processes
+        first = per_rank[0][0]
+        assert sum(first in ix for ix in per_rank) == min(world, 3)
+
+
+@pytest.mark.parametrize("n", [64, 100])
+def test_rasampler_in_one_process(n):
+    sampler = data.RASampler(range(n), seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    check_repeats([first], n, 1)
+    assert first[:3] == [first[0]] * 3  # copies in a row: one process gets all three
+    sampler.set_epoch(2)
+    assert list(sampler) != first and len(sampler) == n  # a new permutation, same length
+
+
+RASAMPLER_RANKS = """
+import json, os, sys, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import data
+dist.init_process_group("gloo")
+sampler = data.RASampler(range({n}), dist.get_world_size(), dist.get_rank(), seed=0)
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, list(sampler))
+if dist.get_rank() == 0:
+    print(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_rasampler_across_two_processes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, n = str(Path(__file__).resolve().parents[1]), 100
+    script = tmp_path / "ranks.py"
+    script.write_text(RASAMPLER_RANKS.format(root=root, n=n))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_rank = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(per_rank) == 2
+    check_repeats(per_rank, n, 2)
+    assert per_rank == [list(data.RASampler(range(n), 2, r, seed=0)) for r in (0, 1)]

@@ -26,9 +26,9 @@ TINY = (
     "--lr 2e-3 --print-freq 1000 --probe-size 16 --num-workers 0"
 ).split()
 # the settings under which DDP must equal one process: no randomness that depends on the rank
-QUIET = (
-    "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-crop-flip --drop-path 0 --noise-std 0 "
-    "--capacity-factor 4"  # cf = E: no token is ever dropped, whatever the group holds
+QUIET = (  # cf = E (--capacity-factor 4): no token is ever dropped, whatever the group holds
+    "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-repeated-aug --no-crop-flip --drop-path 0 "
+    "--noise-std 0 --capacity-factor 4"
 ).split()
 
 
@@ -249,6 +249,9 @@ def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
     resumed = run(tmp_path / "b", *common, "--resume", "auto")["model"].state_dict()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    ema_a, ema_b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in "ab")
+    for key, value in ema_a["model_ema"].items():  # the EMA (on by default) resumes exactly too
+        assert torch.equal(value, ema_b["model_ema"][key]), key
     drop = ("images_per_s", "epoch_time_s")
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
@@ -546,3 +549,19 @@ def test_eval_crop_ratio_sets_the_resize(tmp_path):
         )
         resize = build_transform(False, args).transforms[1]
         assert resize.size == [resized]
+
+
+def test_model_ema_is_logged_saved_and_averages(tmp_path):
+    """decay 0: the EMA is the weights themselves; decay 1: the first step's weights forever."""
+    run(tmp_path / "zero", "--model-ema-decay", "0.0")
+    ckpt = torch.load(tmp_path / "zero" / "checkpoint.pt", weights_only=True)
+    assert ckpt["model_ema"].keys() == ckpt["model"].keys()
+    assert all(torch.equal(ckpt["model_ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    assert all("val_top1_ema" in r for r in log(tmp_path / "zero"))
+    run(tmp_path / "one", "--model-ema-decay", "1.0")
+    ckpt = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(ckpt["model_ema"][key], ckpt["model"][key])  # frozen at step 1
+    run(tmp_path / "off", "--no-model-ema")
+    assert torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=True)["model_ema"] is None
+    assert "val_top1_ema" not in log(tmp_path / "off")[-1]
