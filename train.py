@@ -406,6 +406,17 @@ def continued_router(args, ckpt, pretrained):
     return None
 
 
+def describe_recipe(args):
+    """The effective recipe, printed once at start: what the run trains with, flags resolved."""
+    return (f"recipe: AdamW lr {args.base_lr:.2e} (= {args.lr} × {args.batch_size}·world/512), "
+            f"wd {args.weight_decay}, warm-up {args.warmup_epochs} epochs, cosine to "
+            f"{args.min_lr}; aa {args.aa}, reprob {args.reprob}, repeated-aug "
+            f"{args.repeated_aug}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing "
+            f"{args.smoothing}, drop-path {args.drop_path}, ema "
+            f"{args.model_ema_decay if args.model_ema else 'off'}, eval crop "
+            f"{args.eval_crop_ratio}")  # fmt: skip
+
+
 def build_optimizer(model, routers, args, cuda):
     """AdamW (DeiT): no weight decay on biases, norms, pos_embed and cls_token; the teacher
     routers, while they train, in a group named "teacher_router" (`switch_off` removes it)."""
@@ -446,10 +457,11 @@ def lr_at(step, args, steps_per_epoch):
 
 
 # ============================================================================ one step
-def compute_losses(model, images, targets, args, teacher, routers):
+def compute_losses(model, images, targets, args, teacher, routers, labels=None):
     """Forward the student (and, while distilling, the teacher); unweighted parts -> weighted sum.
 
-    Returns (student loss, teacher-router loss or 0, {part: detached value}).
+    Returns (student loss, teacher-router loss or 0, {part: detached value}); with `labels`
+    (the un-mixed classes, (B,)) also the batch's top-1 in % (TGR Fig. S2's training accuracy).
     """
     parts = {}
     # (B, N, E) per MoE layer: the trainable routers on the frozen (no_grad) teacher features
@@ -457,6 +469,8 @@ def compute_losses(model, images, targets, args, teacher, routers):
     route = t_logits if args.method == "teacher-route" else None
     logits, routings = model(images, route=route)  # (B, classes), one Routing per MoE layer
     loss = parts["task"] = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+    if labels is not None:
+        parts["top1"] = 100 * (logits.argmax(-1) == labels).float().mean()
     if args.student_balance_coef > 0 and METHODS[args.method] == "top-k":
         # V-MoE: L_aux = Σ_i λ·(L_imp + L_load); in teacher-route the record's logits are R_t's
         parts["importance"] = sum(importance_loss(r.probs) for r in routings)
@@ -515,11 +529,12 @@ def train_one_epoch(model, teacher, routers, optimizer, loader, mix, args, epoch
         targets = targets.to(device, non_blocking=True)  # (B,)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
+        labels = targets  # (B,) kept for the training top-1
         if mix is not None:
             images, targets = mix(images, targets)  # targets: (B, classes) soft labels
         with torch.autocast(**amp):  # bf16 on GPU only
             loss, teacher_loss, parts = compute_losses(model, images, targets, args, teacher,
-                                                       routers)  # fmt: skip
+                                                       routers, labels)  # fmt: skip
         total = loss + teacher_loss
         if not math.isfinite(value := total.item()):
             kept = f"the last good checkpoint is {out / 'checkpoint.pt'}"
@@ -721,8 +736,11 @@ def train(args, rank, world, device):
         prev_assign = probe_assignments(model_without_ddp, probe)
     del ckpt, pretrained
     params = sum(p.numel() for p in model_without_ddp.parameters()) / 1e6
-    print0(f"{args.model} {args.method}: {params:.2f}M params, {len(train_set)} images, "
+    extra = sum(p.numel() for p in routers.parameters()) / 1e6 if routers is not None else 0
+    router = f" + {extra:.3f}M teacher router" if extra else ""  # TGR Table S2's "+ router"
+    print0(f"{args.model} {args.method}: {params:.2f}M params{router}, {len(train_set)} images, "
            f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch")  # fmt: skip
+    print0(describe_recipe(args))
 
     # ------------------------------------------------------------------ loop
     history = []
@@ -736,13 +754,14 @@ def train(args, rank, world, device):
         means = epoch_means(sums, world, steps_per_epoch, device)
 
         # -------------------------------------------------------------- metrics and switch
+        t1 = time.time()
         val = validate(args, model_without_ddp, val_loader, device, route, ema)
         assign = probe_assignments(model_without_ddp, probe)
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling,
                   **{f"train_{k}": v for k, v in means.items()},  # train_loss and its parts
                   **val, "consistency_prev": consistency,
-                  "images_per_s": seen / train_time}  # fmt: skip
+                  "images_per_s": seen / train_time, "epoch_time_s": train_time}  # fmt: skip
         if ref_assign is not None:  # the same tokens, before and after fine-tuning
             pairs = zip(assign, ref_assign)
             record["consistency_pretrained"] = [routing_consistency(a, b) for a, b in pairs]
@@ -761,7 +780,7 @@ def train(args, rank, world, device):
                     torch.cuda.empty_cache()
             else:  # stablemoe: the frozen router changes the trainable set, so DDP is rebuilt
                 model = wrap(model_without_ddp, args, world, device)
-        record["epoch_time_s"] = time.time() - t0
+        record["eval_time_s"] = time.time() - t1  # validation and probe: not training time
         history.append(record)
         entropy = [round(e, 3) for e in val.get("routing_entropy") or []]
         print0(f"epoch {epoch}: val top-1 {val['val_top1']:.2f}  routing entropy {entropy}  "

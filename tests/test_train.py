@@ -202,14 +202,17 @@ def test_stablemoe_stage_two_trains_the_task_alone(tmp_path):
         assert all(r.noisy_logits is None for r in routings)  # training, yet no noise
 
 
-def test_log_and_checkpoint_layout(tmp_path):
+def test_log_and_checkpoint_layout(tmp_path, capsys):
     run(tmp_path, "--method", "vmoe")
     record = log(tmp_path)[-1]
     for key in ("epoch", "lr", "train_loss", "train_task", "train_importance", "train_load",
                 "val_top1", "routing_entropy", "utilisation", "consistency_prev",
-                "dropped_frac", "distilling", "images_per_s"):  # fmt: skip
+                "dropped_frac", "distilling", "images_per_s", "train_top1", "epoch_time_s",
+                "eval_time_s"):  # fmt: skip
         assert key in record, key
     assert len(record["routing_entropy"]) == 2 and len(record["utilisation"][0]) == 4
+    assert 0 <= record["train_top1"] <= 100  # on the un-mixed labels (MixUp/CutMix are on)
+    assert "recipe: AdamW lr 6.25e-05" in capsys.readouterr().out  # 2e-3 · 16 / 512, resolved
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer", "lr_scheduler", "epoch", "scaler", "args", "step", "rng"):
         assert key in ckpt
@@ -565,3 +568,14 @@ def test_model_ema_is_logged_saved_and_averages(tmp_path):
     run(tmp_path / "off", "--no-model-ema")
     assert torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=True)["model_ema"] is None
     assert "val_top1_ema" not in log(tmp_path / "off")[-1]
+
+
+def test_training_top1_counts_the_unmixed_labels(tmp_path):
+    args = args_for(tmp_path)
+    args.student_balance_coef = 0.005
+    model = train.build_student(args, 10).eval()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    soft = torch.nn.functional.one_hot(labels.roll(1), 10).float()  # mixed targets: other classes
+    _, _, parts = train.compute_losses(model, images, soft, args, None, None, labels)
+    logits, _ = model(images)
+    assert parts["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean())
