@@ -701,7 +701,7 @@ def train(args, rank, world, device):
         ref_assign = ckpt["ref_assign"]
     elif pretrained is not None:
         ref_assign = load_pretrained(model, pretrained, args.finetune, probe)
-    default = Switch(done=distill_epochs(args) == 0, reason="--distill-until 0")
+    default = Switch(done=distill_epochs(args) == 0, reason="a fraction of 0 epochs")
     switch = Switch(**ckpt["switch"]) if ckpt else default  # done? when? why?
     if args.method == "stablemoe" and switch.done:
         stable_stage2(model, args)
