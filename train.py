@@ -633,7 +633,7 @@ def epoch_means(sums, world, steps, device):
 
 def validate(args, model, val_loader, device, route, ema=None):
     """The epoch's validation: accuracy and routing metrics (teacher-route: also the student's
-    own route; --model-ema: also the averaged weights, routed the same way)."""
+    own route; --model-ema: also the averaged weights' top-1)."""
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
     routed = dict(teacher=route, route_by_teacher=by_teacher)
@@ -645,8 +645,8 @@ def validate(args, model, val_loader, device, route, ema=None):
     record["val_teacher_agreement"] = val.get("teacher_agreement")  # while a teacher runs
     if by_teacher:  # the upper bound vs routing by the student's own router
         record["val_top1_student_route"] = run(model)["top1"]
-    if ema is not None:
-        record["val_top1_ema"] = run(ema.module, **routed)["top1"]
+    if ema is not None:  # routed as the model is (tgr: no teacher agreement needed here)
+        record["val_top1_ema"] = run(ema.module, **(routed if by_teacher else {}))["top1"]
     return record
 
 
