@@ -25,9 +25,12 @@ CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `
 
 Decisions where the papers are silent
 -------------------------------------
-* V-MoE computes importance and load losses per group of images and averages them; the
-  spec asks for pure functions over all tokens given, so callers pass one layer's tokens and
-  get the batch-level value (identical when there is one group).
+* V-MoE computes importance and load losses per group of images (the groups it routes and
+  caps capacity in) and averages them. `importance_loss` and `load_loss` take `groups=G`:
+  the tokens are G equal, contiguous groups (router.py's layout), CV² is taken per group and
+  averaged. The default G = 1 is the batch-level value. The trainer passes the routing's
+  `num_groups`; TGR's teacher router has no capacity and no groups, so its L_imp stays
+  batch-level.
 * `load_loss` with `noise_std = 0` (noise off) uses the σ -> 0 limit of Φ, a hard indicator
   of "at or above the threshold": the value is still the CV², it just has no gradient.
 * `routing_kl` takes probabilities (the spec's signature) or, with `from_logits=True`,
@@ -43,28 +46,35 @@ def _tokens(x):
     return x.reshape(-1, x.shape[-1])  # (T, E)
 
 
+def _group_mean(x, groups):
+    """(T, E) -> (G, E): the mean over each of G equal, contiguous groups of tokens."""
+    if x.shape[0] % groups:
+        raise ValueError(f"{x.shape[0]} tokens do not split into {groups} equal groups")
+    return x.reshape(groups, -1, x.shape[-1]).mean(dim=1)  # (G, E)
+
+
 def _cv_squared(v):
-    """(std(v) / mean(v))², population std: 0 iff all entries are equal."""
-    return (v.std(unbiased=False) / v.mean()) ** 2
+    """(std(v) / mean(v))² along the last dim, population std: 0 iff all entries are equal."""
+    return (v.std(dim=-1, unbiased=False) / v.mean(dim=-1)) ** 2
 
 
-def importance_loss(p):
-    # Imp_e = (1/T) Σ_t p_{t,e};   L_imp = (std(Imp) / mean(Imp))²
-    importance = _tokens(p).mean(dim=0)  # (E,)
-    return _cv_squared(importance)
+def importance_loss(p, groups=1):
+    # Imp_{g,e} = (1/S) Σ_{t∈g} p_{t,e};   L_imp = (1/G) Σ_g (std(Imp_g) / mean(Imp_g))²
+    importance = _group_mean(_tokens(p), groups)  # (G, E)
+    return _cv_squared(importance).mean()
 
 
-def load_loss(logits, noisy_logits, noise_std, k):
+def load_loss(logits, noisy_logits, noise_std, k, groups=1):
     # threshold_t = k-th largest noisy logit of token t
     # P_{t,e} = P(e still in the top-k under fresh noise) = 1 − Φ((threshold_t − logits_{t,e}) / σ)
-    # L_load = CV²(mean_t P_{t,e})
+    # L_load = (1/G) Σ_g CV²(mean_{t∈g} P_{t,e})
     logits, noisy_logits = _tokens(logits), _tokens(noisy_logits)  # (T, E)
     threshold = noisy_logits.topk(k, dim=-1).values[:, -1:]  # (T, 1)
     if noise_std > 0:  # Φ = torch.special.ndtr (no argument validation: no host sync)
         prob_selected = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # (T, E)
     else:  # σ -> 0: the CDF becomes a step
         prob_selected = (logits >= threshold).to(logits.dtype)  # (T, E)
-    return _cv_squared(prob_selected.mean(dim=0))
+    return _cv_squared(_group_mean(prob_selected, groups)).mean()
 
 
 def entropy_loss(p):

@@ -472,11 +472,12 @@ def compute_losses(model, images, targets, args, teacher, routers, labels=None):
     if labels is not None:
         parts["top1"] = 100 * (logits.argmax(-1) == labels).float().mean()
     if args.student_balance_coef > 0 and METHODS[args.method] == "top-k":
-        # V-MoE: L_aux = Σ_i λ·(L_imp + L_load); in teacher-route the record's logits are R_t's
-        parts["importance"] = sum(importance_loss(r.probs) for r in routings)
+        # V-MoE: L_aux = Σ_i λ·(L_imp + L_load), each per routing group and averaged over the
+        # groups (as capacity is); in teacher-route the record's logits are R_t's
+        parts["importance"] = sum(importance_loss(r.probs, r.num_groups) for r in routings)
         noisy = lambda r: r.noisy_logits if r.logit_noise_std else r.logits  # noqa: E731
-        parts["load"] = sum(load_loss(r.logits, noisy(r), r.logit_noise_std, args.topk)
-                            for r in routings)  # fmt: skip
+        parts["load"] = sum(load_loss(r.logits, noisy(r), r.logit_noise_std, args.topk,
+                                      r.num_groups) for r in routings)  # fmt: skip
         loss = loss + args.student_balance_coef * (parts["importance"] + parts["load"])
     if args.method == "zloss":
         parts["zloss"] = sum(z_loss(r.logits) for r in routings)  # L_z = mean_t logsumexp²

@@ -107,6 +107,32 @@ def test_load_loss_matches_reference(k):
     assert got == pytest.approx(ref_load(logits, noisy, noise_std, k), rel=1e-7)
 
 
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_balance_losses_per_group_equal_a_loop_over_groups(groups):
+    # V-MoE: CV² within each group of images (the groups capacity is counted in), averaged;
+    # the reference slices the groups by hand and calls the obvious loop implementations
+    logits, p = random_probs(T=24, E=5)
+    noisy = logits + 0.3 * torch.randn_like(logits)
+    S = 24 // groups
+    slices = [slice(g * S, (g + 1) * S) for g in range(groups)]
+    want_imp = sum(ref_importance(p[s]) for s in slices) / groups
+    want_load = sum(ref_load(logits[s], noisy[s], 0.3, 2) for s in slices) / groups
+    assert importance_loss(p, groups=groups).item() == pytest.approx(want_imp, rel=1e-9)
+    assert load_loss(logits, noisy, 0.3, 2, groups=groups).item() == pytest.approx(
+        want_load, rel=1e-7
+    )
+
+
+def test_per_group_balance_differs_from_batch_balance():
+    # each group sends everything to its own expert: balanced over the batch, collapsed in
+    # every group, which is what V-MoE's per-group capacity would punish by dropping tokens
+    p = F.one_hot(torch.arange(4).repeat_interleave(6), 4).double()  # (24, 4), groups of 6
+    assert importance_loss(p).item() == pytest.approx(0.0, abs=1e-12)
+    assert importance_loss(p, groups=4).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="equal groups"):
+        importance_loss(p, groups=5)
+
+
 def test_load_loss_has_gradient_and_zero_noise_limit():
     logits = torch.randn(30, 4, requires_grad=True)
     noisy = logits.detach() + 0.25 * torch.randn(30, 4)

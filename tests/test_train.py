@@ -15,7 +15,7 @@ import torch
 
 import train
 from data import build_dataset
-from losses import routing_kl
+from losses import importance_loss, routing_kl
 from moe import METHODS as METHOD_KINDS
 from moe import build_model
 
@@ -579,3 +579,21 @@ def test_training_top1_counts_the_unmixed_labels(tmp_path):
     _, _, parts = train.compute_losses(model, images, soft, args, None, None, labels)
     logits, _ = model(images)
     assert parts["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean())
+
+
+def test_vmoe_balance_losses_are_taken_per_routing_group(tmp_path):
+    # --moe-group-size 2 on 8 images: 4 groups, each with its own CV², averaged (V-MoE)
+    args = args_for(tmp_path, "--moe-group-size", "2", "--noise-std", "0")
+    args.student_balance_coef = 0.005
+    model = train.build_student(args, 10).eval()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _, _, parts = train.compute_losses(model, images, labels, args, None, None)
+    _, routings = model(images)
+    want = 0.0
+    for r in routings:
+        assert r.num_groups == 4
+        groups = r.probs.reshape(4, -1, r.probs.shape[-1])  # (G, S, E): 2 images each
+        want += sum(importance_loss(g) for g in groups) / 4
+    assert parts["importance"] == pytest.approx(float(want), rel=1e-5)
+    batch_level = sum(float(importance_loss(r.probs)) for r in routings)
+    assert parts["importance"] != pytest.approx(batch_level, rel=1e-3)  # the grouping matters
