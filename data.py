@@ -275,6 +275,16 @@ def build_dataset(is_train, args):
             raise ValueError(f"{name}: {why}") from None
 
 
+def labels_of(dataset):
+    """Every image's class, (len,) long, without decoding an image where the set knows them."""
+    if isinstance(dataset, SyntheticImages):
+        return torch.arange(len(dataset)) % dataset.num_classes
+    for attr in ("targets", "_labels"):  # ImageFolder and CIFAR; OxfordIIITPet
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr))
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # any other: read all
+
+
 def build_mixup(args, num_classes):
     """DeiT's batch mixing: MixUp (α --mixup) or CutMix (α --cutmix), one chosen per batch.
 

@@ -24,8 +24,9 @@ The command line reads a train.py checkpoint (SPEC sec. 12):
                    [--data ... --data-path ...] [--json] [--plots DIR]
 
 `--route teacher` lets the run's teacher router choose the experts (TGR sec. 5.3, the upper
-bound that needs the teacher at inference); `--compare` measures consistency on the first
-`--probe-size` validation images (the probe train.py follows); `--plots` draws utilisation,
+bound that needs the teacher at inference); `--compare` measures consistency on
+`--probe-size` validation images (the probe train.py follows: `probe_indices`, a seeded,
+class-stratified sample); `--plots` draws utilisation,
 the log.jsonl curves and expert maps (each patch coloured by its top-1 expert).
 
 Letters: T tokens (B·N), E experts, K choices per token.
@@ -57,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import MEAN, STD, build_dataset
+from data import MEAN, STD, build_dataset, labels_of
 from moe import build_model, model_args_from_flags
 from router import check_routing
 from teacher import (
@@ -114,9 +115,30 @@ def teacher_agreement(student_logits, teacher_logits):
 
 
 # ----------------------------------------------------------------------------- model passes
-def probe_images(dataset, n):
-    """The probe set: the first n images of `dataset` (validation), stacked: (n, 3, S, S)."""
-    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+def probe_indices(labels, n, seed=0):
+    """The probe set's indices into a data set with classes `labels` (L,): n of them, sorted.
+
+    Class-stratified and seeded: every class's images in a seeded random order, then the first
+    image of every class, the second of every class, ... until n. It covers min(#classes, n)
+    classes whatever the data set's order (an ImageFolder is sorted by class: its first 256
+    images are ~5 ImageNet classes) and is the same on every run, rank and machine.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)  # (L,) a seeded shuffle
+    shuffled = torch.as_tensor(labels)[order]  # (L,) their classes
+    by_class = torch.sort(shuffled, stable=True).indices  # (L,) grouped by class, order kept
+    grouped = shuffled[by_class]  # (L,) classes, sorted
+    first = torch.searchsorted(grouped, grouped)  # (L,) where each one's class begins
+    rank = torch.empty_like(order)
+    rank[by_class] = torch.arange(len(order)) - first  # (L,) its place within its class
+    # rounds: every class's 1st image (in shuffled order), then every class's 2nd, ...
+    pick = torch.argsort(rank * len(order) + torch.arange(len(order)))[:n]
+    return order[pick].sort().values
+
+
+def probe_images(dataset, n, seed=0):
+    """The probe set of `dataset` (validation), `probe_indices` of it, stacked: (n, 3, S, S)."""
+    return torch.stack([dataset[int(i)][0] for i in probe_indices(labels_of(dataset), n, seed)])
 
 
 @torch.no_grad()
@@ -364,7 +386,7 @@ def load_teacher_route(model, ckpt, device, source=None):
 
 
 def compare(model, other, val_set, opts, device):
-    """Routing consistency of two checkpoints on the first --probe-size validation images."""
+    """Routing consistency of two checkpoints on the probe set (--probe-size images)."""
     if (other.moe_layers, other.num_experts, other.grid) != (
         model.moe_layers, model.num_experts, model.grid):  # fmt: skip
         raise EvalError(f"--compare {opts.compare}: another architecture (MoE layers "

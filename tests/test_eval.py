@@ -272,3 +272,35 @@ def test_an_old_checkpoint_without_model_args_still_loads(runs, capsys, tmp_path
     old = cli_json(capsys, "--checkpoint", tmp_path / "old.pt")
     for key in ("top1", "utilisation", "teacher_agreement", "dropped_frac"):
         assert old[key] == new[key], key
+
+
+# ----------------------------------------------------------------------------- the probe set
+def test_probe_set_is_class_stratified_and_seeded(tmp_path):
+    """An ImageFolder is sorted by class: the probe must not be its first images (1-2 classes)."""
+    from torchvision.datasets import ImageFolder
+
+    for c in range(12):
+        (tmp_path / f"class{c:02d}").mkdir()
+        for i in range(5):  # 12 classes x 5 images, class-ordered as ImageFolder lists them
+            Image.new("RGB", (8, 8), (20 * c, 10 * i, 0)).save(tmp_path / f"class{c:02d}/{i}.png")
+    folder = ImageFolder(tmp_path)
+    labels = torch.tensor(folder.targets)
+    for n in (6, 16, 40):
+        idx = ev.probe_indices(labels, n)
+        assert len(set(idx.tolist())) == len(idx) == n  # n distinct images
+        classes = labels[idx].unique()
+        assert len(classes) >= min(12, n // 2)  # the issue's bar ...
+        assert len(classes) == min(12, n)  # ... and in fact every class, round-robin
+        counts = labels[idx].bincount(minlength=12)
+        assert counts.max() - counts[counts > 0].min() <= 1  # as even as n allows
+    assert torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16))  # seeded
+    assert not torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16, seed=1))
+    assert ev.probe_indices(labels, 16).tolist() != list(range(16))  # not the first images
+    # probe_images reads those very images, labels from the folder's own list (none decoded)
+    images = ev.probe_images(
+        ImageFolder(tmp_path, transform=lambda im: torch.tensor(im.getpixel((0, 0)))), 16
+    )
+    want = torch.stack(
+        [torch.tensor(folder[int(i)][0].getpixel((0, 0))) for i in ev.probe_indices(labels, 16)]
+    )
+    assert torch.equal(images, want)
