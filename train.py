@@ -52,6 +52,12 @@ Decisions where the papers are silent
   last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve.
 * On CPU the process asks glibc to keep freed memory (`moe.keep_freed_memory`): without it the
   big MoE weight gradients are page-faulted afresh every step.
+* `--eval-capacity-factor` defaults to 4.0 for the top-K methods: V-MoE's ImageNet-1k config
+  (google-research/vmoe, vmoe/configs/vmoe_paper/vmoe_s32_last2_ilsvrc2012_randaug_light1.py,
+  "Use higher capacity for evaluation": `config.evaluate.model_overrides` sets the
+  dispatcher's capacity_factor to 4.0; training keeps 1.05). Expert choice keeps its training
+  cf: there the capacity is how many tokens each expert takes, so a larger one would change
+  the computation, not just stop drops. The resolved value is saved in args and model_args.
 * Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` 8 on CUDA, 0 on CPU (where
   workers would take the model's cores). The teacher agreement is logged on training
   batches and, while a teacher runs, on the validation set (`val_teacher_agreement`).
@@ -88,6 +94,9 @@ from teacher import (
     teacher_objective,
     teacher_route,
 )
+
+# V-MoE's evaluation capacity factor for top-K routers (source in the docstring's decisions)
+VMOE_EVAL_CF = 4.0
 
 
 class TrainError(ValueError):
@@ -130,7 +139,13 @@ def get_args_parser(add_help=True):
     add(g, "--topk", type=int, default=1, help="K, experts per token")
     add(g, "--moe-layers", type=int, nargs="+", default=None, help="1-indexed MoE blocks")
     add(g, "--capacity-factor", type=float, default=1.05, help="train capacity factor (V-MoE)")
-    add(g, "--eval-capacity-factor", type=float, default=None, help="eval capacity factor")
+    add(
+        g,
+        "--eval-capacity-factor",
+        type=float,
+        default=None,
+        help=f"eval capacity factor (default {VMOE_EVAL_CF} for top-K as V-MoE, else the train cf)",
+    )
     add(g, "--noise-std", type=float, default=1.0, help="router noise σ (added as σ/E)")
     add(g, "--moe-group-size", type=int, default=8, help="images per routing group")
     add(g, "--batch-priority", action="store_true", help="batch-priority routing (BPR)")
@@ -414,7 +429,8 @@ def describe_recipe(args):
             f"{args.repeated_aug}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing "
             f"{args.smoothing}, drop-path {args.drop_path}, ema "
             f"{args.model_ema_decay if args.model_ema else 'off'}, eval crop "
-            f"{args.eval_crop_ratio}")  # fmt: skip
+            f"{args.eval_crop_ratio}, capacity factor {args.capacity_factor} train / "
+            f"{args.eval_capacity_factor} eval")  # fmt: skip
 
 
 def build_optimizer(model, routers, args, cuda):
@@ -655,6 +671,9 @@ def validate(args, model, val_loader, device, route, ema=None):
 def main(args):
     """Train; returns {"model": the unwrapped student, "routers", "history", "args"}."""
     check_args(args)
+    if args.eval_capacity_factor is None:  # V-MoE evaluates top-K with room; EC routes as trained
+        top_k = METHODS[args.method] == "top-k"
+        args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
     args.output_dir = args.output_dir or f"runs/{args.model}-{args.method}"

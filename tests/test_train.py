@@ -212,8 +212,12 @@ def test_log_and_checkpoint_layout(tmp_path, capsys):
         assert key in record, key
     assert len(record["routing_entropy"]) == 2 and len(record["utilisation"][0]) == 4
     assert 0 <= record["train_top1"] <= 100  # on the un-mixed labels (MixUp/CutMix are on)
-    assert "recipe: AdamW lr 6.25e-05" in capsys.readouterr().out  # 2e-3 · 16 / 512, resolved
+    printed = capsys.readouterr().out
+    assert "recipe: AdamW lr 6.25e-05" in printed  # 2e-3 · 16 / 512, resolved
+    assert "capacity factor 1.05 train / 4.0 eval" in printed  # V-MoE's eval default
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["model_args"]["eval_capacity_factor"] == 4.0
+    assert build_model(**ckpt["model_args"]).blocks[3].mlp.eval_capacity_factor == 4.0
     for key in ("model", "optimizer", "lr_scheduler", "epoch", "scaler", "args", "step", "rng"):
         assert key in ckpt
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
@@ -492,6 +496,7 @@ def test_checkpoint_rebuilds_its_model_without_the_trainer(tmp_path):
     model = build_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])  # strict: every key and shape fits
     assert ckpt["model_args"]["capacity_factor"] == 1.5 and ckpt["teacher_args"] is None
+    assert ckpt["model_args"]["eval_capacity_factor"] == 1.5  # expert choice evaluates as trained
 
 
 def test_the_teacher_router_group_is_removed_by_name(teacher_ckpt, tmp_path):
@@ -588,7 +593,8 @@ def test_vmoe_balance_losses_are_taken_per_routing_group(tmp_path):
     model = train.build_student(args, 10).eval()
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     _, _, parts = train.compute_losses(model, images, labels, args, None, None)
-    _, routings = model(images)
+    with torch.no_grad():
+        _, routings = model(images)
     want = 0.0
     for r in routings:
         assert r.num_groups == 4
