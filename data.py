@@ -29,8 +29,10 @@ Decisions where the papers are silent
   ImageNet's 1.28M training files and no download of a training split.
 """
 
+import functools
 import itertools
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -202,19 +204,58 @@ class RandAugment(torch.nn.Module):
         return img
 
 
-def random_erasing(args):
-    """DeiT's random erasing (timm's, after normalisation): with probability --reprob erase
-    1..--recount rectangles (2%-33% of the image, aspect 0.3-3.3), filled with N(0, 1) noise
-    per pixel (--remode pixel) or zeros (const)."""
-    value = {"pixel": "random", "const": 0}[args.remode]
-    erase = v2.RandomErasing(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=value)
-    counts = [v2.Compose([erase] * k) for k in range(1, args.recount + 1)]  # timm: count ~ U
-    return v2.RandomApply([v2.RandomChoice(counts)], p=args.reprob)
+# ----------------------------------------------------------------------------- on the device
+# The workers hand over uint8 images (a quarter of float32's bytes through shared memory and
+# the host-to-device copy); the per-pixel float work runs on the training device, as timm's
+# PrefetchLoader does: normalisation, then random erasing, then MixUp/CutMix (train.py).
+@functools.cache
+def _mean_std(device):
+    mean = torch.tensor(MEAN, device=device).view(3, 1, 1) * 255  # (3, 1, 1) in uint8 units
+    return mean, torch.tensor(STD, device=device).view(3, 1, 1) * 255
+
+
+def normalize(images):
+    """uint8 images (..., 3, S, S) -> float32 (x − mean) / std, on their own device.
+
+    Float input is taken to be normalised already and returned as it is (tests, a user's own
+    tensors)."""
+    if images.is_floating_point():
+        return images
+    mean, std = _mean_std(images.device)
+    return (images.float() - mean) / std
+
+
+def random_erasing(images, prob, mode="pixel", count=1):
+    """DeiT's random erasing (timm's RandomErasing, after normalisation), on a batch in place.
+
+    Each image, with probability `prob`, gets 1..count rectangles (count drawn uniformly)
+    of 2%-33% of its area and aspect 0.3-3.3 (10 tries to fit each), filled with N(0, 1)
+    noise per pixel (`pixel`, the normalised units' scale) or zeros (`const`). The draws are
+    Python's `random` and the noise is drawn on the images' device: no host sync.
+    """
+    B, C, H, W = images.shape
+    for b in range(B):
+        if random.random() >= prob:
+            continue
+        for _ in range(random.randint(1, count)):
+            for _attempt in range(10):
+                area = H * W * random.uniform(0.02, 1 / 3)
+                aspect = math.exp(random.uniform(math.log(0.3), math.log(3.3)))
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if h < H and w < W:
+                    y, x = random.randint(0, H - h), random.randint(0, W - w)
+                    fill = torch.randn((C, h, w), device=images.device, dtype=images.dtype)
+                    images[b, :, y : y + h, x : x + w] = fill if mode == "pixel" else 0
+                    break
+    return images
 
 
 # ----------------------------------------------------------------------------- DeiT's pipeline
 def build_transform(is_train, args):
-    """DeiT's train / eval pipelines on uint8 images, in torchvision.transforms.v2."""
+    """DeiT's train / eval pipelines up to RandAugment, on uint8 images (torchvision v2).
+
+    They end in a uint8 tensor (3, S, S): `normalize` and `random_erasing` follow on the
+    device batch."""
     S, small = args.img_size, args.img_size <= 64
     t = [v2.ToImage()]
     if is_train and args.crop_flip:
@@ -231,10 +272,7 @@ def build_transform(is_train, args):
         t += [v2.CenterCrop(S)]
     if is_train and (aa := parse_aa(args.aa)):
         t += [RandAugment(**aa)]  # on uint8, as timm on PIL images
-    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-    if is_train and args.reprob > 0:
-        t += [random_erasing(args)]  # after normalisation: the noise is N(0, 1) in its units
-    return v2.Compose(t)
+    return v2.Compose([*t, v2.ToPureTensor()])  # uint8 (3, S, S): `normalize` on the device
 
 
 def check_data_path(args, with_train=True):
@@ -327,19 +365,69 @@ class RASampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
-def build_loader(dataset, is_train, args, *, rank=0, world=1, generator=None, pin_memory=False):
+class EpochSeeded(torch.utils.data.Dataset):
+    """A data set whose loader workers re-seed themselves at the start of every epoch.
+
+    Workers that live across epochs (`persistent_workers`, no restart cost) keep their random
+    streams running, so epoch e's augmentations would depend on every epoch before it and a
+    resumed run would draw different ones. Here worker w seeds `random` and torch with
+    (seed, epoch, w) at its first image of an epoch (`set_epoch` shares the epoch through
+    shared memory): the augmentations are a function of (seed, rank, epoch) again, as with
+    workers restarted every epoch. In-process loading (no workers) keeps the main process's
+    streams, which the checkpoint saves.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.seen = dataset, seed, None
+        self.epoch = torch.multiprocessing.Value("q", 0, lock=False)  # shared with the workers
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.seen != self.epoch.value:
+            self.seen = self.epoch.value
+            seed = (self.seed * 1_000_003 + self.seen) * 1_009 + worker.id
+            random.seed(seed)
+            torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+def set_epoch(loader, epoch):
+    """Every epoch, before iterating: the sampler's permutation and the workers' seeds."""
+    loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, EpochSeeded):
+        loader.dataset.epoch.value = epoch
+
+
+def default_workers(device, local_world=1):
+    """--num-workers when not given: the CPUs this process may use, split between the
+    processes of the machine, at most 10 (DeiT's); 0 on a CPU-only run, where workers would
+    take the model's cores."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(10, len(os.sched_getaffinity(0)) // local_world - 1))
+
+
+def build_loader(dataset, is_train, args, *, rank=0, world=1, pin_memory=False):
     """A DataLoader over this process's shard: shuffled for training, in order for validation.
 
     Training drops the last incomplete batch (every step has B images) and shuffles with a
-    sampler seeded by --seed, DeiT's RASampler under --repeated-aug, else a DistributedSampler
-    (call `loader.sampler.set_epoch(epoch)` every epoch); `generator` seeds the workers, so a
-    resumed run draws the same augmentations.
+    sampler seeded by --seed, DeiT's RASampler under --repeated-aug, else a DistributedSampler;
+    call `set_epoch(loader, epoch)` every epoch. Batches are uint8 (B, 3, S, S): `normalize`
+    them on the device. Workers persist across epochs and keep 4 batches each in flight;
+    training's are `EpochSeeded`, so a resumed run draws the same augmentations. Validation
+    batches are 1.5x the training batch (DeiT: no gradients, so memory allows).
     """
     if is_train and args.repeated_aug:
         sampler = RASampler(dataset, world, rank, seed=args.seed)
     else:
         sampler = DistributedSampler(dataset, world, rank, shuffle=is_train, seed=args.seed)
-    generator = generator if generator is not None else torch.Generator()
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=is_train,
-                      num_workers=args.num_workers, pin_memory=pin_memory,
-                      generator=generator)  # fmt: skip
+    workers = args.num_workers
+    if is_train and workers > 0:
+        dataset = EpochSeeded(dataset, args.seed * 1_000 + rank)
+    batch = args.batch_size if is_train else int(1.5 * args.batch_size)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=is_train,
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)  # fmt: skip

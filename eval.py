@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import MEAN, STD, build_dataset, labels_of
+from data import MEAN, STD, build_dataset, labels_of, normalize
 from moe import build_model, model_args_from_flags
 from router import check_routing
 from teacher import (
@@ -111,7 +111,7 @@ def teacher_agreement(student_logits, teacher_logits):
     # a = (1/T) Σ_t 1[argmax p_t = argmax p_t^teacher]  (softmax keeps the argmax of the logits)
     s = student_logits.reshape(-1, student_logits.shape[-1]).argmax(-1)  # (T,)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).argmax(-1)  # (T,)
-    return float((s == t).float().mean())
+    return (s == t).float().mean()  # a 0-dim tensor: the training step logs it without a sync
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -137,8 +137,9 @@ def probe_indices(labels, n, seed=0):
 
 
 def probe_images(dataset, n, seed=0):
-    """The probe set of `dataset` (validation), `probe_indices` of it, stacked: (n, 3, S, S)."""
-    return torch.stack([dataset[int(i)][0] for i in probe_indices(labels_of(dataset), n, seed)])
+    """The probe set of `dataset` (validation), `probe_indices` of it, normalised: (n, 3, S, S)."""
+    images = [dataset[int(i)][0] for i in probe_indices(labels_of(dataset), n, seed)]
+    return normalize(torch.stack(images))  # float32, as the model takes them
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ def evaluate(model, loader, device, *, teacher=None, route_by_teacher=False, amp
     correct1, correct5, seen = torch.zeros(3, dtype=torch.float64, device=device).unbind()
     counts = dropped = tokens = agreed = None  # (layers, E), (layers,) ×3
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = normalize(images.to(device, non_blocking=True))  # uint8 -> float (B, 3, S, S)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             t_logits = teacher(images) if teacher else None  # list of (B, N, E)

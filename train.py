@@ -40,8 +40,18 @@ Decisions where the papers are silent
   `--switch-patience` it switches. Epoch 0 compares with the initial routing.
 * Every input file (--resume, --finetune, --teacher, --data-path) is opened and checked before
   any data set is built, any file is written or any step runs, whatever the schedule.
-* Per-step LR: warm-up from `--warmup-lr`, cosine to `--min-lr`; base = lr·batch·world/512.
-  No weight decay on biases, norms, pos_embed, cls_token (DeiT). bf16 autocast on CUDA only.
+* Per-step LR: warm-up from `--warmup-lr`, cosine to `--min-lr`; base = lr·batch·world·
+  accum/512 (`--accum-iter`: DeiT-III's gradient accumulation, `no_sync` before the last
+  batch of a step). No weight decay on biases, norms, pos_embed, cls_token (DeiT). bf16
+  autocast on CUDA only; `cudnn.benchmark` on.
+* The step hands nothing to Python (no `.item()`, no `bool()` of a tensor): losses and
+  metrics are summed on the device and read at `--print-freq`; a nan/inf loss is noted on the
+  device and stops the run at the next progress line, naming the first bad step (no
+  checkpoint is written after it). `--compile` compiles `compute_losses`, the step's whole
+  forward (student, losses, teacher and routers while distilling) with its backward; it
+  recompiles once at the switch or StableMoE's freeze, never per step.
+* The data workers stop at uint8 images; `device_batch` normalises, erases and mixes on the
+  device (timm's PrefetchLoader does the same). Validation batches are 1.5x the training one.
 * The frozen teacher runs under bf16 autocast on CPU and GPU alike (`--teacher-dtype`): on
   this project's CPU a TGR step was 1.4x faster than with an fp32 teacher (train_step.py).
 * Exact resume: every rank's RNG states, the step, the switch state and the probe's last
@@ -58,12 +68,17 @@ Decisions where the papers are silent
   dispatcher's capacity_factor to 4.0; training keeps 1.05). Expert choice keeps its training
   cf: there the capacity is how many tokens each expert takes, so a larger one would change
   the computation, not just stop drops. The resolved value is saved in args and model_args.
-* Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` 8 on CUDA, 0 on CPU (where
-  workers would take the model's cores). The teacher agreement is logged on training
-  batches and, while a teacher runs, on the validation set (`val_teacher_agreement`).
+* Defaults: `--output-dir` runs/MODEL-METHOD; `--num-workers` the CPUs per process minus one,
+  at most 10 (DeiT's), on CUDA, 0 on CPU (where workers would take the model's cores).
+* DDP: rank 0 writes the checkpoint while the others wait in a barrier; the process group's
+  timeout is 30 minutes (a checkpoint of E = 128 experts is tens of GB).
+* The teacher agreement is logged on training batches and, while a teacher runs, on the
+  validation set (`val_teacher_agreement`).
 """
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
 import math
@@ -77,9 +92,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from data import DATASETS, build_dataset, build_loader, build_mixup, check_data_path, parse_aa
+from data import (
+    DATASETS,
+    build_dataset,
+    build_loader,
+    build_mixup,
+    check_data_path,
+    default_workers,
+    normalize,
+    parse_aa,
+    random_erasing,
+    set_epoch,
+)
 from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
 from losses import importance_loss, load_loss, routing_kl, z_loss
 from moe import METHODS, MODELS, build_model, keep_freed_memory, model_args_from_flags, upcycle
@@ -178,7 +203,14 @@ def get_args_parser(add_help=True):
         help="tgr --finetune: a new teacher router, not the pre-trained run's")  # fmt: skip
 
     g = parser.add_argument_group("optimisation (DeiT recipe)")
-    add(g, "--batch-size", type=int, default=64, help="images per process per step")
+    add(g, "--batch-size", type=int, default=64, help="images per process per batch")
+    add(
+        g,
+        "--accum-iter",
+        type=int,
+        default=1,
+        help="batches per optimizer step (gradient accumulation, DeiT-III/MAE)",
+    )
     add(g, "--epochs", type=int, default=300)
     add(g, "--lr", type=float, default=5e-4, help="LR at a global batch of 512")
     add(g, "--min-lr", type=float, default=1e-5)
@@ -198,7 +230,12 @@ def get_args_parser(add_help=True):
     add(g, "--repeated-aug", action=on_off, default=True, help="DeiT's repeated augmentation ×3")
     add(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
     add(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
-    add(g, "--compile", action="store_true", help="torch.compile the student")
+    add(
+        g,
+        "--compile",
+        action="store_true",
+        help="torch.compile the step: student, losses and, while distilling, the teacher",
+    )
     add(g, "--model-ema", action=on_off, default=True, help="keep an EMA of the weights (DeiT)")
     add(g, "--model-ema-decay", type=float, default=0.99996, help="EMA decay per step")
 
@@ -209,7 +246,7 @@ def get_args_parser(add_help=True):
     add(g, "--synthetic-train-size", type=int, default=10000)
     add(g, "--synthetic-val-size", type=int, default=1000)
     add(g, "--synthetic-seed", type=int, default=0, help="seed of the generated data")
-    add(g, "--num-workers", type=int, default=None, help="loader workers (8 CUDA, 0 CPU)")
+    add(g, "--num-workers", type=int, default=None, help="loader workers (CUDA: CPUs, <= 10)")
     add(g, "--pin-mem", action=on_off, default=True)
 
     g = parser.add_argument_group("run")
@@ -228,7 +265,7 @@ def check_args(args):
         check_routing(args.experts, args.topk, args.capacity_factor, args.eval_capacity_factor)
     if args.method in ("tgr", "teacher-route") and not args.teacher:
         raise TrainError(f"--method {args.method} needs --teacher (e.g. runs/micro-dense/...pt)")
-    for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size"):
+    for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size", "accum_iter"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     parse_aa(args.aa)  # one line for a policy data.py cannot build
@@ -255,16 +292,20 @@ def init_distributed(args):
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # 30 min: the other ranks wait in a barrier while rank 0 writes a checkpoint (an E = 128
+    # Base one is tens of GB); NCCL's 10-minute default could end the run there
+    timeout = datetime.timedelta(minutes=30)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return rank, world, device
 
 
 def wrap(model, args, world, device):
-    """DDP (rebuilt when the set of trainable parameters changes) and optional compile."""
+    """DDP, rebuilt when the set of trainable parameters changes (--compile compiles the
+    whole step instead: `compute_losses`, see `train`)."""
     if world > 1:
         ids = [device] if device.type == "cuda" else None  # CPU (gloo): no device ids
         model = DistributedDataParallel(model, device_ids=ids)
-    return torch.compile(model) if args.compile else model
+    return model
 
 
 # ============================================================================ the schedule
@@ -423,14 +464,16 @@ def continued_router(args, ckpt, pretrained):
 
 def describe_recipe(args):
     """The effective recipe, printed once at start: what the run trains with, flags resolved."""
-    return (f"recipe: AdamW lr {args.base_lr:.2e} (= {args.lr} × {args.batch_size}·world/512), "
+    batch = f"{args.batch_size}·world" + (f"·{args.accum_iter}" if args.accum_iter > 1 else "")
+    routed = METHODS[args.method] in ("top-k", "expert-choice")
+    return (f"recipe: AdamW lr {args.base_lr:.2e} (= {args.lr} × {batch}/512), "
             f"wd {args.weight_decay}, warm-up {args.warmup_epochs} epochs, cosine to "
             f"{args.min_lr}; aa {args.aa}, reprob {args.reprob}, repeated-aug "
             f"{args.repeated_aug}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing "
             f"{args.smoothing}, drop-path {args.drop_path}, ema "
             f"{args.model_ema_decay if args.model_ema else 'off'}, eval crop "
-            f"{args.eval_crop_ratio}, capacity factor {args.capacity_factor} train / "
-            f"{args.eval_capacity_factor} eval")  # fmt: skip
+            f"{args.eval_crop_ratio}" + (f", capacity factor {args.capacity_factor} train / "
+            f"{args.eval_capacity_factor} eval" if routed else ""))  # fmt: skip
 
 
 def build_optimizer(model, routers, args, cuda):
@@ -448,16 +491,29 @@ def build_optimizer(model, routers, args, cuda):
                              weight_decay=args.weight_decay, **fast)  # fmt: skip
 
 
+class ModelEma:
+    """ema ← decay·ema + (1 − decay)·θ after every optimizer step (DeiT's timm ModelEma): a
+    frozen copy of the model taken at the start, updated with one fused lerp, no host sync."""
+
+    def __init__(self, model, decay):
+        self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model):
+        pairs = zip([*self.module.parameters(), *self.module.buffers()],
+                    [*model.parameters(), *model.buffers()])  # fmt: skip
+        ema, new = zip(*[(e, n.detach()) for e, n in pairs if e.is_floating_point()])
+        torch._foreach_lerp_(list(ema), list(new), 1.0 - self.decay)
+
+
 def build_ema(model, args, ckpt):
-    """--model-ema (DeiT): ema ← decay·ema + (1 − decay)·θ after every optimizer step, its own
-    validation line (val_top1_ema), saved as "model_ema" and resumed. None without the flag."""
+    """--model-ema (DeiT): a `ModelEma` with its own validation line (val_top1_ema), saved as
+    "model_ema" and resumed. None without the flag."""
     if not args.model_ema:
         return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
-                        use_buffers=True)  # fmt: skip
+    ema = ModelEma(model, args.model_ema_decay)
     if ckpt is not None and ckpt.get("model_ema") is not None:
         load_weights(ema.module, ckpt["model_ema"], "--resume's model_ema")
-        ema.n_averaged.fill_(max(1, ckpt["step"]))  # > 0: the next update averages
     return ema
 
 
@@ -505,8 +561,8 @@ def compute_losses(model, images, targets, args, teacher, routers, labels=None):
         pairs = [(r.student_logits, t) for r, t in zip(routings, t_logits)]  # (T, E), (B, N, E)
         parts["distill"] = sum(routing_kl(s, t.detach(), from_logits=True) for s, t in pairs)
         # how often the student's own top-1 already is the teacher router's, averaged over layers
-        agree = [teacher_agreement(s, t) for s, t in pairs]
-        parts["teacher_agreement"] = torch.tensor(sum(agree) / len(agree))
+        agree = [teacher_agreement(s, t) for s, t in pairs]  # tensors: no host sync
+        parts["teacher_agreement"] = torch.stack(agree).mean()
         scale = 1 if args.method == "teacher-route" else len(routings)  # eq. S2 sums; TGR averages
         loss = loss + args.distill_coef / scale * parts["distill"]
         if args.method == "tgr":  # the teacher router sees no task loss, only balance + entropy
@@ -528,52 +584,85 @@ def average_router_grads(routers, world):
         p.grad /= world
 
 
+def device_batch(images, targets, device, args, mix):
+    """A loader batch made ready on the device: uint8 -> normalised float, random erasing,
+    MixUp/CutMix (DeiT's order). Returns (images, targets, labels): targets are soft (B,
+    classes) under mixing, labels the un-mixed classes (B,) for the training top-1."""
+    images = normalize(images.to(device, non_blocking=True))  # (B, 3, S, S) float32
+    labels = targets = targets.to(device, non_blocking=True)  # (B,)
+    if args.reprob > 0:
+        random_erasing(images, args.reprob, args.remode, args.recount)
+    if mix is not None:
+        images, targets = mix(images, targets)  # targets: (B, classes) soft labels
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
+    return images, targets, labels
+
+
+def check_finite(bad_step, bad_value, epoch, out):
+    """Stop at a non-finite loss, naming the first step that had one (read once per progress
+    line: the check waits for the device there, not in every step)."""
+    if (step := int(bad_step)) >= 0:
+        kept = f"the last good checkpoint is {out / 'checkpoint.pt'}"
+        raise TrainError(f"loss is {float(bad_value)} at step {step} (epoch {epoch}); {kept}")
+
+
 def train_one_epoch(model, teacher, routers, optimizer, loader, mix, args, epoch, step, out,
-                    world, ema=None):  # fmt: skip
+                    world, ema=None, losses_fn=compute_losses):  # fmt: skip
     """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
 
-    sums: every loss part summed over the epoch's steps (this rank's), for `epoch_means`.
+    sums: every loss part summed over the epoch's batches on the device (this rank's), for
+    `epoch_means`. Nothing in a step waits for the device: sums stay tensors, and the first
+    non-finite loss is noted on the device and checked at each progress line.
+    --accum-iter N: one optimizer step per N batches, each loss divided by N, DDP's all-reduce
+    only on the N-th (`no_sync` before it); a last incomplete group of batches is left out.
+    losses_fn: `compute_losses` or its torch.compile'd self (--compile).
     """
-    device, steps = next(model.parameters()).device, len(loader)
+    device, accum = next(model.parameters()).device, args.accum_iter
+    batches = len(loader) // accum * accum
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     sums, seen, t0 = {}, 0, time.time()
+    bad_step = torch.full((), -1, device=device)  # the first step whose loss was nan/inf
+    bad_value = torch.zeros((), device=device)
     for it, (images, targets) in enumerate(loader):
-        lr = lr_at(step, args, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = images.to(device, non_blocking=True)  # (B, 3, S, S)
-        targets = targets.to(device, non_blocking=True)  # (B,)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
-        labels = targets  # (B,) kept for the training top-1
-        if mix is not None:
-            images, targets = mix(images, targets)  # targets: (B, classes) soft labels
-        with torch.autocast(**amp):  # bf16 on GPU only
-            loss, teacher_loss, parts = compute_losses(model, images, targets, args, teacher,
-                                                       routers, labels)  # fmt: skip
-        total = loss + teacher_loss
-        if not math.isfinite(value := total.item()):
-            kept = f"the last good checkpoint is {out / 'checkpoint.pt'}"
-            raise TrainError(f"loss is {value} at step {step} (epoch {epoch}); {kept}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if routers is not None and world > 1:
-            average_router_grads(routers, world)
-        if args.clip_grad:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        optimizer.step()
-        if ema is not None:  # the first update copies the weights, later ones average
-            ema.update_parameters(model)
-        step, seen = step + 1, seen + images.shape[0] * world
+        if it == batches:
+            break
+        if it % accum == 0:  # the first batch of an optimizer step
+            lr = lr_at(step, args, batches // accum)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+        images, targets, labels = device_batch(images, targets, device, args, mix)
+        last = (it + 1) % accum == 0  # the batch whose backward all-reduces
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with torch.autocast(**amp):  # bf16 on GPU only
+                loss, teacher_loss, parts = losses_fn(model, images, targets, args, teacher,
+                                                      routers, labels)  # fmt: skip
+            total = loss + teacher_loss
+            (total / accum).backward()
+        new_bad = ~torch.isfinite(total.detach()) & (bad_step < 0)
+        bad_step = torch.where(new_bad, step, bad_step)
+        bad_value = torch.where(new_bad, total.detach().float(), bad_value)
+        if last:
+            if routers is not None and world > 1:
+                average_router_grads(routers, world)
+            if args.clip_grad:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+        seen += images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
-        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
+        if (it + 1) % args.print_freq == 0 or it + 1 == batches:
+            check_finite(bad_step, bad_value, epoch, out)
             elapsed = time.time() - t0
-            eta = datetime.timedelta(seconds=round(elapsed * (steps / (it + 1) - 1)))
+            eta = datetime.timedelta(seconds=round(elapsed * (batches / (it + 1) - 1)))
             shown = " ".join(f"{k} {float(v) / (it + 1):.4f}" for k, v in sums.items())
-            print0(f"epoch {epoch} [{it + 1}/{steps}] {shown} lr {lr:.2e} "
+            print0(f"epoch {epoch} [{it + 1}/{batches}] {shown} lr {lr:.2e} "
                    f"{seen / elapsed:.0f} img/s eta {eta}")  # fmt: skip
     return step, sums, seen, lr
 
@@ -678,8 +767,10 @@ def main(args):
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
     args.output_dir = args.output_dir or f"runs/{args.model}-{args.method}"
     rank, world, device = init_distributed(args)
-    if args.num_workers is None:
-        args.num_workers = 8 if device.type == "cuda" else 0
+    if args.num_workers is None:  # the CPUs per process, at most DeiT's 10; 0 on a CPU run
+        args.num_workers = default_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: the fastest patchify conv
     if device.type == "cpu":
         keep_freed_memory()  # big per-step tensors reuse memory instead of fresh pages
     try:
@@ -701,14 +792,13 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ data
     train_set, num_classes = build_dataset(True, args)
     val_set, _ = build_dataset(False, args)
-    loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds follow (seed, epoch)
     pin = args.pin_mem and cuda
-    train_loader = build_loader(train_set, True, args, rank=rank, world=world,
-                                generator=loader_rng, pin_memory=pin)  # fmt: skip
+    train_loader = build_loader(train_set, True, args, rank=rank, world=world, pin_memory=pin)
     val_loader = build_loader(val_set, False, args, rank=rank, world=world, pin_memory=pin)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // args.accum_iter  # optimizer steps
     if steps_per_epoch == 0:
-        raise TrainError(f"{len(train_set)} training images < one batch of {args.batch_size}")
+        batch = f"{args.batch_size} x --accum-iter {args.accum_iter}"
+        raise TrainError(f"{len(train_set)} training images < one step of {batch}")
     mix = build_mixup(args, num_classes)  # MixUp or CutMix per batch, or None
     # (P, 3, S, S) fixed validation images whose routing we follow over epochs
     probe = probe_images(val_set, args.probe_size).to(device)
@@ -741,7 +831,8 @@ def train(args, rank, world, device):
     model = wrap(model_without_ddp, args, world, device)
 
     # ------------------------------------------------------------------ optimizer
-    args.base_lr = args.lr * args.batch_size * world / 512  # DeiT's linear scaling rule
+    # DeiT's linear scaling rule, on the batch of one optimizer step (DeiT-III: × accum-iter)
+    args.base_lr = args.lr * args.batch_size * world * args.accum_iter / 512
     optimizer = build_optimizer(model_without_ddp, routers, args, cuda)
     ema = build_ema(model_without_ddp, args, ckpt)  # None unless --model-ema
     start_epoch, step, prev_assign, probe_history = 0, 0, None, {}
@@ -761,17 +852,21 @@ def train(args, rank, world, device):
     print0(f"{args.model} {args.method}: {params:.2f}M params{router}, {len(train_set)} images, "
            f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch")  # fmt: skip
     print0(describe_recipe(args))
+    # --compile: the whole step's forward (student, losses, teacher and routers while they
+    # run) and its backward, as one program; the switch (teacher gone) and StableMoE's freeze
+    # change what it sees, so it recompiles once there, never per step
+    losses_fn = torch.compile(compute_losses) if args.compile else compute_losses
 
     # ------------------------------------------------------------------ loop
     history = []
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        loader_rng.manual_seed(args.seed * 100_003 + epoch * 101 + rank)
+        set_epoch(train_loader, epoch)  # the permutation and the workers' seeds
         distilling, t0 = teacher is not None, time.time()
         step, sums, seen, lr = train_one_epoch(model, teacher, routers, optimizer, train_loader,
-                                               mix, args, epoch, step, out, world, ema)  # fmt: skip
+                                               mix, args, epoch, step, out, world, ema,
+                                               losses_fn)  # fmt: skip
         train_time = time.time() - t0
-        means = epoch_means(sums, world, steps_per_epoch, device)
+        means = epoch_means(sums, world, steps_per_epoch * args.accum_iter, device)
 
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
@@ -820,6 +915,8 @@ def train(args, rank, world, device):
                      "model_ema": ema.module.state_dict() if ema is not None else None,
                      "teacher_args": t_args}  # fmt: skip
             save_epoch(out, state, record, assign, probe_history)
+        if world > 1:  # the others wait for the write here, not in the next step's all-reduce
+            dist.barrier()
     return {"model": model_without_ddp, "routers": routers, "history": history, "args": args}
 
 

@@ -21,6 +21,7 @@ and projects the whole-run cost of TGR relative to V-MoE for a distillation frac
     python benchmarks/train_step.py                      # 224², batch 16: minutes on 2 cores
     python benchmarks/train_step.py --device cuda --batch-size 128    # on a GPU (bf16 autocast)
     python benchmarks/train_step.py --quick              # micro at 32²: a smoke test
+    python benchmarks/train_step.py --device cuda --batch-size 128 --compile  # whole step compiled
 
 Decisions
 ---------
@@ -30,6 +31,10 @@ Decisions
   `--repeats` rounds, so load from other processes on a shared machine hits all alike.
 * On CUDA the student runs under bf16 autocast as in train.py, and the teacher defaults to
   bf16; the fp32 teacher row is kept for comparison.
+* A step is what train.py's step does: a uint8 batch already on the device is normalised
+  (`data.normalize`), then `train.compute_losses` (or, with `--compile`, its torch.compile'd
+  self, as `train.py --compile`: student, losses, teacher and routers in one program),
+  backward and AdamW. The untimed warm-up rounds take the compilation.
 """
 
 import argparse
@@ -44,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from data import normalize  # noqa: E402
 from moe import build_model, keep_freed_memory  # noqa: E402
 
 
@@ -72,14 +78,16 @@ def step_fn(variant, args, device, teacher_path):
         params += list(routers.parameters())
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(params, lr=1e-4, **fast)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)  # as loaded
     targets = torch.randint(0, 1000, (args.batch_size,), device=device)
     cuda = device.type == "cuda"
+    losses = torch.compile(train.compute_losses) if args.compile else train.compute_losses
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, teacher_loss, _ = train.compute_losses(
-                model, images, targets, targs, teacher, routers
+            loss, teacher_loss, _ = losses(
+                model, normalize(images), targets, targs, teacher, routers
             )
         optimizer.zero_grad(set_to_none=True)
         (loss + teacher_loss).backward()
@@ -88,6 +96,9 @@ def step_fn(variant, args, device, teacher_path):
             torch.cuda.synchronize()
 
     return step
+
+
+VARIANTS = ["dense", "vmoe", "tgr fp32 teacher", "tgr bf16 teacher", "tgr-after"]
 
 
 def get_args_parser():
@@ -103,6 +114,14 @@ def get_args_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="micro student and teacher at 32²")
+    p.add_argument("--compile", action="store_true", help="torch.compile each step (train.py's)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=VARIANTS,
+        choices=VARIANTS,
+        help="which steps to time (vmoe is always timed: the ratios need it)",
+    )
     return p
 
 
@@ -111,6 +130,7 @@ def main(args):
         args.model, args.teacher_model, args.img_size, args.patch_size = "micro", "micro", 32, 4
         args.batch_size, args.repeats, args.experts = 8, 2, 8
     torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = 16  # one compiled step per variant
     device = torch.device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
@@ -121,7 +141,7 @@ def main(args):
         ckpt_args = {"model": args.teacher_model, "method": "dense", "img_size": args.img_size,
                      "patch_size": args.patch_size, "num_classes": 1000}  # fmt: skip
         torch.save({"model": dense.state_dict(), "args": ckpt_args}, teacher_path)
-        variants = ["dense", "vmoe", "tgr fp32 teacher", "tgr bf16 teacher", "tgr-after"]
+        variants = [v for v in VARIANTS if v in {*args.variants, "dense", "vmoe"}]
         steps = {v: step_fn(v, args, device, teacher_path) for v in variants}
     times = {v: [] for v in variants}
     for r in range(args.warmup + args.repeats):
@@ -135,17 +155,19 @@ def main(args):
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     )
+    mode = "compiled" if args.compile else "eager"
     print(f"student {args.model} (E={args.experts}, K=1), teacher {args.teacher_model} (random "
-          f"weights), {args.img_size}², batch {args.batch_size}, {where}, median of "
+          f"weights), {args.img_size}², batch {args.batch_size}, {where}, {mode}, median of "
           f"{args.repeats}\n")  # fmt: skip
     print("| step | images/s | time vs dense | time vs V-MoE |")
     print("|---|---:|---:|---:|")
     for v in variants:
         ips = args.batch_size / med[v]
         print(f"| {v} | {ips:.1f} | {med[v] / med['dense']:.2f}x | {med[v] / med['vmoe']:.2f}x |")
-    print("\nprojected whole-run training time of TGR relative to V-MoE (step time only):")
-    for name in ("tgr fp32 teacher", "tgr bf16 teacher"):
-        for f in (1.0, 0.5):
+    if "tgr-after" in med:
+        print("\nprojected whole-run training time of TGR relative to V-MoE (step time only):")
+    for name in [v for v in ("tgr fp32 teacher", "tgr bf16 teacher") if v in med]:
+        for f in (1.0, 0.5) if "tgr-after" in med else ():
             cost = (f * med[name] + (1 - f) * med["tgr-after"]) / med["vmoe"]
             print(f"  {name}, --distill-until {f}: {cost:.2f}x")
 

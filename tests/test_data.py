@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 import data
 
@@ -80,31 +81,48 @@ def test_every_op_keeps_a_uint8_image(name):
         assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
 
 
-def flags(**kw):
-    return argparse.Namespace(**{"reprob": 1.0, "remode": "pixel", "recount": 1, **kw})
-
-
 @pytest.mark.parametrize("remode", ["pixel", "const"])
-def test_random_erasing_erases_one_rectangle(remode):
+def test_random_erasing_erases_one_rectangle_per_image(remode):
     torch.manual_seed(0)
-    x = torch.full((3, 40, 40), 7.0)  # a normalised image far from N(0, 1) values
-    erased = (data.random_erasing(flags(remode=remode))(x) != 7.0).all(0)  # (40, 40)
-    rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
-    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    assert erased.sum() == area  # one solid rectangle
-    assert 0.02 * 1600 <= area <= 1600 / 3 + 40  # timm's scale (0.02, 1/3), rounding
-    if remode == "const":
-        assert (x * 0 == data.random_erasing(flags(remode=remode))(x)).any()
+    x = torch.full((4, 3, 40, 40), 7.0)  # normalised images far from N(0, 1) values
+    data.random_erasing(x, 1.0, remode)  # in place, on the batch's device
+    for img in x:
+        erased = (img != 7.0).all(0)  # (40, 40)
+        rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
+        area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert erased.sum() == area  # one solid rectangle
+        assert 0.02 * 1600 <= area <= 1600 / 3 + 40  # timm's scale (0.02, 1/3), rounding
+        assert (img == 0).any() == (remode == "const")
 
 
-def test_no_erasing_with_reprob_zero_and_the_order_of_the_pipeline():
-    args = argparse.Namespace(img_size=32, crop_flip=False, aa="rand-m9-mstd0.5-inc1",
+def test_random_erasing_probability_and_count():
+    random.seed(0)
+    x = torch.full((400, 1, 20, 20), 7.0)
+    data.random_erasing(x, 0.25, "const", count=1)
+    hit = (x == 0).flatten(1).any(1).float().mean()
+    assert 0.18 < hit < 0.32  # p = 0.25 per image
+    one, upto3 = torch.full((2, 300, 1, 40, 40), 7.0)
+    data.random_erasing(one, 1.0, "const", count=1)
+    data.random_erasing(upto3, 1.0, "const", count=3)  # 1, 2 or 3 rectangles: 2 on average
+    ratio = (upto3 == 0).float().mean() / (one == 0).float().mean()
+    assert 1.4 < ratio < 2.1  # less than 2: rectangles overlap
+
+
+def test_the_loader_hands_over_uint8_and_normalize_matches_torchvision():
+    args = argparse.Namespace(img_size=32, crop_flip=True, aa="rand-m9-mstd0.5-inc1",
                               reprob=0.25, remode="pixel", recount=1)  # fmt: skip
     names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
-    assert names[-4:] == ["RandAugment", "ToDtype", "Normalize", "RandomApply"]  # erase last
-    args.reprob, args.aa = 0.0, "none"
-    names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
-    assert "RandomApply" not in names and "RandAugment" not in names
+    assert names[-2:] == ["RandAugment", "ToPureTensor"]  # no float work in the workers
+    args.aa = "none"
+    assert "RandAugment" not in [
+        type(t).__name__ for t in data.build_transform(True, args).transforms
+    ]
+    img = data.build_transform(False, args)(image(0, 32))
+    assert img.dtype == torch.uint8 and type(img) is torch.Tensor
+    batch = torch.stack([img, img.flip(-1)])  # (2, 3, 32, 32)
+    want = v2.Normalize(data.MEAN, data.STD)(v2.ToDtype(torch.float32, scale=True)(batch))
+    torch.testing.assert_close(data.normalize(batch), want)
+    assert data.normalize(want) is want  # float input: already normalised
 
 
 # ---------------------------------------------------------------------------- repeated augmentation

@@ -17,7 +17,7 @@ from PIL import Image
 
 import eval as ev
 import train
-from data import MEAN, STD
+from data import MEAN, STD, normalize
 from moe import build_model
 from router import capacity_for
 
@@ -43,7 +43,7 @@ def test_metric_functions_against_hand_values():
     assert ev.routing_consistency(top1, torch.tensor([0, 1, 0, 1])) == 0.75
     student = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0]])  # argmax 0, 1, 0
     teacher = torch.tensor([[9.0, 1.0], [3.0, 1.0], [0.0, 1.0]])  # argmax 0, 0, 1
-    assert ev.teacher_agreement(student, teacher) == pytest.approx(1 / 3)
+    assert float(ev.teacher_agreement(student, teacher)) == pytest.approx(1 / 3)
 
 
 def test_patch_map_and_display():
@@ -296,11 +296,11 @@ def test_probe_set_is_class_stratified_and_seeded(tmp_path):
     assert torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16))  # seeded
     assert not torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16, seed=1))
     assert ev.probe_indices(labels, 16).tolist() != list(range(16))  # not the first images
+
     # probe_images reads those very images, labels from the folder's own list (none decoded)
-    images = ev.probe_images(
-        ImageFolder(tmp_path, transform=lambda im: torch.tensor(im.getpixel((0, 0)))), 16
-    )
-    want = torch.stack(
-        [torch.tensor(folder[int(i)][0].getpixel((0, 0))) for i in ev.probe_indices(labels, 16)]
-    )
-    assert torch.equal(images, want)
+    def first_pixel(im):  # (3, 1, 1) uint8: the image's colour
+        return torch.tensor(im.getpixel((0, 0)), dtype=torch.uint8).view(3, 1, 1)
+
+    images = ev.probe_images(ImageFolder(tmp_path, transform=first_pixel), 16)
+    picked = [first_pixel(folder[int(i)][0]) for i in ev.probe_indices(labels, 16)]
+    assert torch.equal(images, normalize(torch.stack(picked)))

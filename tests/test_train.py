@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from data import build_dataset
+from data import build_dataset, normalize
 from losses import importance_loss, routing_kl
 from moe import METHODS as METHOD_KINDS
 from moe import build_model
@@ -73,7 +73,7 @@ def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp
         teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
         params += list(routers.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    images = torch.stack([train_set[i][0] for i in range(16)])  # (16, 3, 32, 32)
+    images = normalize(torch.stack([train_set[i][0] for i in range(16)]))  # (16, 3, 32, 32)
     targets = torch.tensor([train_set[i][1] for i in range(16)])
     losses = []
     for _ in range(12):
@@ -96,7 +96,7 @@ def test_distill_only_router_gradient_is_the_kl_gradient(teacher_ckpt, tmp_path)
     train_set, classes = build_dataset(True, args)
     model = train.build_student(args, classes)
     teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
-    images = torch.stack([train_set[i][0] for i in range(8)])
+    images = normalize(torch.stack([train_set[i][0] for i in range(8)]))
     targets = torch.tensor([train_set[i][1] for i in range(8)])
     router_weights = [model.blocks[i - 1].mlp.router.weight for i in model.moe_layers]
 
