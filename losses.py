@@ -1,4 +1,4 @@
-"""Every auxiliary routing objective, as a small pure function.
+"""Every auxiliary routing and distillation objective, as a small pure function.
 
 The idea
 --------
@@ -7,21 +7,33 @@ flickers (the same token changes expert from step to step). Each function here i
 the answers in the literature. They take routing tensors and return a scalar; leading
 dimensions are flattened to tokens, so (B, N, E) and (T, E) inputs mean the same thing.
 They are computed unweighted; `train.py` weights them with coefficients from its flags and
-logs every part.
+logs every part. M²oT (SPEC section 9) adds two more: its feature-distillation loss, and the
+teacher-aware specialisation loss that pulls each expert toward its own mixture of teachers.
 
-| function           | used by                                  | paper                       |
-|--------------------|------------------------------------------|-----------------------------|
-| `importance_loss`  | V-MoE student; TGR teacher router (L_load)| V-MoE eq. (4); TGR sec. 3.2 |
-| `load_loss`        | V-MoE student                            | V-MoE eq. (5)-(8)           |
-| `entropy_loss`     | TGR teacher router (L_ent)               | TGR sec. 3.2                |
-| `routing_kl`       | TGR student (L_distill)                  | TGR sec. 3.3                |
-| `z_loss`           | `--method zloss`                         | ST-MoE eq. (5)              |
-| `switch_load_loss` | M²oT student (λ_2)                       | Switch Transformer eq. (4)  |
+| function               | used by                                   | paper                       |
+|------------------------|-------------------------------------------|-----------------------------|
+| `importance_loss`      | V-MoE student; TGR teacher router (L_load)| V-MoE eq. (4); TGR sec. 3.2 |
+| `load_loss`            | V-MoE student                             | V-MoE eq. (5)-(8)           |
+| `entropy_loss`         | TGR teacher router (L_ent)                | TGR sec. 3.2                |
+| `routing_kl`           | TGR student (L_distill)                   | TGR sec. 3.3                |
+| `z_loss`               | `--method zloss`                          | ST-MoE eq. (5)              |
+| `switch_load_loss`     | M²oT student (λ_2)                        | Switch Transformer eq. (4)  |
+| `feature_distill_loss` | M²oT student (m2ot.py, in progress)       | M²oT eq. (2); UNIC          |
+| `tas_loss`             | M²oT student (m2ot.py, in progress)       | M²oT eq. (8)                |
 
 Legend: p `probs` (T, E) clean softmax; Imp_e importance of expert e; Φ the standard normal
 CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `noise_std` of
 `load_loss` is the std of the noise that was added to the logits (the router's σ/E,
 `Routing.logit_noise_std`).
+
+M²oT: h_i(x) `pred`, T_i(x) `target` (..., d) in Eq. 2, one teacher and one kind of token;
+in Eq. 8, φ(t, e) `expert_out` (T, K, D) the output of the expert of each of token t's K
+assignments, p_e(t) `probs` (T, K) the clean router softmax of that expert, `kept` (T, K) False
+where capacity dropped the assignment, π(t, e, i) `mix` (T, K, N_T) the teacher-aware router's
+softmax over teachers for that expert, T_i(t) `teacher_feats[i]` (T, D) teacher i's target
+already mapped to width D (SPEC's Q_i T_i), T̄(t, e) = Σ_i π(t, e, i)·T_i(t) the expert's
+target. Letters: T tokens, K top-k, D width, N_T teachers (N is the house's letter for the
+tokens of an image, so teachers take SPEC's N_T).
 
 Decisions where the papers are silent
 -------------------------------------
@@ -35,6 +47,20 @@ Decisions where the papers are silent
   of "at or above the threshold": the value is still the CV², it just has no gradient.
 * `routing_kl` takes probabilities (the spec's signature) or, with `from_logits=True`,
   logits: the trainer uses logits so that no log of a tiny probability is ever taken.
+* `feature_distill_loss` follows UNIC's `modeling/losses.py` (naver/unic), which M²oT cites
+  for both distances: per token 1 − cos over the channels, smooth-L1 (β = 1) averaged over the
+  channels, each averaged over tokens (UNIC averages patches per image, then images: the same
+  number when every image has as many tokens). Their sum is unweighted, as Eq. 2 writes it;
+  UNIC weights each term 0.5 (`--lam_lcos`, `--lam_lsl1`), so its value is half of ours.
+  Summing or averaging over teachers and over CLS/patch is the caller's (UNIC averages both).
+* `tas_loss`: Eq. 8's ‖·‖_1 is taken as a mean over channels, not a sum, so the value does not
+  grow with D (Table 1's L_tas, 1.45 to 3.27 summed over six layers, fits a per-channel mean
+  on standardised targets; a sum over 768 channels would be in the hundreds). p is the clean
+  softmax ("softmax(r(x))"), not the combine weight; a dropped assignment adds nothing and
+  sends no gradient to its expert, and 1/T still counts every token (a token with all its
+  assignments dropped adds 0).
+* Both M²oT losses detach the teacher side (frozen teachers) and compute in float32, so bf16
+  activations under autocast give a float32 loss.
 """
 
 import torch
@@ -109,3 +135,38 @@ def switch_load_loss(p, top1):
     E = p.shape[-1]
     f = torch.bincount(top1.reshape(-1), minlength=E).to(p.dtype) / top1.numel()  # (E,)
     return E * (f * p.mean(dim=0)).sum()
+
+
+def feature_distill_loss(pred, target, beta=1.0):
+    """M²oT Eq. 2 for one teacher and one kind of token (CLS or patches); (..., d) -> scalar.
+
+    Reductions as in UNIC (see the module's decisions): 1 − cos per token, averaged over
+    tokens; smooth-L1 averaged over tokens and channels; the two added with weight 1.
+    """
+    # L_cos + L_sl1 = (1/T) Σ_t (1 − cos(h_t, y_t)) + (1/(T·d)) Σ_{t,c} smoothL1_β(h_tc − y_tc)
+    #   h = h_i(x) the student's projected features, y = T_i(x) the teacher's
+    # smoothL1_β(x) = ½x²/β if |x| < β else |x| − ½β
+    # The target is detached: it is a frozen teacher's feature, and the loss must move only
+    # the student (its projector and backbone).
+    pred, target = _tokens(pred).float(), _tokens(target).detach().float()  # (T, d)
+    cos = 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()  # scale-invariant: direction
+    sl1 = F.smooth_l1_loss(pred, target, beta=beta)  # mean over T and d: magnitude too
+    return cos + sl1
+
+
+def tas_loss(expert_out, probs, kept, mix, teacher_feats):
+    """M²oT Eq. 8, the teacher-aware specialisation loss of one MoE layer -> scalar.
+
+    expert_out φ (T, K, D), probs p (T, K), kept (T, K) bool, mix π (T, K, N_T) and
+    teacher_feats (N_T, T, D): see the legend. The caller sums it over the MoE layers.
+    """
+    # T̄(t, e) = Σ_i π(t, e, i) · T_i(t)                 each expert's own mixture of teachers
+    # L_tas = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · (1/D) Σ_c |φ(t, e_k)_c − T̄(t, e_k)_c|
+    # The teachers are frozen: their features are detached, so the loss moves the experts
+    # (φ), the router (p) and the teacher-aware router (π), never a teacher.
+    targets = teacher_feats.detach().float()  # (N_T, T, D)
+    t_bar = torch.einsum("tkn,ntd->tkd", mix.float(), targets)  # (T, K, D)
+    # a dropped assignment is masked before |·|: no value and no gradient (not even a NaN
+    # from whatever its slot of expert_out holds) reaches its expert, p or π
+    gap = torch.where(kept.unsqueeze(-1), expert_out.float() - t_bar, 0.0)  # (T, K, D)
+    return (probs.float() * gap.abs().mean(dim=-1)).sum(dim=-1).mean()
