@@ -181,3 +181,25 @@ def test_rasampler_across_two_processes(tmp_path):
     assert len(per_rank) == 2
     check_repeats(per_rank, n, 2)
     assert per_rank == [list(data.RASampler(range(n), 2, r, seed=0)) for r in (0, 1)]
+
+
+# ---------------------------------------------------------------------------- persistent workers
+def test_persistent_workers_draw_an_epochs_augmentations_as_a_fresh_loader_would():
+    """Epoch 1 of a loader whose 2 workers lived through epoch 0 equals epoch 1 of a new
+    loader (a resumed run): the workers re-seed from (seed, epoch), not from their history."""
+    args = argparse.Namespace(data="synthetic", data_path="", nb_classes=4, img_size=32,
+                              synthetic_train_size=32, synthetic_seed=0, crop_flip=True,
+                              aa="rand-m9-mstd0.5-inc1", repeated_aug=False, seed=0,
+                              batch_size=8, num_workers=2)  # fmt: skip
+    dataset, _ = data.build_dataset(True, args)
+
+    def epoch_batches(loader, epoch):
+        data.set_epoch(loader, epoch)
+        return torch.cat([images for images, _ in loader])  # (32, 3, 32, 32) uint8
+
+    lived = data.build_loader(dataset, True, args)
+    assert lived.persistent_workers and isinstance(lived.dataset, data.EpochSeeded)
+    first, second = epoch_batches(lived, 0), epoch_batches(lived, 1)
+    fresh = epoch_batches(data.build_loader(dataset, True, args), 1)
+    assert first.dtype == torch.uint8 and not torch.equal(first, second)
+    assert torch.equal(second, fresh)
