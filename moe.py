@@ -26,8 +26,9 @@ Variants, one `--method` each (all share the stacked experts):
   average of all tokens, so nothing is discrete and nothing is dropped.
 * `dense`: the plain DeiT, the baseline and the usual teacher.
 
-Legend: D `embed_dim`, H hidden (`mlp_ratio · D`), E `num_experts`, K `k`, cf
-`capacity_factor`, σ `noise_std`, S_MoE `moe_layers` (1-indexed blocks, V-MoE "Last n").
+Legend: D `embed_dim`, H hidden (`mlp_ratio · D`), h an expert's hidden width (`expert_hidden`,
+default H), E `num_experts`, K `k`, cf `capacity_factor`, σ `noise_std`, S_MoE `moe_layers`
+(1-indexed blocks, V-MoE "Last n"), φ(t, e) expert e's output for token t (M²oT eq. 8).
 
 Decisions where the papers are silent
 -------------------------------------
@@ -42,8 +43,13 @@ Decisions where the papers are silent
   slots per image, the compute of top-K routing (TGR supplementary sec. A). Its `Routing`
   record reports, per token, the share of its output each expert wrote (combine weights
   summed over that expert's slots) as `probs`, and that share's argmax as `experts`.
+* M²oT narrows the experts to h = H/K (`expert_hidden`), so K active experts hold the dense
+  MLP's weight count plus the router's D·E and K − 1 extra output biases b2.
+* `layer.keep_expert_outputs = True` also returns φ(t, e_{t,k}), the gathered expert rows
+  before the combine weight, as `Routing.expert_out` (T, K, D), 0 where dropped, in the graph
+  (M²oT's TAS loss trains the experts through it). Off, nothing more is computed or kept.
 * Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
-  expert of block i starts as block i's MLP, routers stay fresh.
+  expert of block i starts from block i's MLP, routers stay fresh (see `upcycle` for h < H).
 """
 
 import ctypes
@@ -113,6 +119,7 @@ class MoEMLP(StackedExperts):
         self.eval_capacity_factor = eval_capacity_factor or capacity_factor
         self.batch_priority, self.router_type = batch_priority, router
         self.router = nn.Linear(dim, num_experts, bias=False)  # W_r: (D -> E)
+        self.keep_expert_outputs = False  # True: routing.expert_out = φ (M²oT's TAS loss)
 
     def forward(self, x, route_logits=None):
         B, N, D = x.shape
@@ -162,6 +169,8 @@ class MoEMLP(StackedExperts):
         out = expert_out.reshape(-1, expert_out.shape[-1])  # (E·G·C, D)
         slot = torch.where(routing.kept, self.slots(routing), 0)  # (T, K) any valid row
         picked = out.index_select(0, slot.reshape(-1)).view(T, K, -1)  # (T, K, D)
+        if self.keep_expert_outputs:  # φ(t, e_{t,k}) = MLP_{e_{t,k}}(x_t), 0 where dropped
+            routing.expert_out = picked * routing.kept.unsqueeze(-1)  # (T, K, D)
         w = routing.weights.to(picked.dtype).unsqueeze(-1)  # (T, K, 1)
         return (picked * w).sum(dim=1)  # (T, D)
 
@@ -331,9 +340,11 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- builders
 def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=16,
-                num_experts=16, k=1, moe_layers=None, **options):  # fmt: skip
+                num_experts=16, k=1, moe_layers=None, expert_hidden=None,
+                **options):  # fmt: skip
     """Build a DeiT (`method="dense"`) or its MoE student.
 
+    expert_hidden: every expert's hidden width h (None: the dense MLP's H; M²oT: H // K).
     options: drop_path_rate, capacity_factor, eval_capacity_factor, noise_std, group_size,
     batch_priority (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
     The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
@@ -341,7 +352,7 @@ def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=
     """
     model_args = dict(name=name, method=method, num_classes=num_classes, img_size=img_size,
                       patch_size=patch_size, num_experts=num_experts, k=k, moe_layers=moe_layers,
-                      **options)  # fmt: skip
+                      expert_hidden=expert_hidden, **options)  # fmt: skip
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if method not in METHODS:
@@ -356,11 +367,14 @@ def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=
         raise ValueError(f"MoE layers {bad} are outside blocks 1..{config['depth']} of {name}")
     if METHODS[method]:
         check_routing(num_experts, k)
+    if expert_hidden is not None and expert_hidden < 1:
+        raise ValueError(f"expert hidden width must be >= 1, got {expert_hidden}")
     vit_keys = ("drop_path_rate", "init_values", "no_embed_class", "in_chans", "qkv_bias")
     vit_opts = {key: options.pop(key) for key in vit_keys if key in options}
     num_tokens = (img_size // patch_size) ** 2 + 1
 
     def moe_mlp(d, hidden):
+        hidden = expert_hidden or hidden  # h: the experts' width, H unless narrowed
         if METHODS[method] == "soft":
             return SoftMoEMLP(d, hidden, num_experts, num_tokens=num_tokens, k=k)
         return MoEMLP(d, hidden, num_experts, k=k, router=METHODS[method], **options)
@@ -373,13 +387,34 @@ def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=
     return model
 
 
+def dense_to_experts(sd, prefix, num_experts, h):
+    """Block `prefix`'s dense MLP cut into E stacked experts of width h (see `upcycle`)."""
+    fc1_w, fc1_b = sd[f"{prefix}.fc1.weight"], sd[f"{prefix}.fc1.bias"]  # (H, D), (H,)
+    n = fc1_w.shape[0] // h  # n = H // h slices
+    if n < 1:
+        raise ValueError(f"cannot upcycle: experts ({h}) are wider than {prefix} ({len(fc1_b)})")
+    start = (torch.arange(num_experts, device=fc1_w.device) % n) * h  # (E,) slice e mod n
+    units = start.unsqueeze(1) + torch.arange(h, device=fc1_w.device)  # (E, h) hidden units
+    return dict(w1=fc1_w[units].transpose(1, 2),  # (E, D, h)
+                b1=fc1_b[units],  # (E, h)
+                w2=sd[f"{prefix}.fc2.weight"].t()[units],  # (E, h, D)
+                b2=(sd[f"{prefix}.fc2.bias"] / n).expand(num_experts, -1))  # (E, D)  # fmt: skip
+
+
 @torch.no_grad()
 def upcycle(model, dense_state_dict):
     """Sparse upcycling: start a MoE model from a dense checkpoint of the same size.
 
-    Every non-MLP weight is copied; in each MoE block every expert becomes a copy of that
-    block's dense MLP (fc1.weight (H, D) -> w1[e] (D, H), fc2.weight (D, H) -> w2[e] (H, D)),
-    and the router (and Soft MoE's slot parameters) stay freshly initialised.
+    Every non-MLP weight is copied; each MoE block's experts are cut from its dense MLP
+    (fc1.weight (H, D) -> w1 (E, D, h), fc2.weight (D, H) -> w2 (E, h, D)); routers (and Soft
+    MoE's slots) stay fresh. At h = H every expert is a copy of the MLP. Narrower experts
+    (M²oT: h = H/K) take slice s = e mod n of the n = H // h slices of hidden units,
+    [s·h, (s+1)·h), and b2 = fc2.bias / n, so that (h dividing H; GELU acts unit by unit)
+
+        Σ_{s < n} MLP_s(x) = W2 · GELU(W1 x + b1) + b2 = MLP(x):
+
+    every dense unit survives and experts differ from the start (one shared slice would lose
+    the rest). M²oT trains from scratch anyway: its Table 8 finds no difference.
     Returns the list of keys left at their initial values.
     """
     own = model.state_dict()
@@ -388,13 +423,11 @@ def upcycle(model, dense_state_dict):
         parts = key.split(".")
         if len(parts) > 3 and parts[2] == "mlp" and int(parts[1]) + 1 in model.moe_layers:
             prefix = ".".join(parts[:3])
-            src = {"w1": ("fc1.weight", True), "b1": ("fc1.bias", False),
-                   "w2": ("fc2.weight", True), "b2": ("fc2.bias", False)}.get(parts[3])  # fmt: skip
-            if src is None:
+            if parts[3] not in ("w1", "b1", "w2", "b2"):
                 fresh.append(key)  # router / slot parameters
                 continue
-            w = dense_state_dict[f"{prefix}.{src[0]}"]
-            value.copy_((w.t() if src[1] else w).unsqueeze(0).expand_as(value))  # (E, ...)
+            E, h = own[f"{prefix}.b1"].shape
+            value.copy_(dense_to_experts(dense_state_dict, prefix, E, h)[parts[3]])
         elif key in dense_state_dict:
             if dense_state_dict[key].shape != value.shape:
                 raise ValueError(
@@ -424,13 +457,13 @@ def model_args_from_flags(flags, num_classes):
     """`build_model` keyword arguments from train.py's flags (a dict or Namespace).
 
     Every method with a router (top-K and expert choice) gets the capacity and group options;
-    Soft MoE and dense have none.
+    Soft MoE and dense have none. Runs from before --expert-hidden have no such flag: None.
     """
     f = flags if isinstance(flags, dict) else vars(flags)
     margs = dict(name=f["model"], method=f["method"], num_classes=num_classes,
                  img_size=f["img_size"], patch_size=f["patch_size"], num_experts=f["experts"],
-                 k=f["topk"], moe_layers=f["moe_layers"],
-                 drop_path_rate=f["drop_path"])  # fmt: skip
+                 k=f["topk"], moe_layers=f["moe_layers"], drop_path_rate=f["drop_path"],
+                 expert_hidden=f.get("expert_hidden"))  # fmt: skip
     if METHODS[f["method"]] in ("top-k", "expert-choice"):
         margs.update(capacity_factor=f["capacity_factor"], noise_std=f["noise_std"],
                      group_size=f["moe_group_size"], batch_priority=f["batch_priority"],

@@ -77,6 +77,7 @@ class Routing:
     capacity: int = 0  # C per expert and group
     num_groups: int = 1  # G
     student_logits: torch.Tensor | None = None  # (T, E) the layer's own router logits
+    expert_out: torch.Tensor | None = None  # (T, K, D) φ, pre-weight; only if the layer keeps it
 
     @property
     def num_experts(self) -> int:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import importance_loss, load_loss
-from moe import MoEMLP, build_model, moe_num_params, upcycle
+from moe import MoEMLP, build_model, model_args_from_flags, moe_num_params, upcycle
 from router import capacity_for, group_size_for, queue_positions, top_k_routing
 
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
@@ -294,6 +294,106 @@ def test_param_counts():
     assert dense_total == dense_active
     assert active == pytest.approx(dense_total + 3 * 192 * 16, rel=1e-9)  # + routers only
     assert total - dense_total == 3 * (15 * (2 * 192 * 768 + 768 + 192) + 192 * 16)
+
+
+# ----------------------------------------------------------------------------- M²oT (issue 13)
+def test_narrow_experts_keep_the_dense_active_params():
+    """M²oT's h = H/K: K = 2 experts of width 192 = 384/2 per token hold the dense MLP's
+    weight count; what differs, per MoE layer, is the router's D·E weights and the K − 1 extra
+    output biases b2 (D each: every expert has its own)."""
+    dense_total, _ = moe_num_params(build_model("micro", "dense", **MICRO))
+    moe = build_model("micro", "vmoe", num_experts=8, k=2, expert_hidden=192, **MICRO)
+    assert moe.blocks[3].mlp.w1.shape == (8, 96, 192)
+    _, active = moe_num_params(moe)
+    assert active - dense_total == len(moe.moe_layers) * (96 * 8 + (2 - 1) * 96)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_expert_out_equals_loop_over_experts(k):
+    layer = make_layer(k=k, cf=0.5)  # cf 0.5: some assignments dropped
+    layer.keep_expert_outputs = True
+    x = torch.randn(4, 9, 12)
+    y, r = layer(x)
+    assert (~r.kept).any() and r.kept.any()
+    tokens, want = x.reshape(36, 12), torch.zeros(36, k, 12)
+    for t in range(36):  # φ(t, e) by hand: expert e's MLP on x_t, 0 where capacity dropped it
+        for j in range(k):
+            e = r.experts[t, j]
+            if r.kept[t, j]:
+                want[t, j] = (
+                    F.gelu(tokens[t] @ layer.w1[e] + layer.b1[e]) @ layer.w2[e] + layer.b2[e]
+                )
+    torch.testing.assert_close(r.expert_out, want, atol=1e-5, rtol=1e-5)
+    # y_t = Σ_k g_{t,k} φ(t, e_{t,k}): φ is the output before the combine weight
+    torch.testing.assert_close(y.reshape(36, 12), (r.weights[..., None] * want).sum(1))
+
+
+def test_expert_out_is_kept_only_when_asked():
+    layer = make_layer(k=2, cf=0.5)
+    x = torch.randn(4, 9, 12)
+    y_off, r_off = layer(x)
+    assert layer.keep_expert_outputs is False and r_off.expert_out is None
+    layer.keep_expert_outputs = True
+    y_on, r_on = layer(x)
+    assert r_on.expert_out.shape == (36, 2, 12)
+    torch.testing.assert_close(y_on, y_off)  # asking changes nothing else
+    model = build_model("micro", "vmoe", num_experts=4, k=2, **MICRO)
+    assert all(r.expert_out is None for r in model(torch.randn(2, 3, 32, 32))[1])
+
+
+def test_expert_out_gradient_reaches_only_the_chosen_experts():
+    layer = make_layer(k=2, cf=0.5)
+    layer.keep_expert_outputs = True
+    _, r = layer(torch.randn(4, 9, 12))
+    t = int(r.kept.all(-1).nonzero()[0])  # a token with both assignments kept
+    (r.expert_out[t] * torch.randn(2, 12)).sum().backward(retain_graph=True)
+    for p in (layer.w1, layer.b1, layer.w2, layer.b2):
+        touched = {e for e in range(8) if p.grad[e].abs().sum() > 0}
+        assert touched == set(r.experts[t].tolist())
+    assert layer.router.weight.grad is None  # φ comes before g: no path to the router
+    layer.zero_grad()
+    dropped = ~r.kept  # a dropped assignment's φ is a constant 0: no gradient anywhere
+    (r.expert_out[dropped] * torch.randn(int(dropped.sum()), 12)).sum().backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in layer.parameters())
+
+
+def test_upcycle_cuts_narrow_experts_from_the_dense_mlp():
+    dense = build_model("micro", "dense", **MICRO)
+    for p in dense.parameters():  # biases too, so b2 = fc2.bias / n is tested
+        torch.nn.init.normal_(p, std=0.1)
+    moe = build_model("micro", "vmoe", num_experts=4, k=2, expert_hidden=192, **MICRO)
+    fresh = upcycle(moe, dense.state_dict())
+    assert set(fresh) == {"blocks.3.mlp.router.weight", "blocks.5.mlp.router.weight"}
+    fc1, fc2, mlp = dense.blocks[3].mlp.fc1, dense.blocks[3].mlp.fc2, moe.blocks[3].mlp
+    for e in range(4):  # n = 384 // 192 = 2 slices; expert e takes slice e mod 2
+        s = slice((e % 2) * 192, (e % 2 + 1) * 192)
+        assert torch.equal(mlp.w1[e], fc1.weight[s].t()) and torch.equal(mlp.b1[e], fc1.bias[s])
+        assert torch.equal(mlp.w2[e], fc2.weight[:, s].t()) and torch.equal(mlp.b2[e], fc2.bias / 2)
+    x = torch.randn(5, 96)
+    with torch.no_grad():  # each cycle of slices adds up to the dense MLP
+        out = mlp.run_experts(x.expand(4, 5, 96))  # (E, 5, D)
+        torch.testing.assert_close(out[0] + out[1], dense.blocks[3].mlp(x)[0])
+        torch.testing.assert_close(out[2] + out[3], dense.blocks[3].mlp(x)[0])
+    wide = build_model("micro", "vmoe", num_experts=4, expert_hidden=400, **MICRO)
+    with pytest.raises(ValueError, match="wider"):
+        upcycle(wide, dense.state_dict())
+
+
+def test_expert_hidden_rebuilds_from_model_args_and_flags():
+    model = build_model("micro", "vmoe", num_experts=4, k=2, expert_hidden=192, **MICRO)
+    again = build_model(**model.model_args)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert again.blocks[5].mlp.w2.shape == (4, 192, 96)
+    flags = dict(model="micro", method="vmoe", img_size=32, patch_size=4, experts=4, topk=2,
+                 moe_layers=None, drop_path=0.0, capacity_factor=1.05, noise_std=1.0,
+                 moe_group_size=8, batch_priority=False, eval_capacity_factor=4.0)  # fmt: skip
+    assert model_args_from_flags(flags, 10)["expert_hidden"] is None  # a run before the flag
+    margs = model_args_from_flags({**flags, "expert_hidden": 192}, 10)
+    assert build_model(**margs).blocks[3].mlp.w1.shape == (4, 96, 192)
+    with pytest.raises(ValueError, match="expert hidden"):
+        build_model("micro", "vmoe", expert_hidden=0, **MICRO)
 
 
 @pytest.mark.parametrize("method", ["dense", "vmoe", "expert-choice", "softmoe"])
