@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("moe_layer.py", ["--repeats", "2"], ["| E |", "loop over experts"]),
         ("train_step.py", ["--threads", "1"], ["| tgr bf16 teacher |", "--distill-until 0.5"]),
+        ("data_loader.py", [], ["| 1 |", "12 kB vs 49 kB"]),  # uint8 is a quarter of float32
     ],
 )
 def test_benchmark_runs_quick(script, flags, expected):
