@@ -27,6 +27,9 @@ Decisions where the papers are silent
   failed download); the command lines turn them into one line (`teacher.run_cli`).
 * `with_train=False` callers (eval.py) build the validation split alone: no scan of
   ImageNet's 1.28M training files and no download of a training split.
+* The workers stop at uint8 (a quarter of float32's bytes); `normalize`, `random_erasing` and
+  MixUp/CutMix run on the device batch (`device_batch`), as timm's PrefetchLoader does.
+  Workers persist across epochs and re-seed per epoch (`EpochSeeded`): exact resume holds.
 """
 
 import functools
@@ -248,6 +251,22 @@ def random_erasing(images, prob, mode="pixel", count=1):
                     images[b, :, y : y + h, x : x + w] = fill if mode == "pixel" else 0
                     break
     return images
+
+
+def device_batch(images, targets, device, args, mix):
+    """A training batch made ready on the device: uint8 -> normalised float, random erasing
+    (--reprob), MixUp/CutMix (`mix`, from `build_mixup`), in DeiT's order. Returns (images,
+    targets, labels): targets are soft (B, classes) under mixing, labels the un-mixed classes
+    (B,) for the training top-1."""
+    images = normalize(images.to(device, non_blocking=True))  # (B, 3, S, S) float32
+    labels = targets = targets.to(device, non_blocking=True)  # (B,)
+    if args.reprob > 0:
+        random_erasing(images, args.reprob, args.remode, args.recount)
+    if mix is not None:
+        images, targets = mix(images, targets)  # targets: (B, classes) soft labels
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
+    return images, targets, labels
 
 
 # ----------------------------------------------------------------------------- DeiT's pipeline

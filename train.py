@@ -50,7 +50,7 @@ Decisions where the papers are silent
   checkpoint is written after it). `--compile` compiles `compute_losses`, the step's whole
   forward (student, losses, teacher and routers while distilling) with its backward; it
   recompiles once at the switch or StableMoE's freeze, never per step.
-* The data workers stop at uint8 images; `device_batch` normalises, erases and mixes on the
+* The data workers stop at uint8 images; `data.device_batch` normalises, erases and mixes on the
   device (timm's PrefetchLoader does the same). Validation batches are 1.5x the training one.
 * The frozen teacher runs under bf16 autocast on CPU and GPU alike (`--teacher-dtype`): on
   this project's CPU a TGR step was 1.4x faster than with an fp32 teacher (train_step.py).
@@ -100,9 +100,8 @@ from data import (
     build_mixup,
     check_data_path,
     default_workers,
-    normalize,
+    device_batch,
     parse_aa,
-    random_erasing,
     set_epoch,
 )
 from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
@@ -582,21 +581,6 @@ def average_router_grads(routers, world):
     for p in routers.parameters():
         dist.all_reduce(p.grad)
         p.grad /= world
-
-
-def device_batch(images, targets, device, args, mix):
-    """A loader batch made ready on the device: uint8 -> normalised float, random erasing,
-    MixUp/CutMix (DeiT's order). Returns (images, targets, labels): targets are soft (B,
-    classes) under mixing, labels the un-mixed classes (B,) for the training top-1."""
-    images = normalize(images.to(device, non_blocking=True))  # (B, 3, S, S) float32
-    labels = targets = targets.to(device, non_blocking=True)  # (B,)
-    if args.reprob > 0:
-        random_erasing(images, args.reprob, args.remode, args.recount)
-    if mix is not None:
-        images, targets = mix(images, targets)  # targets: (B, classes) soft labels
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)  # faster patchify
-    return images, targets, labels
 
 
 def check_finite(bad_step, bad_value, epoch, out):
