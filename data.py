@@ -247,8 +247,9 @@ def random_erasing(images, prob, mode="pixel", count=1):
                 h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
                 if h < H and w < W:
                     y, x = random.randint(0, H - h), random.randint(0, W - w)
-                    fill = torch.randn((C, h, w), device=images.device, dtype=images.dtype)
-                    images[b, :, y : y + h, x : x + w] = fill if mode == "pixel" else 0
+                    images[b, :, y : y + h, x : x + w] = (  # (C, h, w)
+                        torch.randn((C, h, w), device=images.device, dtype=images.dtype)
+                        if mode == "pixel" else 0)  # fmt: skip
                     break
     return images
 

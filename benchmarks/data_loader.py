@@ -90,14 +90,14 @@ def images_per_s(args, workers, form, passes):
     for p in range(passes + 1):  # pass 0 starts the workers and warms the page cache
         data.set_epoch(loader, p)
         start, seen = time.perf_counter(), 0
-        for images, _ in loader:
+        for images, labels in loader:
             if form == "uint8" and args.device == "cpu":  # the device's share, on this CPU
-                data.random_erasing(data.normalize(images), args.reprob, args.remode)
+                data.device_batch(images, labels, torch.device("cpu"), args, None)
             seen += images.shape[0]
         if p > 0:
             best = max(best, seen / (time.perf_counter() - start))
     del loader  # ends the persistent workers
-    return best, images.dtype, images.numel() * images.element_size() / images.shape[0]
+    return best, images.numel() * images.element_size() / images.shape[0]  # bytes per image
 
 
 def main():
@@ -142,13 +142,13 @@ def main():
         )
         n = len(data.build_dataset(True, args)[0])
         print(f"{n} JPEGs of {root}, {opts.img_size}² crops, batch {opts.batch_size}, "
-              f"aa {args.aa}, reprob {args.reprob}, {len(os.sched_getaffinity(0))} CPUs, "
+              f"aa {args.aa}, reprob {args.reprob}, {os.cpu_count()} CPUs, "
               f"best of {opts.passes} passes\n")  # fmt: skip
         print("| workers | uint8 images/s | float32 images/s | uint8 / float32 | bytes/image |")
         print("|---:|---:|---:|---:|---|")
         for w in opts.workers:
-            u8, _, u8_bytes = images_per_s(args, w, "uint8", opts.passes)
-            f32, _, f32_bytes = images_per_s(args, w, "float32", opts.passes)
+            u8, u8_bytes = images_per_s(args, w, "uint8", opts.passes)
+            f32, f32_bytes = images_per_s(args, w, "float32", opts.passes)
             print(f"| {w} | {u8:.0f} | {f32:.0f} | {u8 / f32:.2f} | "
                   f"{u8_bytes / 1e3:.0f} kB vs {f32_bytes / 1e3:.0f} kB |")  # fmt: skip
 
