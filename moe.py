@@ -47,7 +47,8 @@ Decisions where the papers are silent
   MLP's weight count plus the router's D·E and K − 1 extra output biases b2.
 * `layer.keep_expert_outputs = True` also returns φ(t, e_{t,k}), the gathered expert rows
   before the combine weight, as `Routing.expert_out` (T, K, D), 0 where dropped, in the graph
-  (M²oT's TAS loss trains the experts through it). Off, nothing more is computed or kept.
+  (M²oT's TAS loss trains the experts through it), and the layer's input x_t as
+  `Routing.inputs` (T, D) (M²oT's teacher-aware router reads it). Off, nothing more is kept.
 * Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
   expert of block i starts from block i's MLP, routers stay fresh (see `upcycle` for h < H).
 """
@@ -81,6 +82,7 @@ METHODS = {
     "teacher-route": "top-k",
     "expert-choice": "expert-choice",
     "softmoe": "soft",
+    "m2ot": "top-k",  # M²oT's student: top-K token choice; its teachers live in m2ot.py
 }
 
 
@@ -138,6 +140,8 @@ class MoEMLP(StackedExperts):
                                     **options)  # fmt: skip
             routing.student_logits = logits
         y = self.combine(self.run_experts(self.dispatch(tokens, routing)), routing)  # (T, D)
+        if self.keep_expert_outputs:  # M²oT's teacher-aware router reads the layer's input
+            routing.inputs = tokens  # (T, D), already in memory: a reference, no copy
         return rearrange(y, "(b n) d -> b n d", b=B), routing
 
     def slots(self, routing):
@@ -319,8 +323,8 @@ class VisionTransformer(nn.Module):
             return torch.cat([cls, x + self.pos_embed], dim=1)  # (B, N, D)
         return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
 
-    def forward(self, images, route=None):
-        """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
+    def forward_features(self, images, route=None):
+        """Every token after the final norm, (B, N, D) with CLS first, and the routings.
 
         route: optional list of (B, N, E) logits, one per MoE layer, that choose the experts
         instead of the layers' own routers (teacher-route mode, TGR sec. 5.3).
@@ -334,7 +338,14 @@ class VisionTransformer(nn.Module):
             x, routing = block(x, next(outside) if (is_moe and route is not None) else None)
             if routing is not None:
                 routings.append(routing)
-        x = self.norm(x)  # (B, N, D)
+        return self.norm(x), routings  # (B, N, D)
+
+    def forward(self, images, route=None):
+        """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
+
+        With num_classes = 0 (M²oT's students: no labels) the "logits" are the CLS features.
+        """
+        x, routings = self.forward_features(images, route)  # (B, N, D)
         return self.head(x[:, 0]), routings  # CLS-token classifier: (B, classes)
 
 

@@ -78,6 +78,7 @@ class Routing:
     num_groups: int = 1  # G
     student_logits: torch.Tensor | None = None  # (T, E) the layer's own router logits
     expert_out: torch.Tensor | None = None  # (T, K, D) φ, pre-weight; only if the layer keeps it
+    inputs: torch.Tensor | None = None  # (T, D) the layer's input x_t; kept with expert_out
 
     @property
     def num_experts(self) -> int:
