@@ -36,8 +36,9 @@ Decisions where the papers are silent
   `blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2`, `norm`, `head`); a MoE block
   keeps its router and experts under `blocks.{i}.mlp.` (`router.weight`, `w1`, `b1`, `w2`,
   `b2`). Optional DeiT-III layer scale is timm's `ls1.gamma`/`ls2.gamma`, and
-  `no_embed_class=True` is timm's DeiT-III position embedding without a CLS slot, so the
-  same class also runs the teacher.
+  `no_embed_class=True` is timm's DeiT-III position embedding without a CLS slot, and
+  `reg_tokens=R` DINOv2's registers (timm's `reg_token` (1, R, D), placed after CLS), so the
+  same class also runs the teachers (the student has none: its `forward` reads token 0).
 * Router weights start like every other linear layer (trunc-normal, std 0.02).
 * Soft MoE uses n = max(1, round(K·N/E)) slots per expert, so E experts process about K·N
   slots per image, the compute of top-K routing (TGR supplementary sec. A). Its `Routing`
@@ -274,18 +275,21 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, *, img_size=224, patch_size=16, in_chans=3, num_classes=1000,
                  embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True,
-                 drop_path_rate=0.0, init_values=None, no_embed_class=False, moe_layers=(),
-                 moe_mlp=None):  # fmt: skip
+                 drop_path_rate=0.0, init_values=None, no_embed_class=False, reg_tokens=0,
+                 moe_layers=(), moe_mlp=None):  # fmt: skip
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
         self.grid = img_size // patch_size
-        self.num_tokens = self.grid**2 + 1  # N = patches + CLS
+        self.num_prefix_tokens = 1 + reg_tokens  # CLS, then R registers (timm's order)
+        self.num_tokens = self.grid**2 + self.num_prefix_tokens  # N = patches + CLS (+ R)
         self.embed_dim, self.no_embed_class = embed_dim, no_embed_class
         self.moe_layers = tuple(moe_layers)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # DINOv2's registers: extra tokens that hold global state instead of high-norm patches
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         pos_len = self.grid**2 if no_embed_class else self.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim))
         hidden = int(embed_dim * mlp_ratio)
@@ -309,6 +313,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as timm
         for m in self.modules():
             if isinstance(m, nn.Linear) and not isinstance(m, (nn.Identity,)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -316,12 +322,14 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def embed(self, images):
-        """Patchify, add position embeddings, prepend CLS: (B, 3, H, W) -> (B, N, D)."""
-        x = rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d")  # (B, N-1, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        if self.no_embed_class:  # DeiT-III: position embedding has no CLS slot
-            return torch.cat([cls, x + self.pos_embed], dim=1)  # (B, N, D)
-        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
+        """Patchify, add positions, prepend CLS and registers: (B, 3, H, W) -> (B, N, D)."""
+        x = rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d")  # (B, G², D)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]  # (B, 1, D)
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))  # (B, R, D)
+        if self.no_embed_class:  # DeiT-III, DINOv2-reg: position embedding has no prefix slots
+            return torch.cat([*prefix, x + self.pos_embed], dim=1)  # (B, N, D)
+        return torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, N, D)
 
     def forward_features(self, images, route=None):
         """Every token after the final norm, (B, N, D) with CLS first, and the routings.
@@ -340,12 +348,15 @@ class VisionTransformer(nn.Module):
                 routings.append(routing)
         return self.norm(x), routings  # (B, N, D)
 
-    def forward(self, images, route=None):
+    def forward(self, images, route=None, features=False):
         """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
 
-        With num_classes = 0 (M²oT's students: no labels) the "logits" are the CLS features.
+        With num_classes = 0 (M²oT's students: no labels) the "logits" are the CLS features;
+        features=True returns every token instead, (B, N, D) (through `forward`, so DDP sees it).
         """
         x, routings = self.forward_features(images, route)  # (B, N, D)
+        if features:
+            return x, routings
         return self.head(x[:, 0]), routings  # CLS-token classifier: (B, classes)
 
 
