@@ -25,6 +25,8 @@ Decisions where the papers are silent
   0.875 by default; DeiT-III evaluates at 1.0).
 * Errors are ordinary exceptions (FileNotFoundError for a missing folder, ValueError for a
   failed download); the command lines turn them into one line (`teacher.run_cli`).
+* `build_dataset(True, args, augment=False)` is the train split through the evaluation
+  transform: the feature bank of a k-NN evaluation must not be augmented (DINO's protocol).
 * `with_train=False` callers (eval.py) build the validation split alone: no scan of
   ImageNet's 1.28M training files and no download of a training split.
 * The workers stop at uint8 (a quarter of float32's bytes); `normalize`, `random_erasing` and
@@ -305,9 +307,13 @@ def check_data_path(args, with_train=True):
                 )
 
 
-def build_dataset(is_train, args):
-    """(data set, number of classes) of --data, the train or the validation split."""
-    root, name, transform = Path(args.data_path), args.data, build_transform(is_train, args)
+def build_dataset(is_train, args, augment=None):
+    """(data set, number of classes) of --data, the train or the validation split.
+
+    augment: the training transform (None: for the train split only); `augment=False` reads
+    the train split as the validation is read (eval.py's k-NN bank)."""
+    augment = is_train if augment is None else augment
+    root, name, transform = Path(args.data_path), args.data, build_transform(augment, args)
     if name == "synthetic":
         split, C = ("train" if is_train else "val"), args.nb_classes or 10
         size = args.synthetic_train_size if is_train else args.synthetic_val_size

@@ -125,6 +125,20 @@ def test_the_loader_hands_over_uint8_and_normalize_matches_torchvision():
     assert data.normalize(want) is want  # float input: already normalised
 
 
+def test_the_train_split_without_augmentation_reads_as_the_validation_does():
+    """build_dataset(True, args, augment=False): the train images through the eval transform
+    (eval.py's k-NN bank)."""
+    args = argparse.Namespace(data="synthetic", data_path="", nb_classes=4, img_size=32,
+                              synthetic_train_size=8, synthetic_val_size=4, synthetic_seed=0,
+                              crop_flip=True, aa="rand-m9-mstd0.5-inc1")  # fmt: skip
+    kinds = lambda dataset: [type(t).__name__ for t in dataset.transform.transforms]  # noqa: E731
+    train, val = data.build_dataset(True, args)[0], data.build_dataset(False, args)[0]
+    plain = data.build_dataset(True, args, augment=False)[0]
+    assert "RandAugment" in kinds(train) and kinds(plain) == kinds(val)
+    generated = data.SyntheticImages(8, 4, 32, "train")[3][0]  # the train split's image 3
+    assert len(plain) == 8 and torch.equal(plain[3][0], generated)  # 32 px: eval keeps it
+
+
 # ---------------------------------------------------------------------------- repeated augmentation
 def check_repeats(per_rank, n, world):
     """DeiT's RASampler: n // world indices per process; within the epoch each image appears 3

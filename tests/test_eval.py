@@ -304,3 +304,206 @@ def test_probe_set_is_class_stratified_and_seeded(tmp_path):
     images = ev.probe_images(ImageFolder(tmp_path, transform=first_pixel), 16)
     picked = [first_pixel(folder[int(i)][0]) for i in ev.probe_indices(labels, 16)]
     assert torch.equal(images, normalize(torch.stack(picked)))
+
+
+# ----------------------------------------------------------------------------- M²oT's metrics
+def knn_by_hand(bank, bank_labels, queries, labels, classes, k, T):
+    """DINO's weighted k-NN, one query at a time in plain Python."""
+    correct = 0
+    for z, y in zip(queries.tolist(), labels.tolist()):
+        cos = [sum(a * b for a, b in zip(z, x)) / math.hypot(*z) / math.hypot(*x)
+               for x in bank.tolist()]  # fmt: skip
+        nearest = sorted(range(len(cos)), key=lambda j: -cos[j])[:k]
+        votes = [0.0] * classes
+        for j in nearest:
+            votes[int(bank_labels[j])] += math.exp(cos[j] / T)
+        correct += max(range(classes), key=lambda c: votes[c]) == y
+    return 100 * correct / len(labels)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 100])
+def test_knn_top1_against_a_loop(k, monkeypatch):
+    g = torch.Generator().manual_seed(k)
+    bank, queries = torch.randn(60, 8, generator=g), torch.randn(40, 8, generator=g)
+    bank_labels, labels = torch.randint(0, 5, (60,), generator=g), torch.randint(0, 5, (40,))
+    want = knn_by_hand(bank, bank_labels, queries, labels, 5, k, 0.07)  # k = 100: all 60 vote
+    assert ev.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
+    monkeypatch.setattr(ev, "KNN_CHUNK", 7 * 60)  # queries in chunks of 7: the same answer
+    assert ev.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
+
+
+def test_knn_top1_on_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(25)  # (100,) 4 classes
+    feats = 10 * torch.eye(4, 16)[labels] + torch.randn(100, 16, generator=g)  # far apart
+    assert ev.knn_top1(feats[:80], labels[:80], feats[80:], labels[80:], 4) == 100.0
+    assert ev.knn_top1(feats[:80], labels[:80], feats[80:], (labels[80:] + 1) % 4, 4) == 0.0
+
+
+def test_teacher_preference_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    T, E, K, NT = 40, 5, 2, 3
+    mix = torch.randn(T, E, NT, generator=g).softmax(-1)  # π: (T, E, N_T)
+    experts = torch.rand(T, E - 1, generator=g).topk(K, dim=-1).indices  # expert 4: never chosen
+    kept = torch.rand(T, K, generator=g) < 0.7
+    pref = ev.teacher_preference(mix, experts, kept, E)
+    for e in range(E):
+        took = [t for t in range(T) for k in range(K) if kept[t, k] and experts[t, k] == e]
+        if not took:
+            assert e == E - 1 and pref[e].isnan().all()  # took nothing: a NaN row
+            continue
+        want = [sum(float(mix[t, e, i]) for t in took) / len(took) for i in range(NT)]
+        assert pref[e].tolist() == pytest.approx(want)
+        assert float(pref[e].sum()) == pytest.approx(1.0)  # still a distribution over teachers
+
+
+def test_preference_sharpness_by_hand():
+    nan = float("nan")
+    assert ev.preference_sharpness(torch.tensor([[0.5, 0.5], [1.0, 0.0], [nan, nan]])) == 0.75
+    assert ev.preference_sharpness(torch.full((4, 3), 1 / 3)) == pytest.approx(1 / 3)  # none
+    assert ev.preference_sharpness(torch.eye(3)) == 1.0  # every expert serves one teacher
+
+
+def m2ot_student(**options):
+    """An untrained M²oT student: micro, no classifier, E = 4, K = 2, MoE in blocks 2, 4, 6."""
+    torch.manual_seed(0)
+    return build_model("micro", method="m2ot", num_classes=0, img_size=32, patch_size=4,
+                       num_experts=4, k=2, moe_layers=(2, 4, 6), **options)  # fmt: skip
+
+
+def test_teacher_preferences_sum_over_batches_and_restore_the_layers():
+    """Batches of 4 + 2 images give the preference of one pass over all 6 (sums and counts,
+    not a mean of means); nothing is dropped (cf 4), so the batching routes alike."""
+    from m2ot import TeacherAwareRouter
+
+    model = m2ot_student(eval_capacity_factor=4.0).eval()
+    torch.manual_seed(1)
+    routers = torch.nn.ModuleList(TeacherAwareRouter(96, 4, 2) for _ in range(3))
+    for pi in routers:
+        torch.nn.init.normal_(pi.weight)  # strong preferences, not π's near-uniform init
+    images = torch.randn(6, 3, 32, 32)
+    got = ev.teacher_preferences(model, routers, images, batch_size=4)
+    layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
+    assert not any(layer.keep_expert_outputs for layer in layers)  # restored
+    for layer in layers:
+        layer.keep_expert_outputs = True
+    with torch.no_grad():
+        _, routings = model(images)
+        want = [ev.teacher_preference(pi(r.inputs), r.experts, r.kept, 4)
+                for pi, r in zip(routers, routings)]  # fmt: skip
+    torch.testing.assert_close(got, want, equal_nan=True)
+    ev.teacher_preferences(model, routers, images)
+    assert all(layer.keep_expert_outputs for layer in layers)  # left as the caller set them
+
+
+def test_no_classifier_no_top1_and_the_knn_of_its_cls_token():
+    model = m2ot_student().eval()
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(12) % 3
+    bank, queries = [(images[:8], labels[:8])], [(images[8:], labels[8:])]
+    cpu = torch.device("cpu")
+    res = ev.evaluate(model, bank + queries, cpu)
+    assert "top1" not in res and "top5" not in res and len(res["utilisation"]) == 3
+    feats, got_labels = ev.cls_embeddings(model, bank + queries, cpu)
+    with torch.no_grad():
+        batches = [model.forward_features(normalize(x))[0] for x, _ in bank + queries]
+    want = torch.cat(batches)[:, 0]  # (12, D) the CLS token after the final norm
+    torch.testing.assert_close(feats, want)
+    assert torch.equal(got_labels, labels)
+    assert ev.knn_eval(model, bank, queries, cpu, k=3) == pytest.approx(
+        ev.knn_top1(want[:8], labels[:8], want[8:], labels[8:], 3, k=3)
+    )
+
+
+CLS_RANKS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import eval as ev
+from data import SyntheticImages
+from moe import build_model
+from torch.utils.data import DataLoader, DistributedSampler
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = build_model("micro", "dense", num_classes=0, img_size=16, patch_size=4)
+data = SyntheticImages(11, 3, 16, "val")  # 11 images: the sampler pads rank 1 with image 0
+sampler = DistributedSampler(data, dist.get_world_size(), dist.get_rank(), shuffle=False)
+feats, labels = ev.cls_embeddings(model, DataLoader(data, 4, sampler=sampler), torch.device("cpu"))
+if dist.get_rank() == 0:
+    torch.save((feats, labels), {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_cls_embeddings_gather_every_rank(tmp_path):
+    """Two gloo processes embed their shards; each gets all of them (rank 0's shard, then
+    rank 1's), the numbers of one process."""
+    from data import SyntheticImages
+
+    script, out = tmp_path / "ranks.py", tmp_path / "feats.pt"
+    script.write_text(CLS_RANKS.format(root=ROOT, out=str(out)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    feats, labels = torch.load(out)
+    torch.manual_seed(0)
+    model = build_model("micro", "dense", num_classes=0, img_size=16, patch_size=4)
+    whole = list(torch.utils.data.DataLoader(SyntheticImages(11, 3, 16, "val"), 11))
+    want, want_labels = ev.cls_embeddings(model, whole, torch.device("cpu"))
+    order = [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 0]  # DistributedSampler's shards, padded
+    torch.testing.assert_close(feats, want[order], atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == want_labels[order].tolist()
+
+
+@pytest.fixture(scope="module")
+def m2ot_run(tmp_path_factory):
+    """A fake M²oT checkpoint: `m2ot_student`, random π for N_T = 2 teachers, TINY's flags."""
+    model = m2ot_student()
+    flags = vars(train.get_args_parser().parse_args(TINY))
+    flags.update(method="m2ot", experts=4, topk=2, teachers=["runs/a/dino.pt", "torchvision:clip"])
+    torch.manual_seed(1)
+    state = {f"pi.{j}.weight": torch.randn(4 * 2, 96) for j in range(3)}  # (E·N_T, D)
+    state["heads.0.cls.0.weight"] = torch.zeros(96, 96)  # the rest of the module: ignored
+    path = tmp_path_factory.mktemp("m2ot") / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "model_args": model.model_args, "args": flags,
+                "epoch": 0, "m2ot": state}, path)  # fmt: skip
+    return path
+
+
+def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
+    from data import SyntheticImages
+
+    res = cli_json(capsys, "--checkpoint", m2ot_run, "--knn", "--probe-size", 16)
+    assert "top1" not in res and "top5" not in res  # no classifier
+    assert res["teachers"] == ["dino.pt", "torchvision:clip"]
+    assert len(res["teacher_preference"]) == 3 == len(res["preference_sharpness"])
+    for pref, sharpness in zip(res["teacher_preference"], res["preference_sharpness"]):
+        assert len(pref) == 4 and all(len(row) == 2 for row in pref)  # E × N_T
+        rows = [row for row in pref if None not in row]  # null: an expert with no probe token
+        assert rows and all(sum(row) == pytest.approx(1, abs=1e-3) for row in rows)
+        assert sharpness == pytest.approx(sum(map(max, rows)) / len(rows), abs=1e-3)
+        assert 0.5 <= sharpness <= 1
+    # the bank: TINY's 64 train images as generated (at 32 px the eval transform keeps them)
+    model = m2ot_student()
+    whole = lambda split, n: list(torch.utils.data.DataLoader(  # noqa: E731
+        SyntheticImages(n, 10, 32, split), n))  # fmt: skip
+    want = ev.knn_eval(model, whole("train", 64), whole("val", 32), torch.device("cpu"))
+    assert res["knn_top1"] == pytest.approx(want)
+    printed = ev.fmt_table({**res, "checkpoint": "c.pt"})
+    assert printed.splitlines()[1] == f"k-NN top-1 {want:.2f}"  # and no top-1 before it
+    assert "teacher preference, block 6" in printed
+    assert "| expert | dino.pt | torchvision:clip |" in printed
+
+
+def test_an_m2ot_checkpoint_plots_the_teacher_preference(m2ot_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = cli("--checkpoint", m2ot_run, "--plots", tmp_path, "--probe-size", 16)
+    assert "teacher_preference.png" in [os.path.basename(p) for p in res["plots"]]
+    with Image.open(tmp_path / "teacher_preference.png") as img:
+        assert img.size == (990, 270)  # 3 layers × (1.5 + 0.9 × 2 teachers) in × (1.3 + 0.35 × 4)
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 20
+
+
+def test_knn_on_a_classifier_checkpoint(runs, capsys):
+    res = cli_json(capsys, "--checkpoint", runs["tgr"], "--knn", "--knn-k", 5)
+    assert 0 <= res["top1"] <= 100 and 0 <= res["knn_top1"] <= 100
+    assert "teacher_preference" not in res  # not an M²oT run
