@@ -11,6 +11,14 @@ from one epoch to the next, averaged over epochs 1..end) from each run's log.jso
 StableMoE, z-loss, and the teacher-route upper bound with the same teacher) for the README's
 table of our numbers.
 
+`--m2ot` (also in `--all`) runs the second paper's comparison offline: two dense teachers of
+different shapes trained on different generated tasks (the micro teacher above, patch 4 on
+the 40-class task, and a wider `tiny` model with patch 8 on another 10-class task), then
+three students of both, without labels and with two seeds each: a dense student, a sparse
+MoE (`--method m2ot --tas-coef 0`) and M²oT. It prints the k-NN top-1 of each student's CLS
+embedding on the 40-class task, the last epoch's L_dist per teacher, L_tas and L_switch, and
+the sharpness of the expert -> teacher preference (`eval.py`'s, on the probe set).
+
 It is a demonstration, not a claim: one seed, a few minutes of training on a toy data set,
 far from the paper's 300 ImageNet epochs. It shows the pipeline end to end and what to look
 at; differences of a point or two in top-1 here are noise. `--quick` shrinks it to seconds
@@ -34,6 +42,9 @@ COMMON = (
     "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-repeated-aug --no-model-ema"  # DeiT's
     # augmentations and EMA off for minute-long runs (repeated augmentation would show a third
     # of the images per epoch; an EMA of decay 0.99996 over 400 steps is the initial weights)
+).split()
+M2OT_TEACHER = (  # the second teacher: wider, coarser patches, another generated task
+    "--model tiny --patch-size 8 --synthetic-seed 1 --nb-classes 10 --method dense"
 ).split()
 SIZES = {  # train images, val images, teacher epochs, student epochs
     "full": (2500, 500, 6, 10),
@@ -65,12 +76,41 @@ def row(name, out, seconds):
     return line
 
 
+def m2ot_row(name, seed, out, seconds):
+    """One student: k-NN top-1, the last epoch's losses, eval.py's preference sharpness."""
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    res = eval.run(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
+    sharp = " ".join(f"{x:.2f}" for x in res.get("preference_sharpness", [])) or "-"
+    loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
+    dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"
+    return (f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {dist} | {loss[0]} | {loss[1]} "
+            f"| {sharp} | {seconds:.0f} s |")  # fmt: skip
+
+
+def m2ot_rows(root, sizes, seeds):
+    """M²oT's offline comparison (see the docstring): teacher B, then 3 students x seeds."""
+    run(root / "m2ot-teacher", sizes, *M2OT_TEACHER, "--epochs", str(sizes[2]))
+    teachers = [str(root / "dense" / "checkpoint.pt"), str(root / "m2ot-teacher" / "checkpoint.pt")]
+    students = {"dense student": ["--method", "dense"], "M²oT": ["--method", "m2ot"],
+                "sparse MoE (--tas-coef 0)": ["--method", "m2ot", "--tas-coef", "0"]}  # fmt: skip
+    lines = ["| student | seed | k-NN top-1 | L_dist A, B | L_tas | L_switch | preference "
+             "sharpness L2 L4 L6 | wall |", "|---|---:|---:|---|---:|---:|---|---:|"]  # fmt: skip
+    for i, (name, flags) in enumerate(students.items()):
+        for seed in seeds:
+            out = root / f"m2ot-student{i}-seed{seed}"
+            seconds = run(out, sizes, *flags, "--teachers", *teachers, "--epochs",
+                          str(sizes[3]), "--seed", seed)  # fmt: skip
+            lines.append(m2ot_row(name, seed, out, seconds))
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--seed", default="0")
-    parser.add_argument("--all", action="store_true", help="also every other --method")
+    parser.add_argument("--all", action="store_true", help="also every other --method, M²oT")
+    parser.add_argument("--m2ot", action="store_true", help="also M²oT's comparison")
     opts = parser.parse_args()
     sizes = SIZES["quick" if opts.quick else "full"]
     root, seed = Path(opts.output_dir), ["--seed", opts.seed]
@@ -85,6 +125,7 @@ def main():
         flags = ["--method", method, *student_epochs, *seed]
         flags += teacher if method == "teacher-route" else []
         times[method] = run(root / method, sizes, *flags)
+    m2ot = m2ot_rows(root, sizes, ["0", "1"]) if opts.m2ot or opts.all else []
 
     cf = f"top-K capacity factor 1.05 in training, {train.VMOE_EVAL_CF} at evaluation"
     print(f"\nmicro DeiT (MoE: E=8, K=1 in blocks 4 and 6; {cf}), {sizes[0]} generated 32x32 "
@@ -98,6 +139,11 @@ def main():
           "one epoch to the next (mean over epochs 1..end).\n"
           "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
           "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs.")  # fmt: skip
+    if m2ot:
+        print("\nM²oT, two teachers (A: the micro teacher above; B: tiny, patch 8, another task)"
+              "; students micro,\nE=8, K=2, h=H/2, MoE in blocks 2 4 6, no labels; k-NN (k=20, "
+              "T=0.07) on the 40-class task;\nlosses: last epoch's training means\n")  # fmt: skip
+        print("\n".join(m2ot))
     # the routing of the TGR student, read by eval.py (figures only where matplotlib is installed)
     argv = ["--checkpoint", str(root / "tgr" / "checkpoint.pt")]
     if importlib.util.find_spec("matplotlib"):

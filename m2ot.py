@@ -1,7 +1,140 @@
-"""M²oT: several teachers, and experts that specialise by teacher (work in progress)."""
+"""M²oT: several teachers guide the *experts* of a sparse-MoE student.
+
+The idea
+--------
+Distil N_T frozen foundation models (DINOv2, SigLIP, SAM, ...) into one student, without
+labels: the student's final features z go through one projector head per teacher,
+ẑ_i = g_i(z) (Eq. 1), and each ẑ_i is pulled toward that teacher's features T_i(x) (Eq. 2).
+A *dense* student lands in the **compromised trap** (Prop. 1): one shared feature extractor
+serving every teacher at once converges to their compromise (with a squared distance, to
+the teachers' mean), so it matches each teacher worse than a student of that teacher alone.
+
+M²oT gives the student sparse MoE layers and a second loss that makes each expert lean
+toward its own mixture of teachers, so that capacity splits by teacher instead of averaging:
+
+    L_dist = mean_i ½ [ D(g_i^cls(z_cls), T_i^cls) + D(g_i^patch(z_patch), T_i^patch) ]  (Eq. 2)
+             D = (1 − cos) + smoothL1_β=1                              `losses.feature_distill_loss`
+    π(t, e, ·) = softmax_i( W_π x_t )_(e, ·)     the teacher-aware router, one per MoE layer
+    T̄(t, e)   = Σ_i π(t, e, i) · Q_i T_i(t)     each expert's own mixture of teachers     (Eq. 8)
+    L_tas     = Σ_layers mean_t Σ_{e kept for t} p_e(t) · mean_c |φ(t, e) − T̄(t, e)|
+                                                                           `losses.tas_loss`
+    L_switch  = Σ_layers E · Σ_e f_e · P_e       on the top-1 choices    `losses.switch_load_loss`
+    L         = L_dist + λ_1 · L_tas + λ_2 · L_switch,   λ_1 = 0.5, λ_2 = 0.01          (Eq. 10)
+
+φ(t, e) is expert e's output for token t (before its combine weight): TAS compares what an
+expert *computes* with the teachers directly, inside the network, which no projector head
+can absorb. π is its only extra parameter, used in training only: heads and π are dropped
+at inference; the student is a plain MoE ViT.
+
+Legend (paper -> code): T_i -> `FinalTeacher` (teacher.py) outputs, standardised by
+`M2oT.targets`; g_i -> `ProjectorHeads`; r(x) -> each MoE layer's router (`Routing.probs`);
+π -> `TeacherAwareRouter`; φ -> `Routing.expert_out`; x_t (π's input) -> `Routing.inputs`;
+K -> the kept assignments; λ_1, λ_2 -> `tas_coef`, `switch_coef`.
+Letters: B images, N = 1 + G² tokens (CLS first), D student width, d_i teacher i's width,
+G the student's grid, g_i a teacher's grid, E experts, K experts per token, T = B·N tokens.
+
+Decisions where the paper is silent
+-----------------------------------
+* Eq. 2 sums over teachers; Table 1 reports L_dist 0.145-0.187 with three teachers, less than
+  one teacher's (1 − cos) + smooth-L1 is at convergence, so the loss here is the **mean** over
+  teachers (and over CLS and patches, SPEC sec. 9); `dist_<i>` logs each teacher's part.
+* Targets: a teacher's CLS token after its final norm (the mean of its patch tokens where it has
+  none) and its patch tokens, bilinearly resized from its grid g_i to the student's G
+  (`align_tokens`); every teacher sees the images in its own normalisation (`renormalise`) at
+  about the student's pixel size (teacher.py). Each target is **standardised per channel**
+  with running statistics (UNIC's practice: teachers of different scales then weigh alike):
+  an exponential moving average (momentum 0.1, the first batch taken whole), updated in
+  training from the batch (all ranks' batches under DDP, so every rank standardises alike),
+  saved in the checkpoint as buffers, so resume is exact.
+* TAS compares φ (width D) with teacher features (width d_i): Q_i is a fixed semi-orthogonal
+  d_i -> D matrix (identity when d_i = D), drawn once from a seeded generator (not torch's
+  global stream) and stored as a buffer: no parameters, so it cannot collapse to make L_tas
+  trivially small. TAS uses the *standardised* targets, so T̄ mixes teachers of equal scale.
+* π reads the MoE layer's input (the LN2 output the router reads), detached: it estimates
+  which teachers an expert should follow and is thrown away after training, so it is given
+  no say in the backbone's features; TAS reaches the student through φ and p, as Eq. 8 writes.
+  ‖·‖₁ is a mean over channels (losses.py); L_tas and L_switch are summed over MoE layers.
+* The router gets TAS's gradient through p (Eq. 8 weights each gap by softmax(r(x))): an
+  expert that matches its mixture better becomes likelier.
+* `tas_coef = 0` (the paper's "Sparse MoE" row): π still learns, on detached φ and p (with
+  weight 1, its only loss), so that L_tas is *measured* for the baseline (Table 1: 3.27).
+* Dense and Soft MoE students (the paper's other rows) have no kept assignments: L = L_dist.
+* Projector heads: Linear(D, D) -> GELU -> Linear(D, d_i), one for CLS and one for patches
+  per teacher ("commonly MLPs", Eq. 1; hidden width D, a choice).
+"""
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from data import MEAN, STD
+from losses import feature_distill_loss, switch_load_loss, tas_loss
+
+
+# ----------------------------------------------------------------------------- targets
+def renormalise(mean, std):
+    """(scale, shift), each (1, 3, 1, 1): images normalised with the loader's ImageNet MEAN/STD
+    -> normalised with a teacher's (mean, std), as x·scale + shift."""
+    # x_raw = x·STD + MEAN,   x_i = (x_raw − mean) / std = x·(STD / std) + (MEAN − mean) / std
+    mean, std, old, old_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (mean, std, MEAN, STD))
+    return old_std / std, (old - mean) / std
+
+
+def align_tokens(patches, grid, new_grid):
+    """A teacher's patch tokens on its g×g grid -> the student's G×G grid (bilinear)."""
+    if grid == new_grid:
+        return patches  # (B, G², d)
+    maps = rearrange(patches, "b (h w) d -> b d h w", h=grid)  # (B, d, g, g)
+    maps = F.interpolate(maps, size=(new_grid, new_grid), mode="bilinear", align_corners=False)
+    return rearrange(maps, "b d h w -> b (h w) d")  # (B, G², d)
+
+
+def semi_orthogonal(d_in, d_out, seed):
+    """A fixed (d_out, d_in) matrix with orthonormal rows or columns; identity if equal."""
+    if d_in == d_out:
+        return torch.eye(d_out)
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(max(d_in, d_out), min(d_in, d_out), generator=gen)
+    q, _ = torch.linalg.qr(a)  # (max, min), orthonormal columns
+    return q if d_out > d_in else q.t()  # (d_out, d_in)
+
+
+class RunningStandardiser(nn.Module):
+    """y = (x − μ) / σ per channel, μ and σ² moving averages of the training batches."""
+
+    def __init__(self, dim, momentum=0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # batches so far
+
+    @torch.no_grad()
+    def forward(self, x):  # x: (..., d), float32
+        if self.training:
+            flat = x.reshape(-1, x.shape[-1])  # (n, d)
+            moments = torch.stack([flat.mean(0), flat.pow(2).mean(0)])  # (2, d)
+            if dist.is_available() and dist.is_initialized():  # every rank: the same statistics
+                dist.all_reduce(moments)
+                moments /= dist.get_world_size()
+            mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0)
+            m = torch.where(self.seen > 0, self.momentum, 1.0)  # the first batch: taken whole
+            self.mean.lerp_(mean, m)
+            self.var.lerp_(var, m)
+            self.seen += 1
+        return (x - self.mean) / (self.var + 1e-6).sqrt()
+
+
+# ----------------------------------------------------------------------------- parameters
+class ProjectorHeads(nn.Module):
+    """g_i for one teacher: an MLP D -> D -> d_i for the CLS token and one for patch tokens."""
+
+    def __init__(self, dim, teacher_dim):
+        super().__init__()
+        mlp = lambda: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, teacher_dim))  # noqa: E731
+        self.cls, self.patch = mlp(), mlp()
 
 
 class TeacherAwareRouter(nn.Linear):
@@ -20,13 +153,107 @@ class TeacherAwareRouter(nn.Linear):
 def load_mix_routers(state, num_experts):
     """The π of every MoE layer from a checkpoint's "m2ot" state (keys pi.{j}.weight); None
     when the run had none (a dense or Soft MoE multi-teacher student)."""
-    weights = [state[k] for k in sorted((k for k in state if k.startswith("pi.")),
-                                        key=lambda k: int(k.split(".")[1]))]  # fmt: skip
-    if not weights:
+    keys = sorted((k for k in state if k.startswith("pi.")), key=lambda k: int(k.split(".")[1]))
+    if not keys:
         return None
     routers = nn.ModuleList()
-    for w in weights:
-        r = TeacherAwareRouter(w.shape[1], num_experts, w.shape[0] // num_experts)
-        r.weight.data.copy_(w)
-        routers.append(r)
+    for key in keys:
+        w = state[key]  # (E·N_T, D)
+        router = TeacherAwareRouter(w.shape[1], num_experts, w.shape[0] // num_experts)
+        router.weight.data.copy_(w)
+        routers.append(router)
     return routers
+
+
+def keep_expert_outputs(model, on=True):
+    """Make every top-K MoE layer of `model` hand back φ and its input in its Routing."""
+    for i in model.moe_layers:
+        if hasattr(model.blocks[i - 1].mlp, "keep_expert_outputs"):
+            model.blocks[i - 1].mlp.keep_expert_outputs = on
+
+
+# ----------------------------------------------------------------------------- the module
+class M2oT(nn.Module):
+    """Everything M²oT adds to a student during training: frozen teachers (not saved), their
+    standardisers, projector heads and, for a top-K student, one π per MoE layer.
+
+    teachers: `teacher.FinalTeacher`s; dim, grid: the student's width D and grid G;
+    num_moe_layers, num_experts: 0 for a dense or Soft MoE student (no π, no TAS).
+    """
+
+    def __init__(self, teachers, dim, grid, num_moe_layers=0, num_experts=0):
+        super().__init__()
+        self.teachers = list(teachers)  # a plain list: frozen, loaded from --teachers, not saved
+        self.grid = grid
+        widths = [t.dim for t in self.teachers]  # d_i
+        self.heads = nn.ModuleList(ProjectorHeads(dim, d) for d in widths)
+        self.norm_cls = nn.ModuleList(RunningStandardiser(d) for d in widths)
+        self.norm_patch = nn.ModuleList(RunningStandardiser(d) for d in widths)
+        n = len(widths) if num_moe_layers else 0
+        self.pi = nn.ModuleList(
+            TeacherAwareRouter(dim, num_experts, n) for _ in range(num_moe_layers)
+        )
+        for i, (t, d) in enumerate(zip(self.teachers, widths)):
+            self.register_buffer(f"q{i}", semi_orthogonal(d, dim, seed=i))  # Q_i: (D, d_i), fixed
+            scale, shift = renormalise(t.mean, t.std)  # the teacher's own input normalisation
+            self.register_buffer(f"scale{i}", scale, persistent=False)
+            self.register_buffer(f"shift{i}", shift, persistent=False)
+
+    def targets(self, images):
+        """[(CLS (B, d_i), patches (B, G², d_i))] per teacher: standardised, no gradient."""
+        out = []
+        for i, t in enumerate(self.teachers):
+            x = images * getattr(self, f"scale{i}") + getattr(self, f"shift{i}")  # (B, 3, S, S)
+            cls, patches = t(x)  # (B, d_i), (B, g_i², d_i)
+            patches = align_tokens(patches.float(), t.grid, self.grid)  # (B, G², d_i)
+            out.append((self.norm_cls[i](cls.float()), self.norm_patch[i](patches)))
+        return out
+
+    def distill(self, tokens, targets):
+        """Eq. 2: (L_dist, [per-teacher part]); tokens (B, N, D) the student's final features."""
+        parts = []
+        for head, (cls, patches) in zip(self.heads, targets):
+            l_cls = feature_distill_loss(head.cls(tokens[:, 0]), cls)  # (B, d_i) vs (B, d_i)
+            l_patch = feature_distill_loss(head.patch(tokens[:, 1:]), patches)  # (B, G², d_i)
+            parts.append(0.5 * (l_cls + l_patch))  # mean over CLS and patch
+        return torch.stack(parts).mean(), parts  # mean over teachers (see the decisions)
+
+    def teacher_tokens(self, targets):
+        """Every teacher's target for every student token, mapped to width D: (N_T, T, D)."""
+        feats = []
+        for i, (cls, patches) in enumerate(targets):
+            tokens = torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, N, d_i), CLS first
+            feats.append(rearrange(tokens, "b n d -> (b n) d") @ getattr(self, f"q{i}").t())
+        return torch.stack(feats)  # (N_T, T, D)
+
+    def tas(self, routings, teacher_feats, detach=False):
+        """Eq. 8 summed over the MoE layers. detach: only π learns (the tas_coef = 0 baseline)."""
+        total = 0.0
+        for pi, r in zip(self.pi, routings):
+            # π reads the layer input detached: a probe of teacher relevance, not a path for
+            # TAS into the backbone (that goes through φ and p, as Eq. 8 writes it)
+            index = r.experts.unsqueeze(-1).expand(-1, -1, pi.num_teachers)  # (T, K, N_T)
+            mix = pi(r.inputs.detach()).gather(1, index)  # π(t, e_{t,k}, ·): (T, K, N_T)
+            probs, phi = r.probs.gather(1, r.experts), r.expert_out  # (T, K), (T, K, D)
+            if detach:
+                probs, phi = probs.detach(), phi.detach()
+            total = total + tas_loss(phi, probs, r.kept, mix, teacher_feats)  # mix: (T, K, N_T)
+        return total
+
+
+def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
+    """Eq. 10 for one batch: (L, {part: detached value}); `model` may be DDP-wrapped.
+
+    The parts are dist, dist_<i> per teacher, and for a top-K student tas and switch.
+    """
+    tokens, routings = model(images, features=True)  # (B, N, D), one Routing per MoE layer
+    targets = m2ot.targets(images)
+    loss, per_teacher = m2ot.distill(tokens, targets)
+    parts = {"dist": loss, **{f"dist_{i}": v for i, v in enumerate(per_teacher)}}
+    if len(m2ot.pi) and routings:
+        parts["tas"] = m2ot.tas(routings, m2ot.teacher_tokens(targets), detach=tas_coef == 0)
+        loss = loss + (tas_coef or 1.0) * parts["tas"]  # tas_coef 0: π's own loss, weight 1
+        # Eq. 9 on the top-1 choice of each token (experts are sorted by the router's score)
+        parts["switch"] = sum(switch_load_loss(r.probs, r.experts[:, 0]) for r in routings)
+        loss = loss + switch_coef * parts["switch"]
+    return loss, {k: v.detach().float() for k, v in parts.items()}

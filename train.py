@@ -22,6 +22,10 @@ after `--stable-stage1`); zloss (+1e-3
 z-loss); teacher-route (sec. 5.3: R_t routes, trained by L_task + λ_load Σ(importance +
 load); the student router, never used to choose, learns from λ_distill Σ_i KL, eq. S2).
 
+M²oT (`--teachers SRC ...`, SPEC sec. 9, `m2ot.py`): `--method m2ot`, and the dense and Soft
+MoE students of the same teachers, learn without labels, L = L_dist + λ_1 L_tas + λ_2 L_switch
+(`m2ot.m2ot_losses`); `--tas-coef 0` is the paper's plain Sparse MoE row.
+
 Legend: λ_distill `--distill-coef`, λ_load/λ_ent `--teacher-load-coef/--teacher-ent-coef`,
 S `--moe-layers`, R_t `TeacherRouter`, h_t `teacher(images)[i]`, g `routing.weights`.
 Letters: B images, N tokens, D width, E experts, S image side, T = B·N tokens.
@@ -74,6 +78,12 @@ Decisions where the papers are silent
   timeout is 30 minutes (a checkpoint of E = 128 experts is tens of GB).
 * The teacher agreement is logged on training batches and, while a teacher runs, on the
   validation set (`val_teacher_agreement`).
+* `--teachers` runs (`resolve_defaults`): M²oT's student, E = 8, K = 2, MoE in every second
+  block, experts H/K wide (Table 4: the dense model's active parameters); no classifier, no
+  MixUp/CutMix/smoothing (no labels), no EMA (no top-1 to show it); `val_knn_top1` every
+  `--knn-every` epochs and at the last (the bank is a pass over the train split); heads, π and
+  the targets' statistics are saved as "m2ot" and, outside DDP, averaged by hand like the
+  teacher routers. `--upcycle` takes a dense checkpoint only.
 """
 
 import argparse
@@ -104,13 +114,22 @@ from data import (
     parse_aa,
     set_epoch,
 )
-from eval import evaluate, probe_assignments, probe_images, routing_consistency, teacher_agreement
+from eval import (
+    evaluate,
+    knn_eval,
+    probe_assignments,
+    probe_images,
+    routing_consistency,
+    teacher_agreement,
+)
 from losses import importance_loss, load_loss, routing_kl, z_loss
+from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from moe import METHODS, MODELS, build_model, keep_freed_memory, model_args_from_flags, upcycle
 from router import check_routing
 from teacher import (
     ArgumentParser,
     build_teacher_routers,
+    load_final_teacher,
     load_teacher,
     read_checkpoint,
     run_cli,
@@ -159,9 +178,12 @@ def get_args_parser(add_help=True):
     g = parser.add_argument_group("model")
     add(g, "--model", default="tiny", choices=list(MODELS), help="micro | tiny | small | base")
     add(g, "--method", default="vmoe", choices=list(METHODS), help="routing method")
-    add(g, "--experts", type=int, default=16, help="E, experts per MoE layer")
-    add(g, "--topk", type=int, default=1, help="K, experts per token")
-    add(g, "--moe-layers", type=int, nargs="+", default=None, help="1-indexed MoE blocks")
+    add(g, "--experts", type=int, default=None, help="E, experts per MoE layer (16; m2ot 8)")
+    add(g, "--topk", type=int, default=None, help="K, experts per token (1; m2ot 2)")
+    add(g, "--moe-layers", type=int, nargs="+", default=None,
+        help="1-indexed MoE blocks (the model's; with --teachers every second)")  # fmt: skip
+    add(g, "--expert-hidden", type=int, default=None,
+        help="each expert's hidden width h (default H; with --teachers H/K)")  # fmt: skip
     add(g, "--capacity-factor", type=float, default=1.05, help="train capacity factor (V-MoE)")
     add(
         g,
@@ -177,6 +199,7 @@ def get_args_parser(add_help=True):
     add(g, "--patch-size", type=int, default=16, help="patch side in pixels")
     add(g, "--drop-path", type=float, default=0.1, help="stochastic depth rate")
     add(g, "--finetune", default="", help="pre-trained checkpoint to fine-tune (new head)")
+    add(g, "--upcycle", default="", help="dense checkpoint whose MLPs start the experts")
 
     g = parser.add_argument_group("method: losses and the distillation schedule")
     add(g, "--student-balance-coef", type=float, help="importance+load: 0.005, tgr 0")
@@ -200,6 +223,13 @@ def get_args_parser(add_help=True):
     add(g, "--teacher-resample", action="store_true", help="resample a different token grid")
     add(g, "--fresh-teacher-router", action="store_true",
         help="tgr --finetune: a new teacher router, not the pre-trained run's")  # fmt: skip
+
+    g = parser.add_argument_group("M²oT: several teachers guide the experts (no labels)")
+    add(g, "--teachers", nargs="+", default=[],
+        help="final-feature teachers: checkpoints, torchvision:NAME, timm:NAME=PATH")  # fmt: skip
+    add(g, "--tas-coef", type=float, default=0.5, help="λ_1, TAS loss (0: the Sparse MoE row)")
+    add(g, "--switch-coef", type=float, default=0.01, help="λ_2, Switch load loss")
+    add(g, "--knn-every", type=int, default=1, help="k-NN validation every N epochs (0: last)")
 
     g = parser.add_argument_group("optimisation (DeiT recipe)")
     add(g, "--batch-size", type=int, default=64, help="images per process per batch")
@@ -235,7 +265,8 @@ def get_args_parser(add_help=True):
         action="store_true",
         help="torch.compile the step: student, losses and, while distilling, the teacher",
     )
-    add(g, "--model-ema", action=on_off, default=True, help="keep an EMA of the weights (DeiT)")
+    add(g, "--model-ema", action=on_off, default=None, help="EMA of the weights (DeiT; on, "
+        "off with --teachers)")  # fmt: skip
     add(g, "--model-ema-decay", type=float, default=0.99996, help="EMA decay per step")
 
     g = parser.add_argument_group("data")
@@ -264,6 +295,14 @@ def check_args(args):
         check_routing(args.experts, args.topk, args.capacity_factor, args.eval_capacity_factor)
     if args.method in ("tgr", "teacher-route") and not args.teacher:
         raise TrainError(f"--method {args.method} needs --teacher (e.g. runs/micro-dense/...pt)")
+    if args.method == "m2ot" and not args.teachers:
+        raise TrainError("--method m2ot needs --teachers SRC [SRC ...] (dense checkpoints, ...)")
+    if args.teachers and args.method not in ("m2ot", "dense", "softmoe"):
+        raise TrainError(f"--teachers: the students are m2ot, dense and softmoe, not {args.method}")
+    if min(args.tas_coef, args.switch_coef) < 0 or args.knn_every < 0:
+        raise TrainError("--tas-coef, --switch-coef and --knn-every must be >= 0")
+    if args.upcycle and args.finetune:
+        raise TrainError("--upcycle and --finetune both start the weights: give one")
     for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size", "accum_iter"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
@@ -392,16 +431,20 @@ def switch_off(args, model, optimizer, routers):
 def read_inputs(args, out):
     """Open and check every input file before anything else runs (SPEC sec. 10).
 
-    Returns (resume path, resume checkpoint, --finetune checkpoint, teacher, its
-    `load_teacher` arguments): None where not asked for. The teacher is loaded (and so
-    checked) even where the schedule will not run it, e.g. a resume after the switch: a bad
-    --teacher never passes silently.
+    Returns (resume path, resume checkpoint, --finetune/--upcycle checkpoint, teacher, its
+    `load_teacher` arguments, the --teachers): None ([]) where not asked for. The teacher is
+    loaded (and so checked) even where the schedule will not run it, e.g. a resume after the
+    switch: a bad --teacher never passes silently.
     """
     resume = args.resume
     if resume == "auto":
         resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else ""
     ckpt = read_checkpoint(resume, "--resume") if resume else None
     pre = read_checkpoint(args.finetune, "--finetune") if args.finetune else None
+    if args.upcycle:  # sparse upcycling: only a dense checkpoint's MLPs can start experts
+        pre = read_checkpoint(args.upcycle, "--upcycle")
+        if not isinstance(pre, dict) or (pre.get("args") or {}).get("method") != "dense":
+            raise TrainError(f"--upcycle {args.upcycle}: not a train.py --method dense checkpoint")
     if pre is not None and args.method == "tgr" and not args.fresh_teacher_router:
         if not (isinstance(pre, dict) and pre.get("teacher_router")):  # see continued_router
             why = "has no teacher router to continue TGR with (tgr runs save one)"
@@ -410,13 +453,30 @@ def read_inputs(args, out):
     if args.method in ("tgr", "teacher-route"):
         t_args = teacher_args_from_flags(args, args.moe_layers or MODELS[args.model]["moe_layers"])
         teacher = load_teacher(**t_args)
+    options = dict(img_size=args.img_size, dtype=args.teacher_dtype, random_ok=args.teacher_random)
+    teachers = [load_final_teacher(source, **options) for source in args.teachers]
     check_data_path(args)
-    return resume, ckpt, pre, teacher, t_args
+    return resume, ckpt, pre, teacher, t_args, teachers
 
 
 def build_student(args, num_classes):
-    """The student ViT of --model/--method (`model.model_args` rebuilds it)."""
-    return build_model(**model_args_from_flags(args, num_classes))
+    """The student ViT of --model/--method (`model.model_args` rebuilds it). A student of
+    --teachers has no classifier (no labels: `model(images)` gives its CLS features) and its
+    MoE layers hand back φ and their inputs for M²oT's TAS loss."""
+    model = build_model(**model_args_from_flags(args, 0 if args.teachers else num_classes))
+    keep_expert_outputs(model, on=bool(args.teachers))
+    return model
+
+
+def build_m2ot(args, model, teachers, device, world):
+    """M²oT's training-only parts (`m2ot.M2oT`): heads, π, statistics; identical on every rank."""
+    with_pi = args.method == "m2ot"
+    m2ot = M2oT([t.to(device) for t in teachers], model.embed_dim, model.grid,
+                len(model.moe_layers) if with_pi else 0, args.experts).to(device)  # fmt: skip
+    if world > 1:  # rank 0's initial heads and π everywhere
+        for p in m2ot.parameters():
+            dist.broadcast(p.data, 0)
+    return m2ot
 
 
 def build_teacher(args, model, device, world, teacher=None):
@@ -437,7 +497,8 @@ def load_pretrained(model, sd, path, probe):
     """
     pre_args, sd = sd.get("args") or {}, sd.get("model", sd)
     own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and v.shape != own[k].shape)}
+    other_head = lambda k, v: k.startswith("head.") and (k not in own or v.shape != own[k].shape)  # noqa: E731
+    sd = {k: v for k, v in sd.items() if not other_head(k, v)}  # a new head, or none
     if pre_args.get("method") == "dense" and model.moe_layers:
         upcycle(model, sd)  # dense -> MoE: every expert starts as the dense MLP
         return None
@@ -465,7 +526,7 @@ def describe_recipe(args):
     """The effective recipe, printed once at start: what the run trains with, flags resolved."""
     batch = f"{args.batch_size}·world" + (f"·{args.accum_iter}" if args.accum_iter > 1 else "")
     routed = METHODS[args.method] in ("top-k", "expert-choice")
-    return (f"recipe: AdamW lr {args.base_lr:.2e} (= {args.lr} × {batch}/512), "
+    text = (f"recipe: AdamW lr {args.base_lr:.2e} (= {args.lr} × {batch}/512), "
             f"wd {args.weight_decay}, warm-up {args.warmup_epochs} epochs, cosine to "
             f"{args.min_lr}; aa {args.aa}, reprob {args.reprob}, repeated-aug "
             f"{args.repeated_aug}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing "
@@ -473,13 +534,21 @@ def describe_recipe(args):
             f"{args.model_ema_decay if args.model_ema else 'off'}, eval crop "
             f"{args.eval_crop_ratio}" + (f", capacity factor {args.capacity_factor} train / "
             f"{args.eval_capacity_factor} eval" if routed else ""))  # fmt: skip
+    if args.teachers:  # no labels: MixUp/CutMix and smoothing have nothing to act on
+        labels = f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.smoothing}, "
+        text = text.replace(labels, "") + (f"; {len(args.teachers)} teachers, no labels, "
+                                           f"λ_1 (tas) {args.tas_coef}, λ_2 (switch) "
+                                           f"{args.switch_coef}")  # fmt: skip
+    return text
 
 
-def build_optimizer(model, routers, args, cuda):
+def build_optimizer(model, routers, args, cuda, m2ot=None):
     """AdamW (DeiT): no weight decay on biases, norms, pos_embed and cls_token; the teacher
-    routers, while they train, in a group named "teacher_router" (`switch_off` removes it)."""
+    routers, while they train, in a group named "teacher_router" (`switch_off` removes it);
+    M²oT's heads and π follow the student's rules."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = [*model.named_parameters(), *(m2ot.named_parameters() if m2ot else [])]
+    for name, p in named:
         flat = p.ndim <= 1 or name.endswith((".b1", ".b2")) or name in ("pos_embed", "cls_token")
         (no_decay if flat else decay).append(p)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -533,7 +602,11 @@ def compute_losses(model, images, targets, args, teacher, routers, labels=None):
 
     Returns (student loss, teacher-router loss or 0, {part: detached value}); with `labels`
     (the un-mixed classes, (B,)) also the batch's top-1 in % (TGR Fig. S2's training accuracy).
+    A student of --teachers (`routers` is then the `m2ot.M2oT`) learns from them alone, Eq. 10.
     """
+    if args.teachers:
+        loss, parts = m2ot_losses(model, routers, images, args.tas_coef, args.switch_coef)
+        return loss, 0.0, parts
     parts = {}
     # (B, N, E) per MoE layer: the trainable routers on the frozen (no_grad) teacher features
     t_logits = teacher_route(teacher, routers)(images) if teacher is not None else None
@@ -721,34 +794,56 @@ def epoch_means(sums, world, steps, device):
     return dict(zip(sums, (means / (world * steps)).tolist()))
 
 
-def validate(args, model, val_loader, device, route, ema=None):
+def validate(args, model, val_loader, device, route, ema=None, knn_loader=None):
     """The epoch's validation: accuracy and routing metrics (teacher-route: also the student's
-    own route; --model-ema: also the averaged weights' top-1)."""
+    own route; --model-ema: also the averaged weights' top-1; with `knn_loader`, the train
+    split seen without augmentation: the k-NN top-1 of the CLS embedding, M²oT's measure)."""
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
     routed = dict(teacher=route, route_by_teacher=by_teacher)
     run = lambda m, **kw: evaluate(m, val_loader, device, amp_dtype=amp_dtype, **kw)  # noqa: E731
     val = run(model, **routed)
-    record = {"val_top1": val["top1"], "val_top5": val.get("top5"),
+    record = {"val_top1": val.get("top1"), "val_top5": val.get("top5"),
               "moe_layers": list(model.moe_layers)}  # fmt: skip
     record.update({k: val.get(k) for k in ("routing_entropy", "utilisation", "dropped_frac")})
     record["val_teacher_agreement"] = val.get("teacher_agreement")  # while a teacher runs
     if by_teacher:  # the upper bound vs routing by the student's own router
         record["val_top1_student_route"] = run(model)["top1"]
     if ema is not None:  # routed as the model is (tgr: no teacher agreement needed here)
-        record["val_top1_ema"] = run(ema.module, **(routed if by_teacher else {}))["top1"]
+        record["val_top1_ema"] = run(ema.module, **(routed if by_teacher else {})).get("top1")
+    if knn_loader is not None:  # weighted k-NN, k = 20, T = 0.07 (DINO's protocol)
+        record["val_knn_top1"] = knn_eval(
+            model, knn_loader, val_loader, device, amp_dtype=amp_dtype
+        )
     return record
 
 
 # ============================================================================ main
-def main(args):
-    """Train; returns {"model": the unwrapped student, "routers", "history", "args"}."""
-    check_args(args)
+def resolve_defaults(args):
+    """The defaults that depend on --method or --teachers, written into args (and so saved)."""
+    distil = bool(args.teachers)  # M²oT's family: students of several teachers, no labels
+    if args.experts is None:  # M²oT: E = 8, K = 2 (its sec. 5); else V-MoE's 16, top-1
+        args.experts = 8 if distil else 16
+    if args.topk is None:
+        args.topk = 2 if distil else 1
+    if distil and args.moe_layers is None:  # M²oT: every second block (1-indexed 2, 4, ...)
+        args.moe_layers = list(range(2, MODELS[args.model]["depth"] + 1, 2))
+    if distil and args.expert_hidden is None and args.method != "dense":
+        # H/K: K active experts hold the dense MLP's weights (M²oT Table 4)
+        args.expert_hidden = int(MODELS[args.model]["embed_dim"] * 4) // args.topk
+    if args.model_ema is None:  # DeiT keeps an EMA; a feature student has no top-1 to show it
+        args.model_ema = not distil
     if args.eval_capacity_factor is None:  # V-MoE evaluates top-K with room; EC routes as trained
         top_k = METHODS[args.method] == "top-k"
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
+
+
+def main(args):
+    """Train; returns {"model": the unwrapped student, "routers", "m2ot", "history", "args"}."""
+    resolve_defaults(args)
+    check_args(args)
     args.output_dir = args.output_dir or f"runs/{args.model}-{args.method}"
     rank, world, device = init_distributed(args)
     if args.num_workers is None:  # the CPUs per process, at most DeiT's 10; 0 on a CPU run
@@ -766,7 +861,7 @@ def main(args):
 
 def train(args, rank, world, device):
     out, cuda = Path(args.output_dir), device.type == "cuda"
-    resume, ckpt, pretrained, teacher, t_args = read_inputs(args, out)  # checked first
+    resume, ckpt, pretrained, teacher, t_args, teachers = read_inputs(args, out)  # checked first
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     if rank == 0:
@@ -783,7 +878,11 @@ def train(args, rank, world, device):
     if steps_per_epoch == 0:
         batch = f"{args.batch_size} x --accum-iter {args.accum_iter}"
         raise TrainError(f"{len(train_set)} training images < one step of {batch}")
-    mix = build_mixup(args, num_classes)  # MixUp or CutMix per batch, or None
+    mix = None if teachers else build_mixup(args, num_classes)  # MixUp/CutMix, not w/o labels
+    knn_loader = None  # M²oT's students: the k-NN bank is the train split, not augmented
+    if teachers:
+        bank = build_dataset(True, args, augment=False)[0]
+        knn_loader = build_loader(bank, False, args, rank=rank, world=world, pin_memory=pin)
     # (P, 3, S, S) fixed validation images whose routing we follow over epochs
     probe = probe_images(val_set, args.probe_size).to(device)
 
@@ -794,7 +893,10 @@ def train(args, rank, world, device):
         load_weights(model, ckpt["model"], f"--resume {resume}")
         ref_assign = ckpt["ref_assign"]
     elif pretrained is not None:
-        ref_assign = load_pretrained(model, pretrained, args.finetune, probe)
+        ref_assign = load_pretrained(model, pretrained, args.finetune or args.upcycle, probe)
+    m2ot = build_m2ot(args, model, teachers, device, world) if teachers else None
+    if m2ot is not None and ckpt is not None:  # heads, π and the targets' statistics
+        load_weights(m2ot, ckpt["m2ot"], f"--resume {resume}'s M²oT heads")
     default = Switch(done=distill_epochs(args) == 0, reason="a fraction of 0 epochs")
     switch = Switch(**ckpt["switch"]) if ckpt else default  # done? when? why?
     if args.method == "stablemoe" and switch.done:
@@ -817,7 +919,7 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ optimizer
     # DeiT's linear scaling rule, on the batch of one optimizer step (DeiT-III: × accum-iter)
     args.base_lr = args.lr * args.batch_size * world * args.accum_iter / 512
-    optimizer = build_optimizer(model_without_ddp, routers, args, cuda)
+    optimizer = build_optimizer(model_without_ddp, routers, args, cuda, m2ot)
     ema = build_ema(model_without_ddp, args, ckpt)  # None unless --model-ema
     start_epoch, step, prev_assign, probe_history = 0, 0, None, {}
     if ckpt is not None:
@@ -833,6 +935,9 @@ def train(args, rank, world, device):
     params = sum(p.numel() for p in model_without_ddp.parameters()) / 1e6
     extra = sum(p.numel() for p in routers.parameters()) / 1e6 if routers is not None else 0
     router = f" + {extra:.3f}M teacher router" if extra else ""  # TGR Table S2's "+ router"
+    if m2ot is not None:  # training only, like the teacher router
+        heads = sum(p.numel() for p in m2ot.parameters()) / 1e6
+        router = f" + {heads:.3f}M heads and π for {len(teachers)} teachers"
     print0(f"{args.model} {args.method}: {params:.2f}M params{router}, {len(train_set)} images, "
            f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch")  # fmt: skip
     print0(describe_recipe(args))
@@ -845,8 +950,9 @@ def train(args, rank, world, device):
     history = []
     for epoch in range(start_epoch, args.epochs):
         set_epoch(train_loader, epoch)  # the permutation and the workers' seeds
-        distilling, t0 = teacher is not None, time.time()
-        step, sums, seen, lr = train_one_epoch(model, teacher, routers, optimizer, train_loader,
+        distilling, t0 = teacher is not None or m2ot is not None, time.time()
+        trainable = m2ot if m2ot is not None else routers  # outside DDP: averaged by hand
+        step, sums, seen, lr = train_one_epoch(model, teacher, trainable, optimizer, train_loader,
                                                mix, args, epoch, step, out, world, ema,
                                                losses_fn)  # fmt: skip
         train_time = time.time() - t0
@@ -854,7 +960,9 @@ def train(args, rank, world, device):
 
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
-        val = validate(args, model_without_ddp, val_loader, device, route, ema)
+        knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
+        val = validate(args, model_without_ddp, val_loader, device, route, ema,
+                       knn_loader if knn_due else None)  # fmt: skip
         assign = probe_assignments(model_without_ddp, probe)
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling,
@@ -882,7 +990,9 @@ def train(args, rank, world, device):
         record["eval_time_s"] = time.time() - t1  # validation and probe: not training time
         history.append(record)
         entropy = [round(e, 3) for e in val.get("routing_entropy") or []]
-        print0(f"epoch {epoch}: val top-1 {val['val_top1']:.2f}  routing entropy {entropy}  "
+        score = val.get("val_knn_top1") if teachers else val["val_top1"]
+        name = "val k-NN top-1" if teachers else "val top-1"
+        print0(f"epoch {epoch}: {name} {score or float('nan'):.2f}  routing entropy {entropy}  "
                f"consistency {[round(c, 3) for c in consistency]}")  # fmt: skip
 
         # -------------------------------------------------------------- checkpoint
@@ -897,11 +1007,13 @@ def train(args, rank, world, device):
                      "step": step, "rng": rngs, "switch": asdict(switch), "probe_prev": prev_assign,
                      "ref_assign": ref_assign, "model_args": model_without_ddp.model_args,
                      "model_ema": ema.module.state_dict() if ema is not None else None,
-                     "teacher_args": t_args}  # fmt: skip
+                     "teacher_args": t_args,
+                     "m2ot": m2ot.state_dict() if m2ot is not None else None}  # fmt: skip
             save_epoch(out, state, record, assign, probe_history)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce
             dist.barrier()
-    return {"model": model_without_ddp, "routers": routers, "history": history, "args": args}
+    return {"model": model_without_ddp, "routers": routers, "m2ot": m2ot, "history": history,
+            "args": args}  # fmt: skip
 
 
 def cli(argv=None):

@@ -68,7 +68,7 @@ def step_fn(variant, args, device, teacher_path):
         *("--teacher", teacher_path, "--teacher-dtype", dtype or "fp32"),
     ]
     targs = train.get_args_parser().parse_args(flags)
-    targs.student_balance_coef = 0.0 if method == "tgr" else 0.005
+    train.resolve_defaults(targs)  # as train.main: K, E, balance coefficient of the method
     torch.manual_seed(0)
     model = train.build_student(targs, 1000).to(device)
     teacher = routers = None
