@@ -26,6 +26,7 @@ COURSE = [  # the reading order of the README
     "03_routing_distillation.ipynb",
     "04_half_schedule_switch.ipynb",
     "05_other_routers.ipynb",
+    "06_multi_teacher_experts.ipynb",
 ]
 CELL_TIMEOUT_S = 300  # a quick-mode cell takes seconds; this only stops a hang
 
