@@ -29,8 +29,8 @@ CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `
 M²oT: h_i(x) `pred`, T_i(x) `target` (..., d) in Eq. 2, one teacher and one kind of token;
 in Eq. 8, φ(t, e) `expert_out` (T, K, D) the output of the expert of each of token t's K
 assignments, p_e(t) `probs` (T, K) the clean router softmax of that expert, `kept` (T, K) False
-where capacity dropped the assignment, π(t, e, i) `mix` (T, K, N_T) the teacher-aware router's
-softmax over teachers for that expert, T_i(t) `teacher_feats[i]` (T, D) teacher i's target
+where capacity dropped the assignment, π(t, e, i) `pi` (T, K, N_T) the teacher-aware router's
+softmax over teachers for that expert, T_i(t) `targets[i]` (T, D) teacher i's target
 already mapped to width D (SPEC's Q_i T_i), T̄(t, e) = Σ_i π(t, e, i)·T_i(t) the expert's
 target. Letters: T tokens, K top-k, D width, N_T teachers (N is the house's letter for the
 tokens of an image, so teachers take SPEC's N_T).
@@ -154,18 +154,19 @@ def feature_distill_loss(pred, target, beta=1.0):
     return cos + sl1
 
 
-def tas_loss(expert_out, probs, kept, mix, teacher_feats):
+def tas_loss(expert_out, probs, kept, pi, targets):
     """M²oT Eq. 8, the teacher-aware specialisation loss of one MoE layer -> scalar.
 
-    expert_out φ (T, K, D), probs p (T, K), kept (T, K) bool, mix π (T, K, N_T) and
-    teacher_feats (N_T, T, D): see the legend. The caller sums it over the MoE layers.
+    expert_out φ (T, K, D), probs p (T, K), kept (T, K) bool, pi π (T, K, N_T) and
+    targets (N_T, T, D) the teachers' features: see the legend. The caller sums it over the
+    MoE layers.
     """
     # T̄(t, e) = Σ_i π(t, e, i) · T_i(t)                 each expert's own mixture of teachers
     # L_tas = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · (1/D) Σ_c |φ(t, e_k)_c − T̄(t, e_k)_c|
     # The teachers are frozen: their features are detached, so the loss moves the experts
     # (φ), the router (p) and the teacher-aware router (π), never a teacher.
-    targets = teacher_feats.detach().float()  # (N_T, T, D)
-    t_bar = torch.einsum("tkn,ntd->tkd", mix.float(), targets)  # (T, K, D)
+    targets = targets.detach().float()  # (N_T, T, D)
+    t_bar = torch.einsum("tkn,ntd->tkd", pi.float(), targets)  # (T, K, D)
     # a dropped assignment is masked before |·|: no value and no gradient (not even a NaN
     # from whatever its slot of expert_out holds) reaches its expert, p or π
     gap = torch.where(kept.unsqueeze(-1), expert_out.float() - t_bar, 0.0)  # (T, K, D)
