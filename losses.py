@@ -131,9 +131,12 @@ def z_loss(logits):
 def switch_load_loss(p, top1):
     # L_switch = E · Σ_e f_e · P_e,  f_e = fraction of tokens whose top-1 is e,
     # P_e = (1/T) Σ_t p_{t,e}; equals 1 under perfectly uniform routing
-    p = _tokens(p)  # (T, E)
-    E = p.shape[-1]
-    f = torch.bincount(top1.reshape(-1), minlength=E).to(p.dtype) / top1.numel()  # (E,)
+    p = _tokens(p)  # (T, E), at least float32
+    p = p.to(torch.promote_types(p.dtype, torch.float32))
+    E, top1 = p.shape[-1], top1.reshape(-1)  # top1: (T,)
+    # counts by index_add in float32 (bincount's output size depends on the data, which breaks
+    # a torch.compile graph; bf16 would round counts above 256)
+    f = p.new_zeros(E).index_add_(0, top1, p.new_ones(top1.shape)) / top1.numel()  # (E,)
     return E * (f * p.mean(dim=0)).sum()
 
 
