@@ -412,9 +412,11 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
 def test_demo_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, "demo.py", "--quick", "--all", "--output-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("dense student", "M²oT", "sparse MoE (--tas-coef 0)"):  # --all: M²oT's rows too
+        assert proc.stdout.count(f"| {name} |") == 2  # two seeds
     for name in ("dense", "vmoe", "tgr", "expert-choice", "softmoe", "stablemoe", "zloss"):
         assert f"| {name} |" in proc.stdout and (tmp_path / name / "log.jsonl").is_file()
     assert "| teacher-route |" in proc.stdout  # the teacher router routes (upper bound) ...
