@@ -21,7 +21,7 @@ from moe import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (
-    "--model micro --img-size 32 --patch-size 4 --experts 4 --batch-size 16 "
+    "--model micro --img-size 32 --patch-size 4 --experts 4 --topk 1 --batch-size 16 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --epochs 2 --warmup-epochs 0 "
     "--lr 2e-3 --print-freq 1000 --probe-size 16 --num-workers 0"
 ).split()
