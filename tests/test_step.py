@@ -116,6 +116,14 @@ def test_compile_recompiles_once_at_the_stablemoe_freeze(tmp_path, monkeypatch):
     assert len(graphs) == 2 and graphs[0] > graphs[1]  # no noise, no balance loss after
 
 
+def test_compile_takes_the_whole_m2ot_step_as_one_graph(teacher_ckpt, tmp_path, monkeypatch):
+    """M²oT over 2 epochs of 2 steps: teachers, targets, heads, π, TAS and the Switch loss in one
+    graph (the Switch loss's bincount once broke it into pieces), never recompiled."""
+    graphs = compiled_graphs(monkeypatch, tmp_path, "--method", "m2ot", "--topk", "2",
+                             "--teachers", teacher_ckpt, teacher_ckpt, "--epochs", "2")  # fmt: skip
+    assert len(graphs) == 1
+
+
 # ----------------------------------------------------------------------------- --accum-iter
 def test_accumulating_two_batches_equals_one_step_on_both(tmp_path):
     """Dense: 2 batches of 8 with --accum-iter 2 give the optimizer step the gradient of one
