@@ -24,32 +24,36 @@ Decisions where the papers are silent
 * Evaluation of larger images resizes to S / `--eval-crop-ratio` and centre-crops S (DeiT's
   0.875 by default; DeiT-III evaluates at 1.0).
 * Errors are ordinary exceptions (FileNotFoundError for a missing folder, ValueError for a
-  failed download); the command lines turn them into one line (`teacher.run_cli`).
+  failed download); the command lines turn them into one line (`flags.run_cli`).
 * `build_dataset(True, args, augment=False)` is the train split through the evaluation
   transform: the feature bank of a k-NN evaluation must not be augmented (DINO's protocol).
 * `with_train=False` callers (eval.py) build the validation split alone: no scan of
   ImageNet's 1.28M training files and no download of a training split.
 * The workers stop at uint8 (a quarter of float32's bytes); `normalize`, `random_erasing` and
-  MixUp/CutMix run on the device batch (`device_batch`), as timm's PrefetchLoader does.
-  Workers persist across epochs and re-seed per epoch (`EpochSeeded`): exact resume holds.
+  MixUp/CutMix (augment.py, with RandAugment) run on the device batch (`device_batch`), as
+  timm's PrefetchLoader does. Workers persist across epochs and re-seed per epoch
+  (`EpochSeeded`): exact resume holds.
+* An ImageFolder's train/ and val/ must hold the same class folders (`check_data_path`):
+  ImageFolder numbers classes in sorted order, so one missing folder shifts every later label.
+* The probe set (`probe_indices`: the validation images whose routing train.py follows from
+  epoch to epoch and eval.py --compare measures) is class-stratified and seeded, the same on
+  every run, rank and machine.
 """
 
 import functools
 import itertools
-import math
 import os
 import random
-import re
 from pathlib import Path
 
 import torch
 import torchvision
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+
+from augment import MEAN, STD, RandAugment, parse_aa, random_erasing
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "pets", "imagenet", "folder")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as DeiT
 
 
 # ----------------------------------------------------------------------------- generated images
@@ -99,7 +103,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
+        rand = lambda *shape: torch.rand(shape, generator=g)
         S, label = self.img_size, index % self.num_classes
         img = 0.25 + 0.25 * rand(3, 1, 1) + 0.08 * torch.randn(3, S, S, generator=g)  # (3, S, S)
         for part in self.pairs[label]:
@@ -112,101 +116,6 @@ class SyntheticImages(torch.utils.data.Dataset):
         img = (img + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)  # (3, S, S)
         img = torchvision.tv_tensors.Image((img * 255).round().to(torch.uint8))  # (3, S, S)
         return (self.transform(img) if self.transform else img), label
-
-
-# ----------------------------------------------------------------------------- RandAugment
-# DeiT's `--aa rand-m9-mstd0.5-inc1` is timm's RandAugment: n = 2 ops per image, each applied
-# with probability 0.5 at a magnitude m ~ N(9, 0.5²) clipped to [0, 10], from timm's
-# "increasing" op set, where m / 10 is the fraction of each op's full strength (m9: rotate
-# ≤ 27°). The same ops in torchvision's functional API; each maps (image, m, fill) -> image.
-# torchvision's own v2.RandAugment(magnitude=9) is 9 of 31 bins: 0.3 of full strength.
-def _signed(x):
-    return x if random.random() < 0.5 else -x  # timm's _randomly_negate
-
-
-def _enhance(m):
-    return max(0.1, 1.0 + _signed(0.9 * m / 10))  # factor 1 ± 0.9·m/10 (timm: ≥ 0.1)
-
-
-def _solarize_add(img, m):  # add 110·m/10 to the pixels below 128
-    return torch.where(img < 128, (img.int() + int(110 * m / 10)).clamp(max=255), img).to(img.dtype)
-
-
-def _affine(img, fill, translate=(0.0, 0.0), shear=(0.0, 0.0)):  # about the corner, as PIL
-    bilinear = TF.InterpolationMode.BILINEAR
-    return TF.affine(img, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
-                     interpolation=bilinear, fill=fill, center=[0, 0])  # fmt: skip
-
-
-def _shear(m):  # timm's shear factor 0.3·m/10, as an angle in degrees
-    return math.degrees(math.atan(_signed(0.3 * m / 10)))
-
-
-RAND_OPS = {  # timm's _RAND_INCREASING_TRANSFORMS
-    "AutoContrast": lambda img, m, fill: TF.autocontrast(img),
-    "Equalize": lambda img, m, fill: TF.equalize(img),
-    "Invert": lambda img, m, fill: TF.invert(img),
-    "Rotate": lambda img, m, fill: TF.rotate(
-        img, _signed(30 * m / 10), interpolation=TF.InterpolationMode.BILINEAR, fill=fill),
-    "PosterizeIncreasing": lambda img, m, fill: TF.posterize(img, 4 - int(4 * m / 10)),
-    "SolarizeIncreasing": lambda img, m, fill: TF.solarize(img, 256 - int(256 * m / 10))
-    if m >= 10 / 256 else img,  # threshold 256: nothing is inverted
-    "SolarizeAdd": lambda img, m, fill: _solarize_add(img, m),
-    "ColorIncreasing": lambda img, m, fill: TF.adjust_saturation(img, _enhance(m)),
-    "ContrastIncreasing": lambda img, m, fill: TF.adjust_contrast(img, _enhance(m)),
-    "BrightnessIncreasing": lambda img, m, fill: TF.adjust_brightness(img, _enhance(m)),
-    "SharpnessIncreasing": lambda img, m, fill: TF.adjust_sharpness(img, _enhance(m)),
-    "ShearX": lambda img, m, fill: _affine(img, fill, shear=(_shear(m), 0.0)),
-    "ShearY": lambda img, m, fill: _affine(img, fill, shear=(0.0, _shear(m))),
-    "TranslateXRel": lambda img, m, fill: _affine(
-        img, fill, translate=(_signed(0.45 * m / 10) * img.shape[-1], 0.0)),
-    "TranslateYRel": lambda img, m, fill: _affine(
-        img, fill, translate=(0.0, _signed(0.45 * m / 10) * img.shape[-2])),
-}  # fmt: skip
-
-
-def parse_aa(policy):
-    """--aa: "none", or timm's "rand-m9-mstd0.5-inc1" -> dict(num_ops, magnitude, std)."""
-    if policy in ("none", ""):
-        return None
-    parts, opts = policy.split("-"), {"n": 2, "m": 10, "mstd": 0.0, "inc": 0}  # timm's defaults
-    for part in parts[1:]:
-        match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d+)?)", part)  # "m9" -> ("m", "9")
-        if match is None or match[1] not in opts:
-            raise ValueError(f"--aa {policy}: cannot read {part!r} (n, m, mstd, inc are known)")
-        opts[match[1]] = float(match[2])
-    if parts[0] != "rand" or opts["inc"] != 1:
-        raise ValueError(f"--aa {policy}: only timm's rand-...-inc1 (DeiT's) is implemented")
-    return dict(num_ops=int(opts["n"]), magnitude=opts["m"], magnitude_std=opts["mstd"])
-
-
-class RandAugment(torch.nn.Module):
-    """timm's RandAugment (increasing ops) on uint8 images; see RAND_OPS above.
-
-    Differs from timm only in the pixels: torchvision's bilinear resampling for the geometric
-    ops (DeiT asks timm for bicubic, which torchvision's tensor ops do not offer).
-    """
-
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=None):
-        super().__init__()
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = (
-            num_ops, magnitude, magnitude_std, prob)  # fmt: skip
-        self.fill = fill or [round(255 * x) for x in MEAN]  # DeiT fills with the mean colour
-
-    def sample_magnitude(self):
-        # m ~ N(magnitude, std²) per op, clipped to timm's [0, 10]
-        m = (
-            random.gauss(self.magnitude, self.magnitude_std)
-            if self.magnitude_std
-            else self.magnitude
-        )
-        return min(10.0, max(0.0, m))
-
-    def forward(self, img):  # img: (3, S, S) uint8
-        for name in random.choices(list(RAND_OPS), k=self.num_ops):  # with replacement, as timm
-            if random.random() < self.prob:
-                img = RAND_OPS[name](img, self.sample_magnitude(), self.fill)
-        return img
 
 
 # ----------------------------------------------------------------------------- on the device
@@ -228,32 +137,6 @@ def normalize(images):
         return images
     mean, std = _mean_std(images.device)
     return (images.float() - mean) / std
-
-
-def random_erasing(images, prob, mode="pixel", count=1):
-    """DeiT's random erasing (timm's RandomErasing, after normalisation), on a batch in place.
-
-    Each image, with probability `prob`, gets 1..count rectangles (count drawn uniformly)
-    of 2%-33% of its area and aspect 0.3-3.3 (10 tries to fit each), filled with N(0, 1)
-    noise per pixel (`pixel`, the normalised units' scale) or zeros (`const`). The draws are
-    Python's `random` and the noise is drawn on the images' device: no host sync.
-    """
-    B, C, H, W = images.shape
-    for b in range(B):
-        if random.random() >= prob:
-            continue
-        for _ in range(random.randint(1, count)):
-            for _attempt in range(10):
-                area = H * W * random.uniform(0.02, 1 / 3)
-                aspect = math.exp(random.uniform(math.log(0.3), math.log(3.3)))
-                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-                if h < H and w < W:
-                    y, x = random.randint(0, H - h), random.randint(0, W - w)
-                    images[b, :, y : y + h, x : x + w] = (  # (C, h, w)
-                        torch.randn((C, h, w), device=images.device, dtype=images.dtype)
-                        if mode == "pixel" else 0)  # fmt: skip
-                    break
-    return images
 
 
 def device_batch(images, targets, device, args, mix):
@@ -297,14 +180,31 @@ def build_transform(is_train, args):
     return v2.Compose([*t, v2.ToPureTensor()])  # uint8 (3, S, S): `normalize` on the device
 
 
+def class_folders(root):
+    """The class names of an ImageFolder split: its sub-folders, sorted (ImageFolder's order)."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
 def check_data_path(args, with_train=True):
-    """An ImageFolder data set needs --data-path/train and /val: FileNotFoundError if not."""
-    if args.data in ("imagenet", "folder"):
-        for split in ("train", "val") if with_train else ("val",):
-            if not (Path(args.data_path) / split).is_dir():
-                raise FileNotFoundError(
-                    f"--data-path {args.data_path}: no {split}/CLASS/*.jpg folders found"
-                )
+    """An ImageFolder data set needs --data-path/train and /val (FileNotFoundError if not),
+    with the same class folders: ImageFolder numbers the classes in sorted order, so one
+    missing or extra folder would shift every label after it (ValueError naming the first)."""
+    if args.data not in ("imagenet", "folder"):
+        return
+    root = Path(args.data_path)
+    for split in ("train", "val") if with_train else ("val",):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"--data-path {root}: no {split}/CLASS/*.jpg folders found")
+    if not (root / "train").is_dir():  # eval.py reads val/ alone: nothing to compare with
+        return
+    train, val = class_folders(root / "train"), class_folders(root / "val")
+    if train != val:
+        first = min(set(train) ^ set(val))  # the first class, in sorted order, that differs
+        where = "val/ lacks" if first in train else "train/ lacks"
+        raise ValueError(
+            f"--data-path {root}: {where} the class folder {first!r} (train/ {len(train)} "
+            f"classes, val/ {len(val)}): every label after it would shift; make them the same"
+        )
 
 
 def build_dataset(is_train, args, augment=None):
@@ -317,8 +217,9 @@ def build_dataset(is_train, args, augment=None):
     if name == "synthetic":
         split, C = ("train" if is_train else "val"), args.nb_classes or 10
         size = args.synthetic_train_size if is_train else args.synthetic_val_size
-        return SyntheticImages(size, C, args.img_size, split, seed=args.synthetic_seed,
-                               transform=transform), C  # fmt: skip
+        return SyntheticImages(
+            size, C, args.img_size, split, seed=args.synthetic_seed, transform=transform
+        ), C
     if name in ("imagenet", "folder"):
         check_data_path(args, with_train=is_train)
         dataset = torchvision.datasets.ImageFolder(
@@ -327,7 +228,9 @@ def build_dataset(is_train, args, augment=None):
         return dataset, len(dataset.classes)
     sets = torchvision.datasets
     cls, C = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}.get(name) or (
-        sets.OxfordIIITPet, 37)  # fmt: skip
+        sets.OxfordIIITPet,
+        37,
+    )
     kw = {"train": is_train} if name != "pets" else {"split": "trainval" if is_train else "test"}
     try:
         return cls(root, transform=transform, download=False, **kw), C
@@ -349,14 +252,32 @@ def labels_of(dataset):
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # any other: read all
 
 
-def build_mixup(args, num_classes):
-    """DeiT's batch mixing: MixUp (α --mixup) or CutMix (α --cutmix), one chosen per batch.
+# ----------------------------------------------------------------------------- the probe set
+def probe_indices(labels, n, seed=0):
+    """The probe set's indices into a data set with classes `labels` (L,): n of them, sorted.
 
-    Runs on a collated batch (images, labels) and returns soft labels (B, classes); None when
-    both are off."""
-    mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
-    mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
-    return v2.RandomChoice(mixes) if mixes else None
+    Class-stratified and seeded: every class's images in a seeded random order, then the first
+    image of every class, the second of every class, ... until n. It covers min(#classes, n)
+    classes whatever the data set's order (an ImageFolder is sorted by class: its first 256
+    images are ~5 ImageNet classes) and is the same on every run, rank and machine.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)  # (L,) a seeded shuffle
+    shuffled = torch.as_tensor(labels)[order]  # (L,) their classes
+    by_class = torch.sort(shuffled, stable=True).indices  # (L,) grouped by class, order kept
+    grouped = shuffled[by_class]  # (L,) classes, sorted
+    first = torch.searchsorted(grouped, grouped)  # (L,) where each one's class begins
+    rank = torch.empty_like(order)
+    rank[by_class] = torch.arange(len(order)) - first  # (L,) its place within its class
+    # rounds: every class's 1st image (in shuffled order), then every class's 2nd, ...
+    pick = torch.argsort(rank * len(order) + torch.arange(len(order)))[:n]
+    return order[pick].sort().values
+
+
+def probe_images(dataset, n, seed=0):
+    """The probe set of `dataset` (validation), `probe_indices` of it, normalised: (n, 3, S, S)."""
+    images = [dataset[int(i)][0] for i in probe_indices(labels_of(dataset), n, seed)]
+    return normalize(torch.stack(images))  # float32, as the model takes them
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -454,6 +375,13 @@ def build_loader(dataset, is_train, args, *, rank=0, world=1, pin_memory=False):
     if is_train and workers > 0:
         dataset = EpochSeeded(dataset, args.seed * 1_000 + rank)
     batch = args.batch_size if is_train else int(1.5 * args.batch_size)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=is_train,
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=is_train,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

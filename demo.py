@@ -33,6 +33,7 @@ from pathlib import Path
 
 import eval
 import train
+from flags import VMOE_EVAL_CF
 from moe import METHODS
 
 COMMON = (
@@ -69,8 +70,10 @@ def row(name, out, seconds):
     cells = [log[-1]["routing_entropy"] or [], consistency if log[-1]["moe_layers"] else []]
     cells = [" ".join(f"{x:.3f}" for x in xs) or "-" for xs in cells]
     distilled = sum(r["distilling"] for r in log)
-    line = (f"| {name} | {log[-1]['val_top1']:.1f} | {cells[0]} | {cells[1]} | "
-            f"{distilled}/{len(log)} | {seconds:.0f} s |")  # fmt: skip
+    line = (
+        f"| {name} | {log[-1]['val_top1']:.1f} | {cells[0]} | {cells[1]} | "
+        f"{distilled}/{len(log)} | {seconds:.0f} s |"
+    )
     if "val_top1_student_route" in log[-1]:  # teacher-route: the same model, the student routes
         line += f"\n| {name}, student's route | {log[-1]['val_top1_student_route']:.1f} | | | | |"
     return line
@@ -79,25 +82,35 @@ def row(name, out, seconds):
 def m2ot_row(name, seed, out, seconds):
     """One student: k-NN top-1, the last epoch's losses, eval.py's preference sharpness."""
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    res = eval.run(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
+    res = eval.main(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
     sharp = " ".join(f"{x:.2f}" for x in res.get("preference_sharpness", [])) or "-"
     loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
     dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"
-    return (f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {dist} | {loss[0]} | {loss[1]} "
-            f"| {sharp} | {seconds:.0f} s |")  # fmt: skip
+    return (
+        f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {dist} | {loss[0]} | {loss[1]} "
+        f"| {sharp} | {seconds:.0f} s |"
+    )
 
 
 def m2ot_rows(root, sizes, seeds):
     """M²oT's offline comparison (see the docstring): teacher B, then 3 students x seeds."""
     run(root / "m2ot-teacher", sizes, *M2OT_TEACHER, "--epochs", str(sizes[2]))
     teachers = [str(root / "dense" / "checkpoint.pt"), str(root / "m2ot-teacher" / "checkpoint.pt")]
-    students = {"dense student": ["--method", "dense"], "M²oT": ["--method", "m2ot"],
-                "sparse MoE (--tas-coef 0)": ["--method", "m2ot", "--tas-coef", "0"]}  # fmt: skip
+    students = {
+        "dense student": ["--method", "dense"],
+        "M²oT": ["--method", "m2ot"],
+        "sparse MoE (--tas-coef 0)": ["--method", "m2ot", "--tas-coef", "0"],
+    }
     # K = 2 as M²oT; fp32 teachers: bf16 made these CPU steps 2.7x slower (docs/m2ot.md)
-    common = ["--topk", "2", "--teachers", *teachers, "--epochs", str(sizes[4]),
-              "--teacher-dtype", "fp32"]  # fmt: skip
-    lines = ["| student | seed | k-NN top-1 | L_dist A, B | L_tas | L_switch | preference "
-             "sharpness L2 L4 L6 | wall |", "|---|---:|---:|---|---:|---:|---|---:|"]  # fmt: skip
+    common = [
+        *("--topk", "2", "--teachers", *teachers, "--epochs", str(sizes[4])),
+        *("--teacher-dtype", "fp32"),
+    ]
+    lines = [
+        "| student | seed | k-NN top-1 | L_dist A, B | L_tas | L_switch | preference "
+        "sharpness L2 L4 L6 | wall |",
+        "|---|---:|---:|---|---:|---:|---|---:|",
+    ]
     for i, (name, flags) in enumerate(students.items()):
         for seed in seeds:
             out = root / f"m2ot-student{i}-seed{seed}"
@@ -129,29 +142,37 @@ def main():
         times[method] = run(root / method, sizes, *flags)
     m2ot = m2ot_rows(root, sizes, ["0", "1"]) if opts.m2ot or opts.all else []
 
-    cf = f"top-K capacity factor 1.05 in training, {train.VMOE_EVAL_CF} at evaluation"
-    print(f"\nmicro DeiT (MoE: E=8, K=1 in blocks 4 and 6; {cf}), {sizes[0]} generated 32x32 "
-          f"images, seed {opts.seed}, {time.time() - start:.0f} s in all\n")  # fmt: skip
-    print("| run | val top-1 | routing entropy L4 L6 | adjacent consistency L4 L6 | distilled "
-          "epochs | wall |\n|---|---:|---|---|---:|---:|")  # fmt: skip
+    cf = f"top-K capacity factor 1.05 in training, {VMOE_EVAL_CF} at evaluation"
+    print(
+        f"\nmicro DeiT (MoE: E=8, K=1 in blocks 4 and 6; {cf}), {sizes[0]} generated 32x32 "
+        f"images, seed {opts.seed}, {time.time() - start:.0f} s in all\n"
+    )
+    print(
+        "| run | val top-1 | routing entropy L4 L6 | adjacent consistency L4 L6 | distilled "
+        "epochs | wall |\n|---|---:|---|---|---:|---:|"
+    )
     for name in times:
         print(row(name, root / name, times[name]))
-    print("\nentropy: H(expert use)/log E on the validation set, 1 = every expert equally used.\n"
-          "consistency: share of a fixed probe set's tokens that keep their top-1 expert from\n"
-          "one epoch to the next (mean over epochs 1..end).\n"
-          "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
-          "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs.")  # fmt: skip
+    print(
+        "\nentropy: H(expert use)/log E on the validation set, 1 = every expert equally used.\n"
+        "consistency: share of a fixed probe set's tokens that keep their top-1 expert from\n"
+        "one epoch to the next (mean over epochs 1..end).\n"
+        "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
+        "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs."
+    )
     if m2ot:
-        print("\nM²oT, two teachers (A: the micro teacher above; B: tiny, patch 8, another task)"
-              "; students micro,\nE=8, K=2, h=H/2, MoE in blocks 2 4 6, no labels; k-NN (k=20, "
-              "T=0.07) on the 40-class task;\nlosses: last epoch's training means\n")  # fmt: skip
+        print(
+            "\nM²oT, two teachers (A: the micro teacher above; B: tiny, patch 8, another task)"
+            "; students micro,\nE=8, K=2, h=H/2, MoE in blocks 2 4 6, no labels; k-NN (k=20, "
+            "T=0.07) on the 40-class task;\nlosses: last epoch's training means\n"
+        )
         print("\n".join(m2ot))
     # the routing of the TGR student, read by eval.py (figures only where matplotlib is installed)
     argv = ["--checkpoint", str(root / "tgr" / "checkpoint.pt")]
     if importlib.util.find_spec("matplotlib"):
         argv += ["--plots", str(root / "plots")]
     print(f"\n$ python eval.py {' '.join(argv)}")
-    eval.main(argv)
+    eval.cli(argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ teacher-aware specialisation loss that pulls each expert toward its own mixture 
 | `routing_kl`           | TGR student (L_distill)                   | TGR sec. 3.3                |
 | `z_loss`               | `--method zloss`                          | ST-MoE eq. (5)              |
 | `switch_load_loss`     | M²oT student (λ_2)                        | Switch Transformer eq. (4)  |
-| `feature_distill_loss` | M²oT student (m2ot.py, in progress)       | M²oT eq. (2); UNIC          |
-| `tas_loss`             | M²oT student (m2ot.py, in progress)       | M²oT eq. (8)                |
+| `feature_distill_loss` | M²oT student (m2ot.py)                    | M²oT eq. (2); UNIC          |
+| `tas_loss`             | M²oT student (m2ot.py)                    | M²oT eq. (8)                |
 
 Legend: p `probs` (T, E) clean softmax; Imp_e importance of expert e; Φ the standard normal
 CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `noise_std` of

@@ -63,13 +63,16 @@ Decisions where the paper is silent
   per teacher ("commonly MLPs", Eq. 1; hidden width D, a choice).
 """
 
+import math
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from data import MEAN, STD
+from augment import MEAN, STD
 from losses import feature_distill_loss, switch_load_loss, tas_loss
 
 
@@ -133,7 +136,7 @@ class ProjectorHeads(nn.Module):
 
     def __init__(self, dim, teacher_dim):
         super().__init__()
-        mlp = lambda: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, teacher_dim))  # noqa: E731
+        mlp = lambda: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, teacher_dim))
         self.cls, self.patch = mlp(), mlp()
 
 
@@ -228,17 +231,26 @@ class M2oT(nn.Module):
 
     def tas(self, routings, teacher_feats, detach=False):
         """Eq. 8 summed over the MoE layers. detach: only π learns (the tas_coef = 0 baseline)."""
-        total = 0.0
-        for pi, r in zip(self.pi, routings):
-            # π reads the layer input detached: a probe of teacher relevance, not a path for
-            # TAS into the backbone (that goes through φ and p, as Eq. 8 writes it)
-            index = r.experts.unsqueeze(-1).expand(-1, -1, pi.num_teachers)  # (T, K, N_T)
-            mix = pi(r.inputs.detach()).gather(1, index)  # π(t, e_{t,k}, ·): (T, K, N_T)
-            probs, phi = r.probs.gather(1, r.experts), r.expert_out  # (T, K), (T, K, D)
-            if detach:
-                probs, phi = probs.detach(), phi.detach()
-            total = total + tas_loss(phi, probs, r.kept, mix, teacher_feats)  # mix: (T, K, N_T)
-        return total
+        return sum(layer_tas(pi, r, teacher_feats, detach) for pi, r in zip(self.pi, routings))
+
+
+def chosen_mixtures(pi, routing):
+    """π(t, e_{t,k}, ·) of every assignment of one MoE layer: (T, K, N_T). π reads the layer
+    input detached: a probe of teacher relevance, not a path for TAS into the backbone (that
+    goes through φ and p, as Eq. 8 writes it)."""
+    mix = pi(routing.inputs.detach())  # (T, E, N_T)
+    index = routing.experts.unsqueeze(-1).expand(-1, -1, pi.num_teachers)  # (T, K, N_T)
+    return mix.gather(1, index)  # (T, K, N_T)
+
+
+def layer_tas(pi, routing, teacher_feats, detach=False):
+    """Eq. 8 of one MoE layer from its Routing (φ in `expert_out`, the input in `inputs`):
+    L_tas = mean_t Σ_{e kept} p_e(t) · mean_c |φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)|.
+    teacher_feats: (N_T, T, D). detach: φ and p get no gradient, π alone learns."""
+    probs, phi = routing.probs.gather(1, routing.experts), routing.expert_out  # (T, K), (T, K, D)
+    if detach:
+        probs, phi = probs.detach(), phi.detach()
+    return tas_loss(phi, probs, routing.kept, chosen_mixtures(pi, routing), teacher_feats)
 
 
 def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
@@ -257,3 +269,75 @@ def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
         parts["switch"] = sum(switch_load_loss(r.probs, r.experts[:, 0]) for r in routings)
         loss = loss + switch_coef * parts["switch"]
     return loss, {k: v.detach().float() for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- measuring it
+def preference_sums(mix, experts, kept, num_experts):
+    """Σ π(t, e, ·) over the kept assignments (t, e) of each expert, and their number:
+    (E, N_T), (E,). mix: π (T, E, N_T); experts, kept: (T, K) from the layer's Routing."""
+    T, K = experts.shape
+    chosen = mix.gather(1, experts.unsqueeze(-1).expand(T, K, mix.shape[-1]))  # (T, K, N_T)
+    e = experts[kept]  # (A,) the expert of every kept assignment
+    sums = mix.new_zeros(num_experts, mix.shape[-1]).index_add_(0, e, chosen[kept])  # (E, N_T)
+    return sums, torch.bincount(e, minlength=num_experts)  # (E,)
+
+
+def teacher_preference(mix, experts, kept, num_experts):
+    """Expert→teacher preference (M²oT Fig. 4b): (E, N_T), each row a distribution.
+
+    A NaN row: that expert took no token (0 / 0, it has no preference to show)."""
+    # pref(e, i) = mean over the tokens t expert e processed of π(t, e, i)
+    sums, counts = preference_sums(mix, experts, kept, num_experts)
+    return sums / counts.unsqueeze(1)  # (E, N_T)
+
+
+def preference_sharpness(pref):
+    # sharpness = mean_e max_i pref(e, i) over the experts that took tokens (NaN rows skipped):
+    # 1/N_T = every expert mixes the teachers evenly, 1 = every expert serves one teacher
+    rows = pref[~pref.isnan().any(dim=1)]  # (E', N_T)
+    return float(rows.max(dim=1).values.mean())
+
+
+@torch.no_grad()
+def teacher_preferences(model, mix_routers, images, batch_size=128):
+    """Expert→teacher preference of every MoE layer on `images` (normalised float): a list
+    of (E, N_T). π of layer j is `mix_routers[j]` (`TeacherAwareRouter`) on the layer's
+    input, which the layers hand over in `Routing.inputs` while `keep_expert_outputs` is on."""
+    layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
+    kept_before, was_training = [layer.keep_expert_outputs for layer in layers], model.training
+    model.eval()
+    sums, counts = 0, 0  # per layer (E, N_T) and (E,), summed over the batches
+    try:
+        keep_expert_outputs(model)
+        for chunk in images.split(batch_size):
+            _, routings = model(chunk)
+            parts = [
+                preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
+                for pi, r in zip(mix_routers, routings)
+            ]
+            sums = sums + torch.stack([s for s, _ in parts])  # (layers, E, N_T)
+            counts = counts + torch.stack([c for _, c in parts])  # (layers, E)
+    finally:
+        for layer, before in zip(layers, kept_before):
+            layer.keep_expert_outputs = before
+        model.train(was_training)
+    return list(sums / counts.unsqueeze(-1))  # per layer (E, N_T); NaN rows: no token taken
+
+
+def preference_report(model, mix_routers, teachers, probe):
+    """eval.py's M²oT numbers: each MoE layer's expert→teacher preference on the probe images
+    (an (E, N_T) list of rows, null where an expert took no token: JSON has no NaN), its
+    sharpness, and the teachers' names for the table and the plot (file names, with their
+    folder where two are alike, e.g. A/checkpoint.pt; "teacher i" when the run's are unknown)."""
+    prefs = teacher_preferences(model, mix_routers.to(probe.device).eval(), probe)
+    names = [Path(t).name for t in teachers or []]
+    if len(set(names)) < len(names):
+        names = ["/".join(Path(t).parts[-2:]) for t in teachers]
+    if len(names) != prefs[0].shape[1]:
+        names = [f"teacher {i}" for i in range(prefs[0].shape[1])]
+    rows = lambda p: [[None if math.isnan(x) else round(x, 4) for x in r] for r in p.tolist()]
+    return {
+        "teachers": names,
+        "teacher_preference": [rows(p) for p in prefs],
+        "preference_sharpness": [preference_sharpness(p) for p in prefs],
+    }

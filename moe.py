@@ -32,13 +32,8 @@ default H), E `num_experts`, K `k`, cf `capacity_factor`, σ `noise_std`, S_MoE 
 
 Decisions where the papers are silent
 -------------------------------------
-* State-dict keys of the dense parts are timm's (`patch_embed.proj`, `cls_token`, `pos_embed`,
-  `blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2`, `norm`, `head`); a MoE block
-  keeps its router and experts under `blocks.{i}.mlp.` (`router.weight`, `w1`, `b1`, `w2`,
-  `b2`). Optional DeiT-III layer scale is timm's `ls1.gamma`/`ls2.gamma`, and
-  `no_embed_class=True` is timm's DeiT-III position embedding without a CLS slot, and
-  `reg_tokens=R` DINOv2's registers (timm's `reg_token` (1, R, D), placed after CLS), so the
-  same class also runs the teachers (the student has none: its `forward` reads token 0).
+* The ViT around the experts is vit.py's, in timm's vocabulary; a MoE block keeps its router
+  and experts under `blocks.{i}.mlp.` (`router.weight`, `w1`, `b1`, `w2`, `b2`).
 * Router weights start like every other linear layer (trunc-normal, std 0.02).
 * Soft MoE uses n = max(1, round(K·N/E)) slots per expert, so E experts process about K·N
   slots per image, the compute of top-K routing (TGR supplementary sec. A). Its `Routing`
@@ -60,9 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torchvision.ops import stochastic_depth
 
 from router import Routing, check_routing, expert_choice_routing, group_size_for, top_k_routing
+from vit import VisionTransformer
 
 # Letters: B images, N tokens (patches + CLS), D width, H hidden, E experts, K top-k,
 # C capacity per expert and group, G groups, T tokens (B·N), P slots per expert (Soft MoE).
@@ -110,9 +105,20 @@ class StackedExperts(nn.Module):
 class MoEMLP(StackedExperts):
     """A sparse MoE layer that replaces a block's MLP: y, routing = layer(x), x: (B, N, D)."""
 
-    def __init__(self, dim, hidden, num_experts, *, k=1, capacity_factor=1.05, noise_std=1.0,
-                 group_size=8, batch_priority=False, eval_capacity_factor=None,
-                 router="top-k"):  # fmt: skip
+    def __init__(
+        self,
+        dim,
+        hidden,
+        num_experts,
+        *,
+        k=1,
+        capacity_factor=1.05,
+        noise_std=1.0,
+        group_size=8,
+        batch_priority=False,
+        eval_capacity_factor=None,
+        router="top-k",
+    ):
         super().__init__(dim, hidden, num_experts)
         check_routing(num_experts, k, capacity_factor, eval_capacity_factor)  # one line if not
         if router not in ("top-k", "expert-choice"):
@@ -137,8 +143,9 @@ class MoEMLP(StackedExperts):
             chooser = logits if route_logits is None else route_logits.reshape(B * N, -1)
             noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
             options = dict(logit_noise_std=noise, batch_priority=self.batch_priority)
-            routing = top_k_routing(chooser, k=self.k, capacity_factor=cf, num_groups=groups,
-                                    **options)  # fmt: skip
+            routing = top_k_routing(
+                chooser, k=self.k, capacity_factor=cf, num_groups=groups, **options
+            )
             routing.student_logits = logits
         y = self.combine(self.run_experts(self.dispatch(tokens, routing)), routing)  # (T, D)
         if self.keep_expert_outputs:  # M²oT's teacher-aware router reads the layer's input
@@ -188,7 +195,7 @@ class SoftMoEMLP(StackedExperts):
     Combine  = softmax over slots (rows)       output       Y  = Combine · MLP(X̃)
     """
 
-    def __init__(self, dim, hidden, num_experts, *, num_tokens, k=1, **_):
+    def __init__(self, dim, hidden, num_experts, *, num_tokens, k=1):
         super().__init__(dim, hidden, num_experts)
         self.slots_per_expert = max(1, round(k * num_tokens / num_experts))  # P
         self.phi = nn.Parameter(torch.empty(dim, num_experts * self.slots_per_expert))
@@ -212,158 +219,19 @@ class SoftMoEMLP(StackedExperts):
         return y, Routing(logits=None, probs=share, experts=experts, weights=None, kept=None)
 
 
-# ----------------------------------------------------------------------------- the ViT
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x))), None  # (B, N, D), no routing
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
-        return self.proj(rearrange(x, "b h n d -> b n (h d)"))  # (B, N, D)
-
-
-class LayerScale(nn.Module):
-    """DeiT-III's per-channel residual scale (timm key `ls1.gamma`)."""
-
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path_rate, init_values, mlp):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path_rate = drop_path_rate
-
-    def drop_path(self, x):
-        # stochastic depth: drop the whole residual branch for a random subset of images
-        return stochastic_depth(x, self.drop_path_rate, "row", self.training)  # (B, N, D)
-
-    def forward(self, x, route_logits=None):
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))  # (B, N, D)
-        if route_logits is None:
-            y, routing = self.mlp(self.norm2(x))
-        else:
-            y, routing = self.mlp(self.norm2(x), route_logits)
-        return x + self.drop_path(self.ls2(y)), routing  # (B, N, D)
-
-
-class VisionTransformer(nn.Module):
-    """DeiT / ViT with timm's names; `moe_layers` (1-indexed) get `moe_mlp(dim, hidden)`."""
-
-    def __init__(self, *, img_size=224, patch_size=16, in_chans=3, num_classes=1000,
-                 embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True,
-                 drop_path_rate=0.0, init_values=None, no_embed_class=False, reg_tokens=0,
-                 moe_layers=(), moe_mlp=None):  # fmt: skip
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-        self.grid = img_size // patch_size
-        self.num_prefix_tokens = 1 + reg_tokens  # CLS, then R registers (timm's order)
-        self.num_tokens = self.grid**2 + self.num_prefix_tokens  # N = patches + CLS (+ R)
-        self.embed_dim, self.no_embed_class = embed_dim, no_embed_class
-        self.moe_layers = tuple(moe_layers)
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # DINOv2's registers: extra tokens that hold global state instead of high-norm patches
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        pos_len = self.grid**2 if no_embed_class else self.num_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim))
-        hidden = int(embed_dim * mlp_ratio)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio,
-                qkv_bias,
-                dpr[i],
-                init_values,
-                moe_mlp(embed_dim, hidden) if i + 1 in self.moe_layers else None,
-            )  # fmt: skip
-            for i in range(depth)
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self):
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)  # as timm
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and not isinstance(m, (nn.Identity,)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def embed(self, images):
-        """Patchify, add positions, prepend CLS and registers: (B, 3, H, W) -> (B, N, D)."""
-        x = rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d")  # (B, G², D)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]  # (B, 1, D)
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))  # (B, R, D)
-        if self.no_embed_class:  # DeiT-III, DINOv2-reg: position embedding has no prefix slots
-            return torch.cat([*prefix, x + self.pos_embed], dim=1)  # (B, N, D)
-        return torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, N, D)
-
-    def forward_features(self, images, route=None):
-        """Every token after the final norm, (B, N, D) with CLS first, and the routings.
-
-        route: optional list of (B, N, E) logits, one per MoE layer, that choose the experts
-        instead of the layers' own routers (teacher-route mode, TGR sec. 5.3).
-        """
-        if route is not None and len(route) != len(self.moe_layers):
-            raise ValueError(f"route has {len(route)} entries, model has {len(self.moe_layers)}")
-        x = self.embed(images)  # (B, N, D)
-        routings, outside = [], iter(route or [])
-        for i, block in enumerate(self.blocks):
-            is_moe = i + 1 in self.moe_layers
-            x, routing = block(x, next(outside) if (is_moe and route is not None) else None)
-            if routing is not None:
-                routings.append(routing)
-        return self.norm(x), routings  # (B, N, D)
-
-    def forward(self, images, route=None, features=False):
-        """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
-
-        With num_classes = 0 (M²oT's students: no labels) the "logits" are the CLS features;
-        features=True returns every token instead, (B, N, D) (through `forward`, so DDP sees it).
-        """
-        x, routings = self.forward_features(images, route)  # (B, N, D)
-        if features:
-            return x, routings
-        return self.head(x[:, 0]), routings  # CLS-token classifier: (B, classes)
-
-
 # ----------------------------------------------------------------------------- builders
-def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=16,
-                num_experts=16, k=1, moe_layers=None, expert_hidden=None,
-                **options):  # fmt: skip
+def build_model(
+    name,
+    method="vmoe",
+    num_classes=1000,
+    img_size=224,
+    patch_size=16,
+    num_experts=16,
+    k=1,
+    moe_layers=None,
+    expert_hidden=None,
+    **options,
+):
     """Build a DeiT (`method="dense"`) or its MoE student.
 
     expert_hidden: every expert's hidden width h (None: the dense MLP's H; M²oT: H // K).
@@ -372,9 +240,9 @@ def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=
     The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
     store them, so `build_model(**ckpt["model_args"])` rebuilds a model without the trainer.
     """
-    model_args = dict(name=name, method=method, num_classes=num_classes, img_size=img_size,
-                      patch_size=patch_size, num_experts=num_experts, k=k, moe_layers=moe_layers,
-                      expert_hidden=expert_hidden, **options)  # fmt: skip
+    model_args = dict(name=name, method=method, num_classes=num_classes, img_size=img_size)
+    model_args.update(patch_size=patch_size, num_experts=num_experts, k=k, moe_layers=moe_layers)
+    model_args.update(expert_hidden=expert_hidden, **options)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if method not in METHODS:
@@ -401,9 +269,8 @@ def build_model(name, method="vmoe", num_classes=1000, img_size=224, patch_size=
             return SoftMoEMLP(d, hidden, num_experts, num_tokens=num_tokens, k=k)
         return MoEMLP(d, hidden, num_experts, k=k, router=METHODS[method], **options)
 
-    model = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
-                              moe_layers=moe_layers, moe_mlp=moe_mlp, **config,
-                              **vit_opts)  # fmt: skip
+    vit = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, **config)
+    model = VisionTransformer(moe_layers=moe_layers, moe_mlp=moe_mlp, **vit, **vit_opts)
     model.method, model.num_experts = method, num_experts if moe_layers else 0
     model.model_args = model_args
     return model
@@ -417,10 +284,12 @@ def dense_to_experts(sd, prefix, num_experts, h):
         raise ValueError(f"cannot upcycle: experts ({h}) are wider than {prefix} ({len(fc1_b)})")
     start = (torch.arange(num_experts, device=fc1_w.device) % n) * h  # (E,) slice e mod n
     units = start.unsqueeze(1) + torch.arange(h, device=fc1_w.device)  # (E, h) hidden units
-    return dict(w1=fc1_w[units].transpose(1, 2),  # (E, D, h)
-                b1=fc1_b[units],  # (E, h)
-                w2=sd[f"{prefix}.fc2.weight"].t()[units],  # (E, h, D)
-                b2=(sd[f"{prefix}.fc2.bias"] / n).expand(num_experts, -1))  # (E, D)  # fmt: skip
+    return dict(
+        w1=fc1_w[units].transpose(1, 2),  # (E, D, h)
+        b1=fc1_b[units],  # (E, h)
+        w2=sd[f"{prefix}.fc2.weight"].t()[units],  # (E, h, D)
+        b2=(sd[f"{prefix}.fc2.bias"] / n).expand(num_experts, -1),
+    )  # (E, D)
 
 
 @torch.no_grad()
@@ -465,7 +334,7 @@ def upcycle(model, dense_state_dict):
 def moe_num_params(model):
     """(total, active per token) parameter counts: active counts K of the E experts."""
     total = sum(p.numel() for p in model.parameters())
-    is_expert = lambda name: name.split(".")[-1] in ("w1", "b1", "w2", "b2")  # noqa: E731
+    is_expert = lambda name: name.split(".")[-1] in ("w1", "b1", "w2", "b2")
     expert = sum(p.numel() for n, p in model.named_parameters() if is_expert(n))
     active = total - expert
     for i in model.moe_layers:
@@ -473,24 +342,6 @@ def moe_num_params(model):
         per_expert = sum(p[0].numel() for p in (mlp.w1, mlp.b1, mlp.w2, mlp.b2))
         active += per_expert * getattr(mlp, "k", 1)
     return total, active
-
-
-def model_args_from_flags(flags, num_classes):
-    """`build_model` keyword arguments from train.py's flags (a dict or Namespace).
-
-    Every method with a router (top-K and expert choice) gets the capacity and group options;
-    Soft MoE and dense have none. Runs from before --expert-hidden have no such flag: None.
-    """
-    f = flags if isinstance(flags, dict) else vars(flags)
-    margs = dict(name=f["model"], method=f["method"], num_classes=num_classes,
-                 img_size=f["img_size"], patch_size=f["patch_size"], num_experts=f["experts"],
-                 k=f["topk"], moe_layers=f["moe_layers"], drop_path_rate=f["drop_path"],
-                 expert_hidden=f.get("expert_hidden"))  # fmt: skip
-    if METHODS[f["method"]] in ("top-k", "expert-choice"):
-        margs.update(capacity_factor=f["capacity_factor"], noise_std=f["noise_std"],
-                     group_size=f["moe_group_size"], batch_priority=f["batch_priority"],
-                     eval_capacity_factor=f["eval_capacity_factor"])  # fmt: skip
-    return margs
 
 
 def keep_freed_memory():

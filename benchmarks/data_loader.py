@@ -41,12 +41,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import augment  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 
 
 def make_jpegs(root, n, classes=8, seed=0):
-    """n JPEGs in root/train/CLASS/ (and a one-image val/), ImageNet-like in size."""
+    """n JPEGs in root/train/CLASS/ (and one per class in val/), ImageNet-like in size."""
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
         h, w = torch.randint(300, 501, (2,), generator=g).tolist()
@@ -56,8 +57,9 @@ def make_jpegs(root, n, classes=8, seed=0):
         folder = root / "train" / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
-    (root / "val" / "c0").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / "val" / "c0" / "0.jpg")
+    for c in range(min(n, classes)):  # val/ holds train/'s classes, as data.py checks
+        (root / "val" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / "val" / f"c{c}" / "0.jpg")
 
 
 class Float32Workers(torch.utils.data.Dataset):
@@ -66,8 +68,9 @@ class Float32Workers(torch.utils.data.Dataset):
 
     def __init__(self, dataset, args):
         self.dataset, self.args = dataset, args
-        self.to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                                    v2.Normalize(data.MEAN, data.STD)])  # fmt: skip
+        self.to_float = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.MEAN, augment.STD)]
+        )
 
     def __len__(self):
         return len(self.dataset)
@@ -75,7 +78,7 @@ class Float32Workers(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label = self.dataset[i]
         img = self.to_float(img)[None]  # (1, 3, S, S)
-        data.random_erasing(img, self.args.reprob, self.args.remode, self.args.recount)
+        augment.random_erasing(img, self.args.reprob, self.args.remode, self.args.recount)
         return img[0], label
 
 
@@ -128,29 +131,26 @@ def main():
         # train.py's own flags and defaults: the DeiT recipe's augmentations
         args = train.get_args_parser().parse_args(
             [
-                "--data",
-                "folder",
-                "--data-path",
-                str(root),
-                "--batch-size",
-                str(opts.batch_size),
-                "--img-size",
-                str(opts.img_size),
-                "--device",
-                opts.device,
-            ]  # fmt: skip
+                *("--data", "folder", "--data-path", str(root)),
+                *("--batch-size", str(opts.batch_size), "--img-size", str(opts.img_size)),
+                *("--device", opts.device),
+            ]
         )
         n = len(data.build_dataset(True, args)[0])
-        print(f"{n} JPEGs of {root}, {opts.img_size}² crops, batch {opts.batch_size}, "
-              f"aa {args.aa}, reprob {args.reprob}, {os.cpu_count()} CPUs, "
-              f"best of {opts.passes} passes\n")  # fmt: skip
+        print(
+            f"{n} JPEGs of {root}, {opts.img_size}² crops, batch {opts.batch_size}, "
+            f"aa {args.aa}, reprob {args.reprob}, {os.cpu_count()} CPUs, "
+            f"best of {opts.passes} passes\n"
+        )
         print("| workers | uint8 images/s | float32 images/s | uint8 / float32 | bytes/image |")
         print("|---:|---:|---:|---:|---|")
         for w in opts.workers:
             u8, u8_bytes = images_per_s(args, w, "uint8", opts.passes)
             f32, f32_bytes = images_per_s(args, w, "float32", opts.passes)
-            print(f"| {w} | {u8:.0f} | {f32:.0f} | {u8 / f32:.2f} | "
-                  f"{u8_bytes / 1e3:.0f} kB vs {f32_bytes / 1e3:.0f} kB |")  # fmt: skip
+            print(
+                f"| {w} | {u8:.0f} | {f32:.0f} | {u8 / f32:.2f} | "
+                f"{u8_bytes / 1e3:.0f} kB vs {f32_bytes / 1e3:.0f} kB |"
+            )
 
 
 if __name__ == "__main__":

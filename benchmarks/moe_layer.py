@@ -21,7 +21,7 @@ function from the same stacked weights w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2
   makes the quadratic term T² instead of T·S.
 
 Every time is reported as a ratio to a dense MLP fc1 -> GELU -> fc2 of hidden width K·H
-(`moe.Mlp`) timed in the same run, so K=2 is compared with a 2x wider MLP. The padding
+(`vit.Mlp`) timed in the same run, so K=2 is compared with a 2x wider MLP. The padding
 column says how much of the expert buffer is empty: the buffer has G·C·E rows for K·T
 assignments, because capacity C = ceil(K·S·cf/E) is rounded up to a multiple of 4 and every
 expert gets C rows per group.
@@ -74,8 +74,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from moe import Mlp, MoEMLP, keep_freed_memory  # noqa: E402
+from moe import MoEMLP, keep_freed_memory  # noqa: E402
 from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
+from vit import Mlp  # noqa: E402
 
 # Letters: B images, N tokens per image, D width, H hidden, E experts, K top-k, G groups,
 # S tokens per group, C capacity per expert and group, T = B·N tokens.
@@ -162,7 +163,7 @@ def one_hot_einsum(layer: MoEMLP, x: torch.Tensor, group_images: int | None = No
 def variants(layer: MoEMLP, dense: nn.Module, batch: int, ungrouped: bool):
     """name -> function x -> y, in the order each timing round runs them."""
     fns = {
-        "dense": lambda x: dense(x)[0],  # moe.Mlp, the block's dense MLP, returns (y, None)
+        "dense": lambda x: dense(x)[0],  # vit.Mlp, the block's dense MLP, returns (y, None)
         "ours": lambda x: layer(x)[0],
         "loop": lambda x: loop_over_experts(layer, x),
         "onehot": lambda x: one_hot_einsum(layer, x),

@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data import normalize  # noqa: E402
+from flags import resolve_defaults  # noqa: E402
 from moe import build_model, keep_freed_memory  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def step_fn(variant, args, device, teacher_path):
         *("--teacher", teacher_path, "--teacher-dtype", dtype or "fp32"),
     ]
     targs = train.get_args_parser().parse_args(flags)
-    train.resolve_defaults(targs)  # as train.main: K, E, balance coefficient of the method
+    resolve_defaults(targs)  # as train.main: K, E, balance coefficient of the method
     torch.manual_seed(0)
     model = train.build_student(targs, 1000).to(device)
     teacher = routers = None
@@ -87,7 +88,7 @@ def step_fn(variant, args, device, teacher_path):
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss, teacher_loss, _ = losses(
-                model, normalize(images), targets, targs, teacher, routers
+                model, normalize(images), targets, targs, train.Guides(teacher, routers)
             )
         optimizer.zero_grad(set_to_none=True)
         (loss + teacher_loss).backward()
@@ -138,8 +139,13 @@ def main(args):
         # a teacher with random weights in this project's checkpoint layout
         dense = build_model(args.teacher_model, "dense", 1000, args.img_size, args.patch_size)
         teacher_path = os.path.join(tmp, "teacher.pt")
-        ckpt_args = {"model": args.teacher_model, "method": "dense", "img_size": args.img_size,
-                     "patch_size": args.patch_size, "num_classes": 1000}  # fmt: skip
+        ckpt_args = {
+            "model": args.teacher_model,
+            "method": "dense",
+            "img_size": args.img_size,
+            "patch_size": args.patch_size,
+            "num_classes": 1000,
+        }
         torch.save({"model": dense.state_dict(), "args": ckpt_args}, teacher_path)
         variants = [v for v in VARIANTS if v in {*args.variants, "dense", "vmoe"}]
         steps = {v: step_fn(v, args, device, teacher_path) for v in variants}
@@ -156,9 +162,11 @@ def main(args):
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     )
     mode = "compiled" if args.compile else "eager"
-    print(f"student {args.model} (E={args.experts}, K=1), teacher {args.teacher_model} (random "
-          f"weights), {args.img_size}², batch {args.batch_size}, {where}, {mode}, median of "
-          f"{args.repeats}\n")  # fmt: skip
+    print(
+        f"student {args.model} (E={args.experts}, K=1), teacher {args.teacher_model} (random "
+        f"weights), {args.img_size}², batch {args.batch_size}, {where}, {mode}, median of "
+        f"{args.repeats}\n"
+    )
     print("| step | images/s | time vs dense | time vs V-MoE |")
     print("|---|---:|---:|---:|")
     for v in variants:

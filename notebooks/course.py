@@ -1,4 +1,4 @@
-"""What the five notebooks share: the setup cell, the training flags, "run train.py with these".
+"""What the six notebooks share: the setup cell, the training flags, "run train.py with these".
 
 Nothing here teaches MoE. It is the plumbing every notebook would otherwise copy, so that the
 notebooks' cells hold only what they teach (STYLE rule 15: import the modules, never
@@ -69,25 +69,23 @@ def micro_flags(*, img_size, patch_size, experts, train_images, val_images, seed
     The probe set whose routing train.py follows every epoch is the whole validation set.
     """
     return [
-        "--model", "micro", "--img-size", str(img_size), "--patch-size", str(patch_size),
-        "--experts", str(experts), "--batch-size", "64",
-        "--synthetic-train-size", str(train_images), "--synthetic-val-size", str(val_images),
-        "--probe-size", str(val_images),
-        "--warmup-epochs", "1", "--lr", "8e-3", "--min-lr", "1e-4",
-        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--no-repeated-aug",
-        "--no-model-ema",
-        "--smoothing", "0",
-        "--drop-path", "0",
-        "--print-freq", "100000",  # no per-step lines (the epoch lines are silenced too)
-        "--num-workers", "0",  # loader workers would take the model's CPU cores
-        "--seed", str(seed), "--device", DEVICE,
-    ]  # fmt: skip
+        *("--model", "micro", "--img-size", str(img_size), "--patch-size", str(patch_size)),
+        *("--experts", str(experts), "--batch-size", "64"),
+        *("--synthetic-train-size", str(train_images), "--synthetic-val-size", str(val_images)),
+        *("--probe-size", str(val_images), "--warmup-epochs", "1", "--lr", "8e-3"),
+        *("--min-lr", "1e-4", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"),
+        *("--no-repeated-aug", "--no-model-ema", "--smoothing", "0", "--drop-path", "0"),
+        *("--print-freq", "100000"),  # no per-step lines (the epoch lines are silenced too)
+        *("--num-workers", "0"),  # loader workers would take the model's CPU cores
+        *("--seed", str(seed), "--device", DEVICE),
+    ]
 
 
 def train_run(output_dir, *flags):
     """`python train.py FLAGS --output-dir OUTPUT_DIR` in this process, its printing silenced.
 
-    Returns train.main's dict: "model" (the trained student), "routers", "history" (one
+    Returns train.main's dict: "model" (the trained student), "routers" (the teacher
+    routers while they still run), "m2ot" (an M²oT run's heads and π), "history" (one
     log.jsonl record per epoch) and "args". The output folder is required: train.py's default,
     runs/MODEL-METHOD, would put checkpoints inside the repo.
     """

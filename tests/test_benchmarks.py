@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_runs_quick(script, flags, expected):
     out = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--quick", *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(text in out.stdout for text in expected), out.stdout[-2000:]

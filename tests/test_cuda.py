@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from augment import build_mixup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY = (
@@ -40,14 +41,15 @@ def test_the_step_never_waits_for_the_gpu(method, teacher_ckpt, tmp_path, monkey
     if method == "tgr":
         teacher, routers = train.build_teacher(args, model, device, 1)
     optimizer = train.build_optimizer(model, routers, args, cuda=True)
-    ema, mix = train.build_ema(model, args, None), train.build_mixup(args, 10)
+    ema, mix = train.build_ema(model, args, None), build_mixup(args, 10)
     shape = (16, 3, 32, 32)
     images = torch.randint(0, 256, shape, dtype=torch.uint8).pin_memory()  # as the loader's
     data = [(images, torch.randint(0, 10, (16,)).pin_memory())] * 3
 
     def epoch(batches, step):
-        return train.train_one_epoch(model, teacher, routers, optimizer, batches, mix, args, 0,
-                                     step, tmp_path, 1, ema)  # fmt: skip
+        return train.train_one_epoch(
+            model, train.Guides(teacher, routers), optimizer, batches, mix, args, 0, step, ema
+        )
 
     epoch(data[:1], 0)  # first step: lazy initialisation may synchronise
     torch.cuda.synchronize()
@@ -66,8 +68,11 @@ def test_the_step_never_waits_for_the_gpu(method, teacher_ckpt, tmp_path, monkey
 
 
 def test_compiled_tgr_trains_through_the_switch(teacher_ckpt, tmp_path):
-    res = train.main(args_for(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt,
-                              "--epochs", "2", "--compile"))  # fmt: skip
+    res = train.main(
+        args_for(
+            tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "2", "--compile"
+        )
+    )
     log = res["history"]
     assert [r["distilling"] for r in log] == [True, False]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)

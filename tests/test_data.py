@@ -1,9 +1,8 @@
-"""data.py: DeiT's augmentations on timm's scale (checked against timm itself) and random
-erasing. The data sets and loaders are exercised by every train.py test."""
+"""data.py: the workers' uint8 pipeline and the device-side normalisation, the splits, the
+ImageFolder checks, the samplers. The data sets and loaders are exercised by every train.py
+test; the augmentations are augment.py's (tests/test_augment.py)."""
 
 import argparse
-import math
-import random
 
 import pytest
 import torch
@@ -12,105 +11,21 @@ from torchvision.transforms import v2
 
 import data
 
-timm_aa = pytest.importorskip("timm.data.auto_augment")
-
 
 def image(seed=0, size=32):
     g = torch.Generator().manual_seed(seed)
     return tv_tensors.Image(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g))
 
 
-def recorded_args(monkeypatch, name, m):
-    """The arguments RAND_OPS[name] hands to torchvision at magnitude m (signs made positive)."""
-    calls = {}
-    monkeypatch.setattr(random, "random", lambda: 0.0)  # _signed keeps +x
-    for fn in ("rotate", "affine", "posterize", "solarize", "adjust_brightness"):
-        monkeypatch.setattr(
-            data.TF, fn, lambda img, *a, _fn=fn, **kw: calls.setdefault(_fn, (a, kw)) and img
-        )
-    data.RAND_OPS[name](image(), m, [0, 0, 0])
-    return calls
-
-
-def test_the_op_set_and_the_policy_are_timms():
-    assert set(data.RAND_OPS) == set(timm_aa._RAND_INCREASING_TRANSFORMS)
-    timm = timm_aa.rand_augment_transform("rand-m9-mstd0.5-inc1", {})
-    ours = data.parse_aa("rand-m9-mstd0.5-inc1")
-    assert ours == {"num_ops": timm.num_layers, "magnitude": 9.0, "magnitude_std": 0.5}
-    assert {op.magnitude for op in timm.ops} == {9} and {op.prob for op in timm.ops} == {0.5}
-    assert {op.magnitude_std for op in timm.ops} == {0.5}
-    assert data.RandAugment(**ours).prob == 0.5
-    assert data.parse_aa("none") is None
-
-
-@pytest.mark.parametrize("m", [9.0, 10.0, 4.5])
-def test_largest_rotation_shear_translate_equal_timms(monkeypatch, m):
-    """At DeiT's m9, rotate ≤ 27°, shear ≤ 0.27, translate ≤ 0.405 of the side: timm's
-    level-to-argument functions, not torchvision's 31-bin scale (0.3 of that at magnitude 9)."""
-    rotate = recorded_args(monkeypatch, "Rotate", m)["rotate"][0][0]
-    assert rotate == pytest.approx(timm_aa._rotate_level_to_arg(m, {})[0])
-    shear = recorded_args(monkeypatch, "ShearX", m)["affine"][1]["shear"][0]
-    timm_shear = abs(timm_aa._shear_level_to_arg(m, {})[0])  # a shear factor
-    assert math.tan(math.radians(shear)) == pytest.approx(timm_shear)
-    shift = recorded_args(monkeypatch, "TranslateXRel", m)["affine"][1]["translate"][0]
-    timm_shift = timm_aa._translate_rel_level_to_arg(m, {"translate_pct": 0.45})[0]
-    assert shift == pytest.approx(abs(timm_shift) * 32)  # a fraction of the image side
-    bits = recorded_args(monkeypatch, "PosterizeIncreasing", m)["posterize"][0][0]
-    assert bits == timm_aa._posterize_increasing_level_to_arg(m, {})[0]
-    if m < 10:
-        threshold = recorded_args(monkeypatch, "SolarizeIncreasing", m)["solarize"][0][0]
-        assert threshold == timm_aa._solarize_increasing_level_to_arg(m, {})[0]
-    factor = recorded_args(monkeypatch, "BrightnessIncreasing", m)["adjust_brightness"][0][0]
-    assert factor == pytest.approx(max(timm_aa._enhance_increasing_level_to_arg(m, {})))
-
-
-def test_magnitude_noise_varies_between_calls():
-    random.seed(0)
-    noisy = data.RandAugment(magnitude=9.0, magnitude_std=0.5)
-    draws = torch.tensor([noisy.sample_magnitude() for _ in range(2000)])
-    assert draws.std() == pytest.approx(0.5, rel=0.1) and draws.mean() == pytest.approx(9, abs=0.05)
-    assert draws.max() <= 10.0  # clipped to timm's [0, 10]
-    fixed = data.RandAugment(magnitude=9.0, magnitude_std=0.0)
-    assert {fixed.sample_magnitude() for _ in range(10)} == {9.0}
-
-
-@pytest.mark.parametrize("name", sorted(data.RAND_OPS))
-def test_every_op_keeps_a_uint8_image(name):
-    for m in (0.0, 9.0, 10.0):
-        out = data.RAND_OPS[name](image(), m, [124, 116, 104])
-        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
-
-
-@pytest.mark.parametrize("remode", ["pixel", "const"])
-def test_random_erasing_erases_one_rectangle_per_image(remode):
-    torch.manual_seed(0)
-    x = torch.full((4, 3, 40, 40), 7.0)  # normalised images far from N(0, 1) values
-    data.random_erasing(x, 1.0, remode)  # in place, on the batch's device
-    for img in x:
-        erased = (img != 7.0).all(0)  # (40, 40)
-        rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
-        area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-        assert erased.sum() == area  # one solid rectangle
-        assert 0.02 * 1600 <= area <= 1600 / 3 + 40  # timm's scale (0.02, 1/3), rounding
-        assert (img == 0).any() == (remode == "const")
-
-
-def test_random_erasing_probability_and_count():
-    random.seed(0)
-    x = torch.full((400, 1, 20, 20), 7.0)
-    data.random_erasing(x, 0.25, "const", count=1)
-    hit = (x == 0).flatten(1).any(1).float().mean()
-    assert 0.18 < hit < 0.32  # p = 0.25 per image
-    one, upto3 = torch.full((2, 300, 1, 40, 40), 7.0)
-    data.random_erasing(one, 1.0, "const", count=1)
-    data.random_erasing(upto3, 1.0, "const", count=3)  # 1, 2 or 3 rectangles: 2 on average
-    ratio = (upto3 == 0).float().mean() / (one == 0).float().mean()
-    assert 1.4 < ratio < 2.1  # less than 2: rectangles overlap
-
-
 def test_the_loader_hands_over_uint8_and_normalize_matches_torchvision():
-    args = argparse.Namespace(img_size=32, crop_flip=True, aa="rand-m9-mstd0.5-inc1",
-                              reprob=0.25, remode="pixel", recount=1)  # fmt: skip
+    args = argparse.Namespace(
+        img_size=32,
+        crop_flip=True,
+        aa="rand-m9-mstd0.5-inc1",
+        reprob=0.25,
+        remode="pixel",
+        recount=1,
+    )
     names = [type(t).__name__ for t in data.build_transform(True, args).transforms]
     assert names[-2:] == ["RandAugment", "ToPureTensor"]  # no float work in the workers
     args.aa = "none"
@@ -128,10 +43,18 @@ def test_the_loader_hands_over_uint8_and_normalize_matches_torchvision():
 def test_the_train_split_without_augmentation_reads_as_the_validation_does():
     """build_dataset(True, args, augment=False): the train images through the eval transform
     (eval.py's k-NN bank)."""
-    args = argparse.Namespace(data="synthetic", data_path="", nb_classes=4, img_size=32,
-                              synthetic_train_size=8, synthetic_val_size=4, synthetic_seed=0,
-                              crop_flip=True, aa="rand-m9-mstd0.5-inc1")  # fmt: skip
-    kinds = lambda dataset: [type(t).__name__ for t in dataset.transform.transforms]  # noqa: E731
+    args = argparse.Namespace(
+        data="synthetic",
+        data_path="",
+        nb_classes=4,
+        img_size=32,
+        synthetic_train_size=8,
+        synthetic_val_size=4,
+        synthetic_seed=0,
+        crop_flip=True,
+        aa="rand-m9-mstd0.5-inc1",
+    )
+    kinds = lambda dataset: [type(t).__name__ for t in dataset.transform.transforms]
     train, val = data.build_dataset(True, args)[0], data.build_dataset(False, args)[0]
     plain = data.build_dataset(True, args, augment=False)[0]
     assert "RandAugment" in kinds(train) and kinds(plain) == kinds(val)
@@ -201,10 +124,20 @@ def test_rasampler_across_two_processes(tmp_path):
 def test_persistent_workers_draw_an_epochs_augmentations_as_a_fresh_loader_would():
     """Epoch 1 of a loader whose 2 workers lived through epoch 0 equals epoch 1 of a new
     loader (a resumed run): the workers re-seed from (seed, epoch), not from their history."""
-    args = argparse.Namespace(data="synthetic", data_path="", nb_classes=4, img_size=32,
-                              synthetic_train_size=32, synthetic_seed=0, crop_flip=True,
-                              aa="rand-m9-mstd0.5-inc1", repeated_aug=False, seed=0,
-                              batch_size=8, num_workers=2)  # fmt: skip
+    args = argparse.Namespace(
+        data="synthetic",
+        data_path="",
+        nb_classes=4,
+        img_size=32,
+        synthetic_train_size=32,
+        synthetic_seed=0,
+        crop_flip=True,
+        aa="rand-m9-mstd0.5-inc1",
+        repeated_aug=False,
+        seed=0,
+        batch_size=8,
+        num_workers=2,
+    )
     dataset, _ = data.build_dataset(True, args)
 
     def epoch_batches(loader, epoch):
@@ -217,3 +150,24 @@ def test_persistent_workers_draw_an_epochs_augmentations_as_a_fresh_loader_would
     fresh = epoch_batches(data.build_loader(dataset, True, args), 1)
     assert first.dtype == torch.uint8 and not torch.equal(first, second)
     assert torch.equal(second, fresh)
+
+
+def folder(root, train, val):
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+    return argparse.Namespace(data="folder", data_path=str(root))
+
+
+def test_train_and_val_must_hold_the_same_class_folders(tmp_path):
+    """ImageFolder numbers classes in sorted order: a class missing from one split shifts
+    every label after it. The first class (in that order) that differs is named."""
+    data.check_data_path(folder(tmp_path / "same", ["cat", "dog"], ["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"val/ lacks the class folder 'bird'"):
+        data.check_data_path(folder(tmp_path / "a", ["bird", "cat", "dog"], ["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"train/ lacks the class folder 'cow'.*2 classes, val/ 3"):
+        data.check_data_path(folder(tmp_path / "b", ["cat", "dog"], ["cat", "cow", "dog"]))
+    # eval.py reads val/ alone (with_train=False): nothing to compare with, no error
+    lone = tmp_path / "lone"
+    (lone / "val" / "cat").mkdir(parents=True)
+    data.check_data_path(argparse.Namespace(data="folder", data_path=str(lone)), with_train=False)

@@ -17,8 +17,11 @@ from PIL import Image
 
 import eval as ev
 import train
-from data import MEAN, STD, normalize
+from augment import MEAN, STD
+from data import normalize, probe_images, probe_indices
+from m2ot import preference_sharpness, teacher_preference, teacher_preferences
 from moe import build_model
+from report import fmt_table, for_display
 from router import capacity_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +55,7 @@ def test_patch_map_and_display():
     pixels = torch.rand(2, 3, 4, 4)
     mean, std = torch.tensor(MEAN), torch.tensor(STD)
     normalised = (pixels - mean[:, None, None]) / std[:, None, None]  # what train.py feeds
-    torch.testing.assert_close(ev.for_display(normalised), pixels.permute(0, 2, 3, 1))
+    torch.testing.assert_close(for_display(normalised), pixels.permute(0, 2, 3, 1))
 
 
 class Scores(torch.nn.Module):
@@ -90,13 +93,13 @@ def test_evaluate_with_a_known_router():
     loader = [(torch.randn(8, 3, 32, 32), torch.arange(8))]  # one group of 8 images, 520 tokens
     cpu = torch.device("cpu")
     everyone_to_0 = forced(lambda b, n: torch.zeros_like(n))
-    res = ev.evaluate(model, loader, cpu, teacher=everyone_to_0, route_by_teacher=True)
+    res = ev.evaluate(model, loader, cpu, route_logits=everyone_to_0, route_by_teacher=True)
     assert res["utilisation"] == [[1.0] + [0.0] * 7] * 2  # one-hot
     assert res["routing_entropy"] == [0.0, 0.0]
     C = capacity_for(8 * N, E, 1, 1.05)  # expert 0 keeps C of the 520 tokens, drops the rest
     assert res["dropped_frac"] == pytest.approx([1 - C / (8 * N)] * 2)
     round_robin = forced(lambda b, n: (b * N + n) % E)  # 520 tokens, 65 per expert: uniform
-    res = ev.evaluate(model, loader, cpu, teacher=round_robin, route_by_teacher=True)
+    res = ev.evaluate(model, loader, cpu, route_logits=round_robin, route_by_teacher=True)
     assert res["utilisation"] == [[1 / E] * E] * 2
     assert res["routing_entropy"] == pytest.approx([1.0, 1.0])
     assert res["dropped_frac"] == [0.0, 0.0]  # 65 <= C: nothing dropped
@@ -104,7 +107,7 @@ def test_evaluate_with_a_known_router():
     images = loader[0][0]
     _, routings = model(images)
     own = [r.probs.argmax(-1) for r in routings]
-    res = ev.evaluate(model, loader, cpu, teacher=round_robin)  # the student routes, compared
+    res = ev.evaluate(model, loader, cpu, route_logits=round_robin)  # the student routes, compared
     want = [float((o == (torch.arange(8 * N) % E)).float().mean()) for o in own]
     assert res["teacher_agreement"] == pytest.approx(want)
     want = [ev.expert_utilisation(o, E).tolist() for o in own]
@@ -131,7 +134,7 @@ def runs(tmp_path_factory):
 
 def cli(*argv):
     """eval.py's main in this process: (result dict, printed text)."""
-    return ev.main([str(a) for a in argv])
+    return ev.cli([str(a) for a in argv])
 
 
 def cli_json(capsys, *argv):
@@ -286,23 +289,23 @@ def test_probe_set_is_class_stratified_and_seeded(tmp_path):
     folder = ImageFolder(tmp_path)
     labels = torch.tensor(folder.targets)
     for n in (6, 16, 40):
-        idx = ev.probe_indices(labels, n)
+        idx = probe_indices(labels, n)
         assert len(set(idx.tolist())) == len(idx) == n  # n distinct images
         classes = labels[idx].unique()
         assert len(classes) >= min(12, n // 2)  # the issue's bar ...
         assert len(classes) == min(12, n)  # ... and in fact every class, round-robin
         counts = labels[idx].bincount(minlength=12)
         assert counts.max() - counts[counts > 0].min() <= 1  # as even as n allows
-    assert torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16))  # seeded
-    assert not torch.equal(ev.probe_indices(labels, 16), ev.probe_indices(labels, 16, seed=1))
-    assert ev.probe_indices(labels, 16).tolist() != list(range(16))  # not the first images
+    assert torch.equal(probe_indices(labels, 16), probe_indices(labels, 16))  # seeded
+    assert not torch.equal(probe_indices(labels, 16), probe_indices(labels, 16, seed=1))
+    assert probe_indices(labels, 16).tolist() != list(range(16))  # not the first images
 
     # probe_images reads those very images, labels from the folder's own list (none decoded)
     def first_pixel(im):  # (3, 1, 1) uint8: the image's colour
         return torch.tensor(im.getpixel((0, 0)), dtype=torch.uint8).view(3, 1, 1)
 
-    images = ev.probe_images(ImageFolder(tmp_path, transform=first_pixel), 16)
-    picked = [first_pixel(folder[int(i)][0]) for i in ev.probe_indices(labels, 16)]
+    images = probe_images(ImageFolder(tmp_path, transform=first_pixel), 16)
+    picked = [first_pixel(folder[int(i)][0]) for i in probe_indices(labels, 16)]
     assert torch.equal(images, normalize(torch.stack(picked)))
 
 
@@ -311,8 +314,10 @@ def knn_by_hand(bank, bank_labels, queries, labels, classes, k, T):
     """DINO's weighted k-NN, one query at a time in plain Python."""
     correct = 0
     for z, y in zip(queries.tolist(), labels.tolist()):
-        cos = [sum(a * b for a, b in zip(z, x)) / math.hypot(*z) / math.hypot(*x)
-               for x in bank.tolist()]  # fmt: skip
+        cos = [
+            sum(a * b for a, b in zip(z, x)) / math.hypot(*z) / math.hypot(*x)
+            for x in bank.tolist()
+        ]
         nearest = sorted(range(len(cos)), key=lambda j: -cos[j])[:k]
         votes = [0.0] * classes
         for j in nearest:
@@ -346,7 +351,7 @@ def test_teacher_preference_against_a_loop():
     mix = torch.randn(T, E, NT, generator=g).softmax(-1)  # π: (T, E, N_T)
     experts = torch.rand(T, E - 1, generator=g).topk(K, dim=-1).indices  # expert 4: never chosen
     kept = torch.rand(T, K, generator=g) < 0.7
-    pref = ev.teacher_preference(mix, experts, kept, E)
+    pref = teacher_preference(mix, experts, kept, E)
     for e in range(E):
         took = [t for t in range(T) for k in range(K) if kept[t, k] and experts[t, k] == e]
         if not took:
@@ -359,16 +364,25 @@ def test_teacher_preference_against_a_loop():
 
 def test_preference_sharpness_by_hand():
     nan = float("nan")
-    assert ev.preference_sharpness(torch.tensor([[0.5, 0.5], [1.0, 0.0], [nan, nan]])) == 0.75
-    assert ev.preference_sharpness(torch.full((4, 3), 1 / 3)) == pytest.approx(1 / 3)  # none
-    assert ev.preference_sharpness(torch.eye(3)) == 1.0  # every expert serves one teacher
+    assert preference_sharpness(torch.tensor([[0.5, 0.5], [1.0, 0.0], [nan, nan]])) == 0.75
+    assert preference_sharpness(torch.full((4, 3), 1 / 3)) == pytest.approx(1 / 3)  # none
+    assert preference_sharpness(torch.eye(3)) == 1.0  # every expert serves one teacher
 
 
 def m2ot_student(**options):
     """An untrained M²oT student: micro, no classifier, E = 4, K = 2, MoE in blocks 2, 4, 6."""
     torch.manual_seed(0)
-    return build_model("micro", method="m2ot", num_classes=0, img_size=32, patch_size=4,
-                       num_experts=4, k=2, moe_layers=(2, 4, 6), **options)  # fmt: skip
+    return build_model(
+        "micro",
+        method="m2ot",
+        num_classes=0,
+        img_size=32,
+        patch_size=4,
+        num_experts=4,
+        k=2,
+        moe_layers=(2, 4, 6),
+        **options,
+    )
 
 
 def test_teacher_preferences_sum_over_batches_and_restore_the_layers():
@@ -382,17 +396,19 @@ def test_teacher_preferences_sum_over_batches_and_restore_the_layers():
     for pi in routers:
         torch.nn.init.normal_(pi.weight)  # strong preferences, not π's near-uniform init
     images = torch.randn(6, 3, 32, 32)
-    got = ev.teacher_preferences(model, routers, images, batch_size=4)
+    got = teacher_preferences(model, routers, images, batch_size=4)
     layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
     assert not any(layer.keep_expert_outputs for layer in layers)  # restored
     for layer in layers:
         layer.keep_expert_outputs = True
     with torch.no_grad():
         _, routings = model(images)
-        want = [ev.teacher_preference(pi(r.inputs), r.experts, r.kept, 4)
-                for pi, r in zip(routers, routings)]  # fmt: skip
+        want = [
+            teacher_preference(pi(r.inputs), r.experts, r.kept, 4)
+            for pi, r in zip(routers, routings)
+        ]
     torch.testing.assert_close(got, want, equal_nan=True)
-    ev.teacher_preferences(model, routers, images)
+    teacher_preferences(model, routers, images)
     assert all(layer.keep_expert_outputs for layer in layers)  # left as the caller set them
 
 
@@ -464,8 +480,16 @@ def m2ot_run(tmp_path_factory):
     state = {f"pi.{j}.weight": torch.randn(4 * 2, 96) for j in range(3)}  # (E·N_T, D)
     state["heads.0.cls.0.weight"] = torch.zeros(96, 96)  # the rest of the module: ignored
     path = tmp_path_factory.mktemp("m2ot") / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "model_args": model.model_args, "args": flags,
-                "epoch": 0, "m2ot": state}, path)  # fmt: skip
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": model.model_args,
+            "args": flags,
+            "epoch": 0,
+            "m2ot": state,
+        },
+        path,
+    )
     return path
 
 
@@ -484,11 +508,10 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
         assert 0.5 <= sharpness <= 1
     # the bank: TINY's 64 train images as generated (at 32 px the eval transform keeps them)
     model = m2ot_student()
-    whole = lambda split, n: list(torch.utils.data.DataLoader(  # noqa: E731
-        SyntheticImages(n, 10, 32, split), n))  # fmt: skip
+    whole = lambda split, n: list(torch.utils.data.DataLoader(SyntheticImages(n, 10, 32, split), n))
     want = ev.knn_eval(model, whole("train", 64), whole("val", 32), torch.device("cpu"))
     assert res["knn_top1"] == pytest.approx(want)
-    printed = ev.fmt_table({**res, "checkpoint": "c.pt"})
+    printed = fmt_table({**res, "checkpoint": "c.pt"})
     assert printed.splitlines()[1] == f"k-NN top-1 {want:.2f}"  # and no top-1 before it
     assert "teacher preference, block 6" in printed
     assert "| expert | dino.pt | torchvision:clip |" in printed

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import train
 from data import MEAN, STD
 from losses import feature_distill_loss, switch_load_loss
@@ -49,9 +50,17 @@ class StubTeacher(nn.Module):
 
 def student(k=2, experts=4, method="m2ot"):
     torch.manual_seed(0)
-    model = build_model("micro", method, num_classes=0, img_size=32, patch_size=4,
-                        num_experts=experts, k=k, moe_layers=(2, 4, 6),
-                        expert_hidden=384 // k)  # fmt: skip
+    model = build_model(
+        "micro",
+        method,
+        num_classes=0,
+        img_size=32,
+        patch_size=4,
+        num_experts=experts,
+        k=k,
+        moe_layers=(2, 4, 6),
+        expert_hidden=384 // k,
+    )
     keep_expert_outputs(model)
     return model
 
@@ -286,7 +295,7 @@ def test_m2ot_resume_is_exact(teachers, tmp_path, monkeypatch):
     """Heads, π and the standardisation statistics continue exactly after a kill."""
     common = ["--method", "m2ot", "--teachers", *teachers, "--epochs", "3"]
     straight = run(tmp_path / "a", *common)
-    saves, real_save = [], train.save_checkpoint
+    saves, real_save = [], checkpoint.save_checkpoint
 
     def crash_after_one(path, state):
         real_save(path, state)
@@ -294,10 +303,10 @@ def test_m2ot_resume_is_exact(teachers, tmp_path, monkeypatch):
         if saves.count("checkpoint.pt") == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_one)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_one)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", *common)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     resumed = run(tmp_path / "b", *common, "--resume", "auto")
     for part in ("model", "m2ot"):
         a, b = straight[part].state_dict(), resumed[part].state_dict()
@@ -306,28 +315,16 @@ def test_m2ot_resume_is_exact(teachers, tmp_path, monkeypatch):
             assert torch.equal(a[key], b[key]), key
     assert int(resumed["m2ot"].norm_patch[1].seen) == 3 * 4  # 3 epochs of 4 steps
     drop = ("images_per_s", "epoch_time_s", "eval_time_s")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert strip(log(tmp_path / "a")) == strip(log(tmp_path / "b"))
 
 
 def test_upcycle_starts_the_experts_from_a_dense_checkpoint(teachers, tmp_path, capsys):
     res = run(
         tmp_path / "up",
-        "--method",
-        "m2ot",
-        "--teachers",
-        *teachers,
-        "--upcycle",
-        teachers[0],
-        "--epochs",
-        "1",
-        "--lr",
-        "0",
-        "--min-lr",
-        "0",
-        "--warmup-lr",
-        "0",
-    )  # fmt: skip: lr 0, the weights stay as they started
+        *("--method", "m2ot", "--teachers", *teachers, "--upcycle", teachers[0]),
+        *("--epochs", "1", "--lr", "0", "--min-lr", "0", "--warmup-lr", "0"),
+    )  # lr 0: the weights stay as they started
     dense = torch.load(teachers[0], weights_only=True)["model"]
     mlp = res["model"].blocks[1].mlp  # h = 192 = H/2: experts take slices e mod 2
     torch.testing.assert_close(mlp.w1[1], dense["blocks.1.mlp.fc1.weight"][192:].t())
@@ -359,6 +356,7 @@ def test_bad_m2ot_input_gives_one_line(flags, message, teachers, tmp_path, capsy
 DDP_HELPER = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
+import checkpoint
 import train
 result = train.main(train.get_args_parser().parse_args(sys.argv[1:]))
 state = {{"model": result["model"].state_dict(), "m2ot": result["m2ot"].state_dict()}}
@@ -370,15 +368,22 @@ def test_ddp_averages_heads_and_pi_like_one_process(teachers, tmp_path):
     """Two ranks of 8 images equal one process of 16: student (DDP), heads and π (averaged by
     hand) and the targets' statistics (all-reduced). Switch's f·P is not linear in the batch,
     so it is off; no drops (cf 4), no noise, no augmentation."""
-    common = ["--method", "m2ot", "--teachers", *teachers, "--switch-coef", "0",
-              "--aa", "none", "--reprob", "0", "--no-repeated-aug", "--no-crop-flip",
-              "--drop-path", "0", "--noise-std", "0", "--capacity-factor", "4"]  # fmt: skip
+    common = [
+        *("--method", "m2ot", "--teachers", *teachers, "--switch-coef", "0", "--aa", "none"),
+        *("--reprob", "0", "--no-repeated-aug", "--no-crop-flip", "--drop-path", "0"),
+        *("--noise-std", "0", "--capacity-factor", "4"),
+    ]
     helper = tmp_path / "helper.py"
     helper.write_text(DDP_HELPER.format(root=ROOT, out=str(tmp_path)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, str(helper), *TINY, *common, "--batch-size", "8"]
-    proc = subprocess.run([*cmd, "--output-dir", str(tmp_path / "ddp")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*cmd, "--output-dir", str(tmp_path / "ddp")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = run(tmp_path / "one", *common, "--batch-size", "16")

@@ -64,8 +64,11 @@ def test_a_step_hands_nothing_to_python(method, teacher_ckpt, tmp_path, monkeypa
     """2 steps and 6 steps make the same Python reads: those of the one progress line at the
     end of the epoch. Router noise, balance losses, the teacher, the KL, the EMA and the
     non-finite check add none per step."""
-    args = args_for(tmp_path, "--method", method, "--teacher", teacher_ckpt,
-                    *"--mixup 0 --cutmix 0 --reprob 0.5".split())  # fmt: skip
+    args = args_for(
+        tmp_path,
+        *("--method", method, "--teacher", teacher_ckpt),
+        *"--mixup 0 --cutmix 0 --reprob 0.5".split(),
+    )
     args.student_balance_coef = 0.0 if method == "tgr" else 0.005
     args.base_lr = 1e-3
     model = train.build_student(args, 10)
@@ -79,8 +82,9 @@ def test_a_step_hands_nothing_to_python(method, teacher_ckpt, tmp_path, monkeypa
     data = batches(args, 6, 8)
 
     def epoch(n):
-        return lambda: train.train_one_epoch(model, teacher, routers, optimizer, data[:n], None,
-                                             args, 0, 0, tmp_path, 1, ema)  # fmt: skip
+        return lambda: train.train_one_epoch(
+            model, train.Guides(teacher, routers), optimizer, data[:n], None, args, 0, 0, ema
+        )
 
     few, many = count_syncs(monkeypatch, epoch(2)), count_syncs(monkeypatch, epoch(6))
     assert few == many, (few, many)
@@ -106,8 +110,12 @@ def test_compile_compiles_once_and_once_more_at_the_switch(teacher_ckpt, tmp_pat
     """TGR over 4 epochs of 2 steps, distilling the first 2: one graph for the distilling
     step (teacher, routers, KL inside it: no graph break) and one after the switch. Nothing
     recompiles per step or per epoch."""
-    graphs = compiled_graphs(monkeypatch, tmp_path, "--method", "tgr", "--teacher", teacher_ckpt,
-                             "--epochs", "4", "--distill-until", "0.5")  # fmt: skip
+    graphs = compiled_graphs(
+        monkeypatch,
+        tmp_path,
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4"),
+        *("--distill-until", "0.5"),
+    )
     assert len(graphs) == 2 and graphs[0] > graphs[1]  # the teacher's part is gone after
 
 
@@ -119,8 +127,12 @@ def test_compile_recompiles_once_at_the_stablemoe_freeze(tmp_path, monkeypatch):
 def test_compile_takes_the_whole_m2ot_step_as_one_graph(teacher_ckpt, tmp_path, monkeypatch):
     """M²oT over 2 epochs of 2 steps: teachers, targets, heads, π, TAS and the Switch loss in one
     graph (the Switch loss's bincount once broke it into pieces), never recompiled."""
-    graphs = compiled_graphs(monkeypatch, tmp_path, "--method", "m2ot", "--topk", "2",
-                             "--teachers", teacher_ckpt, teacher_ckpt, "--epochs", "2")  # fmt: skip
+    graphs = compiled_graphs(
+        monkeypatch,
+        tmp_path,
+        *("--method", "m2ot", "--topk", "2", "--teachers", teacher_ckpt, teacher_ckpt),
+        *("--epochs", "2"),
+    )
     assert len(graphs) == 1
 
 
@@ -132,15 +144,15 @@ def test_accumulating_two_batches_equals_one_step_on_both(tmp_path):
     quiet = "--method dense --mixup 0 --cutmix 0 --reprob 0 --aa none --no-crop-flip --drop-path 0"
 
     def step_gradient(batch_size, accum, n=None):
-        args = args_for(tmp_path, *quiet.split(), "--batch-size", str(batch_size),
-                        "--accum-iter", str(accum))  # fmt: skip
+        args = args_for(
+            tmp_path, *quiet.split(), "--batch-size", str(batch_size), "--accum-iter", str(accum)
+        )
         args.student_balance_coef, args.base_lr = 0.0, 1e-3
         torch.manual_seed(0)
         model = train.build_student(args, 10)
         optimizer = train.build_optimizer(model, None, args, cuda=False)
         data = batches(args, n or accum, batch_size)
-        step, *_ = train.train_one_epoch(model, None, None, optimizer, data, None, args, 0, 0,
-                                         tmp_path, 1)  # fmt: skip
+        step, *_ = train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 0, 0)
         assert step == 1  # one optimizer step
         return {k: p.grad for k, p in model.named_parameters()}
 

@@ -14,18 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from augment import MEAN, STD
+from checkpoint import resample_pos_embed
+from flags import UsageError
 from losses import routing_kl
 from moe import build_model
-from teacher import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TeacherError,
-    TeacherRouter,
-    _resample_pos_embed,
-    load_final_teacher,
-    load_teacher,
-    teacher_objective,
-)
+from teacher import TeacherRouter, load_final_teacher, load_teacher, teacher_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
@@ -99,8 +93,9 @@ def deit3(tmp_path_factory):
     sd = model.state_dict()
     torch.save(sd, folder / "timm.pth")
     # facebookresearch/deit names layer scale gamma_1 / gamma_2 and wraps the weights in "model"
-    official = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v
-                for k, v in sd.items()}  # fmt: skip
+    official = {
+        k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in sd.items()
+    }
     assert official["pos_embed"].shape == (1, 196, 384)  # no CLS slot
     torch.save({"model": official}, folder / "official.pth")  # told apart by keys, not names
     return dict(images=images, refs=refs, final=final, folder=folder)
@@ -187,9 +182,9 @@ def test_torchvision_vit_b_16_from_cache_equals_torchvision(offline_hub):
 
 def test_torchvision_name_offline_needs_explicit_random(offline_hub):
     torchvision = pytest.importorskip("torchvision")
-    with pytest.raises(TeacherError, match="--teacher-random"):
+    with pytest.raises(UsageError, match="--teacher-random"):
         load_teacher("torchvision:vit_b_32", [1])
-    with pytest.raises(TeacherError, match="unknown torchvision ViT 'vit_x'"):
+    with pytest.raises(UsageError, match="unknown torchvision ViT 'vit_x'"):
         load_teacher("torchvision:vit_x", [1])
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="RANDOM"):
@@ -212,8 +207,10 @@ def test_torchvision_state_dict_file(tmp_path, old_names):
     )
     sd = perturb(model).state_dict()
     if old_names:  # torchvision < 0.13 called the MLP layers linear_1 / linear_2
-        sd = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
-              for k, v in sd.items()}  # fmt: skip
+        sd = {
+            k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
+            for k, v in sd.items()
+        }
     torch.save(sd, tmp_path / "tv.pth")
     teacher = load_teacher(tmp_path / "tv.pth", [1, 3], dtype="fp32", student_grid=8)
     assert teacher.kind == "torchvision" and teacher.depth == 3
@@ -286,7 +283,7 @@ def test_tgr_step_leaves_teacher_untouched_and_trains_teacher_router(micro_ckpt)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     opt.step()
-    assert set(parts) == {"load", "ent"} and torch.isfinite(l_teacher)
+    assert set(parts) == {"importance", "ent"} and torch.isfinite(l_teacher)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(not torch.equal(r.weight, w) for r, w in zip(routers, router_before))
@@ -299,7 +296,7 @@ def test_teacher_objective_is_the_weighted_sum_of_the_losses():
     probs = [x.softmax(-1).reshape(-1, 4) for x in logits]
     imp = sum((p.mean(0).std(unbiased=False) / p.mean(0).mean()) ** 2 for p in probs)
     ent = sum(-(p * p.log()).sum(-1).mean() for p in probs)
-    torch.testing.assert_close(parts["load"], imp)
+    torch.testing.assert_close(parts["importance"], imp)
     torch.testing.assert_close(parts["ent"], ent)
     torch.testing.assert_close(total, 0.5 * imp + 2.0 * ent)
     assert TeacherRouter(96, 4)(torch.randn(2, 65, 96)).shape == (2, 65, 4)
@@ -309,18 +306,18 @@ def test_teacher_objective_is_the_weighted_sum_of_the_losses():
 
 
 def test_grid_mismatch_and_resampling(micro_ckpt):
-    with pytest.raises(TeacherError, match=r"teacher 8x8 .* student 16x16"):
+    with pytest.raises(UsageError, match=r"teacher 8x8 .* student 16x16"):
         load_teacher(micro_ckpt, [4], student_grid=16)
     teacher = load_teacher(micro_ckpt, [4], dtype="fp32", student_grid=16, resample=True)
     assert teacher.grid == 16 and teacher.img_size == 64
     assert teacher(torch.randn(2, 3, 64, 64))[0].shape == (2, 257, 96)
     assert teacher(torch.randn(2, 3, 32, 32))[0].shape == (2, 257, 96)  # images resized too
     plain = load_teacher(micro_ckpt, [4], dtype="fp32")
-    with pytest.raises(TeacherError, match=r"expects 32x32 images"):
+    with pytest.raises(UsageError, match=r"expects 32x32 images"):
         plain(torch.randn(2, 3, 64, 64))
     pos = torch.randn(1, 65, 96)
-    torch.testing.assert_close(_resample_pos_embed(pos, 8, 8, num_prefix=1), pos)
-    assert _resample_pos_embed(pos[:, 1:], 8, 4, num_prefix=0).shape == (1, 16, 96)
+    torch.testing.assert_close(resample_pos_embed(pos, 8, 8, num_prefix=1), pos)
+    assert resample_pos_embed(pos[:, 1:], 8, 4, num_prefix=0).shape == (1, 16, 96)
 
 
 # --- bad input: one clear line each -----------------------------------------------------------
@@ -346,12 +343,12 @@ def test_bad_inputs_raise_one_clear_line(tmp_path, micro_ckpt):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     cases.append((tmp_path / "list.pt", "not a state dict"))
     for source, message in cases:
-        with pytest.raises(TeacherError, match=message) as err:
+        with pytest.raises(UsageError, match=message) as err:
             load_teacher(source, [4])
         assert "\n" not in str(err.value)
-    with pytest.raises(TeacherError, match=r"block 7 does not exist: .* has 1\.\.6"):
+    with pytest.raises(UsageError, match=r"block 7 does not exist: .* has 1\.\.6"):
         load_teacher(micro_ckpt, [4, 7])
-    with pytest.raises(TeacherError, match="bf16 or fp32"):
+    with pytest.raises(UsageError, match="bf16 or fp32"):
         load_teacher(micro_ckpt, [4], dtype="fp16")
 
 
@@ -396,7 +393,7 @@ def assert_final(teacher, images, ref, num_prefix=1):
 def test_deit3_final_features_equal_timm(deit3, layout):
     teacher = load_final_teacher(deit3["folder"] / layout, img_size=224, dtype="fp32")
     assert (teacher.dim, teacher.grid, teacher.img_size, teacher.patch_size) == (384, 14, 224, 16)
-    assert teacher.has_cls and (teacher.mean, teacher.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert teacher.has_cls and (teacher.mean, teacher.std) == (MEAN, STD)
     assert_final(teacher, deit3["images"], deit3["final"])
 
 
@@ -461,7 +458,7 @@ def tiny_hiera(monkeypatch):
     timm = pytest.importorskip("timm")
     create = timm.create_model
     tiny = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1))
-    small = lambda name, **kw: create(name, **(tiny if "hiera" in name else {}), **kw)  # noqa: E731
+    small = lambda name, **kw: create(name, **(tiny if "hiera" in name else {}), **kw)
     monkeypatch.setattr(timm, "create_model", small)
     return "timm:hiera_tiny_224"
 
@@ -511,15 +508,15 @@ def test_final_teacher_bad_inputs_raise_one_clear_line(
         ("timm:no_such_net", "unknown timm model 'no_such_net'"),
     ]
     for source, message in cases:
-        with pytest.raises(TeacherError, match=message) as err:
+        with pytest.raises(UsageError, match=message) as err:
             load_final_teacher(source, img_size=32)
         assert "\n" not in str(err.value)
-    with pytest.raises(TeacherError, match=r"cannot run at 64x64 px") as err:
+    with pytest.raises(UsageError, match=r"cannot run at 64x64 px") as err:
         load_final_teacher(tiny_hiera, img_size=64, random_ok=True)  # its positions: 224 px only
     assert "\n" not in str(err.value)
-    with pytest.raises(TeacherError, match="bf16 or fp32"):
+    with pytest.raises(UsageError, match="bf16 or fp32"):
         load_final_teacher(micro_ckpt, img_size=32, dtype="fp16")
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
-    with pytest.raises(TeacherError, match=r"^timm:test_vit needs timm: pip install timm$"):
+    with pytest.raises(UsageError, match=r"^timm:test_vit needs timm: pip install timm$"):
         load_final_teacher("timm:test_vit=x.pth", img_size=32)
     assert load_final_teacher(micro_ckpt, img_size=32).dim == 96  # ViT sources need no timm

@@ -13,8 +13,12 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import data
+import schedule
 import train
 from data import build_dataset, normalize
+from flags import check_args
 from losses import importance_loss, routing_kl
 from moe import METHODS as METHOD_KINDS
 from moe import build_model
@@ -60,9 +64,12 @@ METHODS += ["teacher-route", "tgr-distill-only"]
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp_path):
     extra = ["--router-grad", "distill-only"] if method.endswith("distill-only") else []
-    args = args_for(tmp_path, "--method", method.removesuffix("-distill-only"), "--teacher",
-                    teacher_ckpt, "--drop-path", "0", *extra)  # fmt: skip
-    train.check_args(args)
+    args = args_for(
+        tmp_path,
+        *("--method", method.removesuffix("-distill-only"), "--teacher", teacher_ckpt),
+        *("--drop-path", "0", *extra),
+    )
+    check_args(args)
     args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
     torch.manual_seed(0)
     train_set, classes = build_dataset(True, args)
@@ -78,7 +85,7 @@ def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp
     losses = []
     for _ in range(12):
         loss, teacher_loss, parts = train.compute_losses(
-            model, images, targets, args, teacher, routers
+            model, images, targets, args, train.Guides(teacher, routers)
         )
         optimizer.zero_grad()
         (loss + teacher_loss).backward()
@@ -103,7 +110,9 @@ def test_distill_only_router_gradient_is_the_kl_gradient(teacher_ckpt, tmp_path)
     def router_grads(mode):
         args.router_grad = mode
         model.zero_grad()
-        loss, _, _ = train.compute_losses(model, images, targets, args, teacher, routers)
+        loss, _, _ = train.compute_losses(
+            model, images, targets, args, train.Guides(teacher, routers)
+        )
         loss.backward()
         return [w.grad.clone() for w in router_weights]
 
@@ -143,8 +152,11 @@ def test_kl_exactly_while_distilling_and_no_teacher_after(
     until, distilled, teacher_ckpt, tmp_path, monkeypatch
 ):
     calls = count_teacher_calls(monkeypatch)
-    result = run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4",
-                 "--distill-until", until)  # fmt: skip
+    result = run(
+        tmp_path,
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4"),
+        *("--distill-until", until),
+    )
     history = log(tmp_path)
     assert [r["distilling"] for r in history] == [e < distilled for e in range(4)]
     assert [("train_distill" in r) for r in history] == [e < distilled for e in range(4)]
@@ -164,9 +176,12 @@ def test_kl_exactly_while_distilling_and_no_teacher_after(
 
 @pytest.mark.parametrize("threshold, switches", [("0.0", True), ("1.01", False)])
 def test_adaptive_switch_follows_its_condition(threshold, switches, teacher_ckpt, tmp_path):
-    run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "3",
-        "--distill-until", "adaptive", "--switch-consistency", threshold,
-        "--switch-patience", "1")  # fmt: skip
+    run(
+        tmp_path,
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "3"),
+        *("--distill-until", "adaptive", "--switch-consistency", threshold),
+        *("--switch-patience", "1"),
+    )
     history = log(tmp_path)
     if switches:  # consistency >= 0 always holds: switch after the first check
         assert history[0]["switch"]["reason"].startswith("adaptive")
@@ -205,10 +220,24 @@ def test_stablemoe_stage_two_trains_the_task_alone(tmp_path):
 def test_log_and_checkpoint_layout(tmp_path, capsys):
     run(tmp_path, "--method", "vmoe")
     record = log(tmp_path)[-1]
-    for key in ("epoch", "lr", "train_loss", "train_task", "train_importance", "train_load",
-                "val_top1", "routing_entropy", "utilisation", "consistency_prev",
-                "dropped_frac", "distilling", "images_per_s", "train_top1", "epoch_time_s",
-                "eval_time_s"):  # fmt: skip
+    for key in (
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_task",
+        "train_importance",
+        "train_load",
+        "val_top1",
+        "routing_entropy",
+        "utilisation",
+        "consistency_prev",
+        "dropped_frac",
+        "distilling",
+        "images_per_s",
+        "train_top1",
+        "epoch_time_s",
+        "eval_time_s",
+    ):
         assert key in record, key
     assert len(record["routing_entropy"]) == 2 and len(record["utilisation"][0]) == 4
     assert 0 <= record["train_top1"] <= 100  # on the un-mixed labels (MixUp/CutMix are on)
@@ -228,8 +257,11 @@ def test_log_and_checkpoint_layout(tmp_path, capsys):
 
 def test_finetune_replaces_the_head_and_logs_consistency(tmp_path):
     run(tmp_path / "pre", "--method", "vmoe", "--epochs", "1")
-    result = run(tmp_path / "ft", "--method", "vmoe", "--epochs", "1", "--nb-classes", "5",
-                 "--finetune", str(tmp_path / "pre" / "checkpoint.pt"))  # fmt: skip
+    result = run(
+        tmp_path / "ft",
+        *("--method", "vmoe", "--epochs", "1", "--nb-classes", "5"),
+        *("--finetune", str(tmp_path / "pre" / "checkpoint.pt")),
+    )
     assert result["model"].head.out_features == 5
     assert len(log(tmp_path / "ft")[0]["consistency_pretrained"]) == 2
 
@@ -237,11 +269,13 @@ def test_finetune_replaces_the_head_and_logs_consistency(tmp_path):
 # ----------------------------------------------------------------------------- resume
 def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
     # everything random stays on: MixUp/CutMix, RandAugment, crop/flip, drop-path, router noise
-    common = ["--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4",
-              "--distill-until", "0.75"]  # fmt: skip
+    common = [
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4"),
+        *("--distill-until", "0.75"),
+    ]
     straight = run(tmp_path / "a", *common)["model"].state_dict()
 
-    saves, real_save = [], train.save_checkpoint
+    saves, real_save = [], checkpoint.save_checkpoint
 
     def crash_after_two(path, state):
         real_save(path, state)
@@ -249,10 +283,10 @@ def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
         if saves.count("checkpoint.pt") == 2:
             raise KeyboardInterrupt  # the job is killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_two)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", *common)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     resumed = run(tmp_path / "b", *common, "--resume", "auto")["model"].state_dict()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -357,13 +391,21 @@ def test_nan_loss_stops_naming_the_step(tmp_path, capsys, monkeypatch):
 
 def test_cli_subprocess_reports_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "train.py", *TINY, "--resume", str(tmp_path / "gone.pt"),
-         "--output-dir", str(tmp_path)],  # fmt: skip
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            *("--resume", str(tmp_path / "gone.pt"), "--output-dir", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: --resume {tmp_path}/gone.pt: no such "
-                                                "checkpoint"]  # fmt: skip
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --resume {tmp_path}/gone.pt: no such checkpoint"
+    ]
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -385,8 +427,11 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
     # train. The teacher router's importance loss is a CV² over the *local* batch, not linear
     # in the batch, so it is off here: then every loss is a mean and two ranks of 8 images
     # must equal one process of 16.
-    common = [*QUIET, "--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "1",
-              "--teacher-load-coef", "0"]  # fmt: skip
+    common = [
+        *QUIET,
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "1"),
+        *("--teacher-load-coef", "0"),
+    ]
     helper = tmp_path / "helper.py"
     helper.write_text(DDP_HELPER.format(root=ROOT, out=str(tmp_path)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -412,8 +457,11 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
 def test_demo_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, "demo.py", "--quick", "--all", "--output-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=480,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("dense student", "M²oT", "sparse MoE (--tas-coef 0)"):  # --all: M²oT's rows too
         assert proc.stdout.count(f"| {name} |") == 2  # two seeds
@@ -425,16 +473,6 @@ def test_demo_quick(tmp_path):
 
 
 # ----------------------------------------------------------------------------- issue 11 fixes
-@pytest.mark.parametrize(
-    "until, epochs, distilled", [("0.5", 1, 1), ("0.5", 5, 3), ("0.3", 10, 3), ("0.01", 3, 1)]
-)
-def test_distilling_epochs_are_the_ceiling_of_the_fraction(until, epochs, distilled):
-    """ceil(F·epochs), at least one epoch whenever F > 0 (round() gave 0 and 2 at first)."""
-    args = train.get_args_parser().parse_args(["--distill-until", until, "--epochs", str(epochs)])
-    assert train.distill_epochs(args) == distilled
-    assert train.describe_schedule(args) == f"distilling epochs 0–{distilled - 1} of {epochs}"
-
-
 def test_one_epoch_tgr_distils_and_says_so(teacher_ckpt, tmp_path, capsys):
     run(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "1")
     assert "distilling epochs 0–0 of 1" in capsys.readouterr().out
@@ -445,9 +483,12 @@ def test_one_epoch_tgr_distils_and_says_so(teacher_ckpt, tmp_path, capsys):
 def test_inputs_are_checked_before_any_data_or_file(tmp_path, capsys, monkeypatch, teacher_ckpt):
     """Every input file fails in one line before a data set is built or anything is written,
     whatever the schedule (a 0-epoch distillation once skipped loading the teacher at all)."""
-    monkeypatch.setattr(train, "build_dataset", lambda *a: pytest.fail("a data set was built"))
+    monkeypatch.setattr(data, "build_dataset", lambda *a: pytest.fail("a data set was built"))
     junk = tmp_path / "junk.pth"
     junk.write_text("not weights")
+    for split, classes in (("train", "abc"), ("val", "ac")):  # val/ lacks b: labels would shift
+        for c in classes:
+            (tmp_path / "folder" / split / c).mkdir(parents=True)
     cases = {
         f"--method tgr --teacher {junk} --epochs 1": "not a PyTorch checkpoint",
         f"--method tgr --teacher {tmp_path}/gone.pth --distill-until 0": "no such checkpoint",
@@ -455,6 +496,7 @@ def test_inputs_are_checked_before_any_data_or_file(tmp_path, capsys, monkeypatc
         f"--resume {tmp_path}/gone.pt": "no such checkpoint",
         f"--finetune {junk}": "not a PyTorch checkpoint",
         f"--data folder --data-path {tmp_path}/nowhere": "no train/CLASS",
+        f"--data folder --data-path {tmp_path}/folder": "val/ lacks the class folder 'b'",
     }
     for flags, message in cases.items():
         out = tmp_path / "out"
@@ -511,7 +553,7 @@ def test_the_teacher_router_group_is_removed_by_name(teacher_ckpt, tmp_path):
     optimizer.step()  # the routers now have optimizer state (Adam moments)
     assert all(p in optimizer.state for p in routers.parameters())
     optimizer.param_groups.reverse()  # not the last group any more
-    state = train.switch_off(args, model, optimizer, routers)
+    _, state = schedule.switch_off(args, schedule.Switch(), 0, "test", model, optimizer, routers)
     assert [g.get("name") for g in optimizer.param_groups] == [None, None]
     assert state.keys() == routers.state_dict().keys()
     assert not any(p in optimizer.state for p in routers.parameters())
@@ -527,8 +569,8 @@ def test_tgr_finetune_continues_the_pretrained_teacher_router(teacher_ckpt, tmp_
     run(tmp_path / "pre", *pre)
     trained = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["teacher_router"]
 
-    def first_epoch(model, teacher, routers, *a, **kw):
-        raise Started(routers.state_dict())
+    def first_epoch(model, guides, *a, **kw):
+        raise Started(guides.routers.state_dict())
 
     monkeypatch.setattr(train, "train_one_epoch", first_epoch)
     ft = [*pre, "--finetune", str(tmp_path / "pre" / "checkpoint.pt"), "--nb-classes", "5"]
@@ -544,8 +586,11 @@ def test_tgr_finetune_continues_the_pretrained_teacher_router(teacher_ckpt, tmp_
 
 def test_tgr_finetune_without_a_teacher_router_is_one_line(teacher_ckpt, tmp_path, capsys):
     run(tmp_path / "pre", "--method", "vmoe", "--epochs", "1")  # a V-MoE run has none
-    argv = [*TINY, "--output-dir", str(tmp_path / "ft"), "--method", "tgr", "--teacher",
-            teacher_ckpt, "--finetune", str(tmp_path / "pre" / "checkpoint.pt")]  # fmt: skip
+    argv = [
+        *TINY,
+        *("--output-dir", str(tmp_path / "ft"), "--method", "tgr", "--teacher", teacher_ckpt),
+        *("--finetune", str(tmp_path / "pre" / "checkpoint.pt")),
+    ]
     assert "no teacher router" in cli_error(capsys, argv)
 
 
@@ -583,7 +628,7 @@ def test_training_top1_counts_the_unmixed_labels(tmp_path):
     model = train.build_student(args, 10).eval()
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     soft = torch.nn.functional.one_hot(labels.roll(1), 10).float()  # mixed targets: other classes
-    _, _, parts = train.compute_losses(model, images, soft, args, None, None, labels)
+    _, _, parts = train.compute_losses(model, images, soft, args, train.Guides(), labels)
     logits, _ = model(images)
     assert parts["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean())
 
@@ -594,7 +639,7 @@ def test_vmoe_balance_losses_are_taken_per_routing_group(tmp_path):
     args.student_balance_coef = 0.005
     model = train.build_student(args, 10).eval()
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    _, _, parts = train.compute_losses(model, images, labels, args, None, None)
+    _, _, parts = train.compute_losses(model, images, labels, args, train.Guides())
     with torch.no_grad():
         _, routings = model(images)
     want = 0.0

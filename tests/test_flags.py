@@ -1,0 +1,68 @@
+"""flags.py: DeiT's underscore spellings in every parser, the defaults that depend on the method,
+--help with its defaults, and the recipe line built from its parts. Every bad flag's one error
+line is tested with the program that reads it (tests/test_train.py, tests/test_eval.py)."""
+
+import pytest
+
+import eval as ev
+import teacher
+from flags import UsageError, describe_recipe, get_args_parser, resolve_defaults
+
+
+def test_every_parser_takes_deits_underscore_spellings():
+    train_flags = "--batch_size 8 --data_path X --num_workers 3 --output_dir O --drop_path 0.2"
+    args = get_args_parser().parse_args(train_flags.split())
+    assert (args.batch_size, args.data_path, args.num_workers) == (8, "X", 3)
+    assert (args.output_dir, args.drop_path) == ("O", 0.2)
+    eval_flags = "--checkpoint c.pt --data_path X --batch_size 8 --num_workers 2 --data_set folder"
+    opts = ev.get_args_parser().parse_args(eval_flags.split())
+    assert (opts.data_path, opts.batch_size, opts.num_workers, opts.data) == ("X", 8, 2, "folder")
+    dashed = ev.get_args_parser().parse_args("--checkpoint c.pt --data-path X".split())
+    assert dashed.data_path == opts.data_path
+    shown = teacher.get_args_parser().parse_args("t.pth --img_size 32 --patch_size 4".split())
+    assert (shown.img_size, shown.patch_size) == (32, 4)
+
+
+def test_help_shows_the_defaults():
+    text = get_args_parser().format_help()
+    for shown in ("(default: 300)", "(default: synthetic)", "(default: 0.8)", "(default: 5e-04)"):
+        assert shown in text.replace("0.0005", "5e-04"), shown
+    assert "--data_path" in text  # the aliases are listed beside the dashed names
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ("", dict(experts=16, topk=1, student_balance_coef=0.005, eval_capacity_factor=4.0)),
+        ("--method tgr", dict(student_balance_coef=0.0, eval_capacity_factor=4.0)),
+        ("--method expert-choice --capacity-factor 1.5", dict(eval_capacity_factor=1.5)),
+        ("--method m2ot --teachers a.pt", dict(experts=8, topk=2, moe_layers=[2, 4, 6, 8, 10, 12])),
+        ("--model micro --method m2ot --teachers a.pt", dict(expert_hidden=192, model_ema=False)),
+    ],
+)
+def test_defaults_that_depend_on_the_method(flags, want):
+    args = get_args_parser().parse_args(flags.split())
+    resolve_defaults(args)
+    assert {k: getattr(args, k) for k in want} == want
+
+
+def test_the_recipe_line_is_built_from_its_parts():
+    args = get_args_parser().parse_args("--method tgr".split())
+    resolve_defaults(args)
+    args.base_lr = 6.25e-5
+    line = describe_recipe(args)
+    assert line.startswith("recipe: AdamW lr 6.25e-05 (= 0.0005 × 64·world/512), wd 0.05")
+    assert "; aa rand-m9-mstd0.5-inc1, reprob 0.25," in line
+    assert "mixup 0.8, cutmix 1.0, smoothing 0.1" in line
+    assert line.endswith("capacity factor 1.05 train / 4.0 eval")
+    students = get_args_parser().parse_args("--method m2ot --teachers a.pt b.pt".split())
+    resolve_defaults(students)
+    students.base_lr = 6.25e-5
+    line = describe_recipe(students)
+    assert "mixup" not in line and "smoothing" not in line  # no labels: nothing to mix
+    assert line.endswith("; 2 teachers, no labels, λ_1 (tas) 0.5, λ_2 (switch) 0.01")
+
+
+def test_usage_error_is_a_value_error():
+    """One class for every user mistake; `run_cli` turns ValueError and OSError into a line."""
+    assert issubclass(UsageError, ValueError)
