@@ -245,7 +245,7 @@ def _run_flags(parser):
     add_flag(g, "--resume", default="", help="RUN/checkpoint.pt, or auto (the output dir's)")
     add_flag(g, "--seed", type=int, default=0, help="seed of the run")
     add_flag(g, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    add_flag(g, "--print-freq", type=int, default=50, help="progress every N steps (or 30 s)")
+    add_flag(g, "--print-freq", type=int, default=50, help="a progress line every N steps")
     add_flag(g, "--probe-size", type=int, default=256, help="validation images of the probe set")
 
 
