@@ -28,6 +28,8 @@ Decisions
   computed none (the k-NN top-1 between `--knn-every` epochs): never `nan` for either.
 """
 
+import datetime
+
 import torch
 
 from augment import MEAN, STD
@@ -46,6 +48,7 @@ def fmt_table(res):
     names = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}
     scores = [f"{name} {res[key]:.2f}" for key, name in names.items() if key in res]
     lines.append("   ".join(scores) or "no classifier: no top-1 (--knn: the k-NN top-1)")
+    lines += [f"wrote {path}" for path in res.get("plots", [])]  # --plots: where they are
     if not res["moe_layers"]:
         return "\n".join(lines + [res["note"]])
     cols = {
@@ -91,14 +94,26 @@ def describe_params(model, routers=None, m2ot=None):
     return text
 
 
+def progress_line(epoch, done, batches, sums, lr, seen, elapsed):
+    """A progress line within an epoch: each logged part's mean over the `done` batches so
+    far (this reads the device sums: the step's one host sync), images/s, the epoch's ETA."""
+    eta = datetime.timedelta(seconds=round(elapsed * (batches / done - 1)))
+    shown = " ".join(f"{k} {float(v) / done:.4f}" for k, v in sums.items())
+    return (
+        f"epoch {epoch} [{done}/{batches}] {shown} lr {lr:.2e} {seen / elapsed:.0f} img/s eta {eta}"
+    )
+
+
 def epoch_line(epoch, record, consistency, teachers):
     """The epoch's printed line. A score is shown as computed (0.00 is a score), "-" where
     this epoch computed none (the k-NN top-1 of an epoch between --knn-every)."""
     name, key = ("val k-NN top-1", "val_knn_top1") if teachers else ("val top-1", "val_top1")
     score = "-" if record.get(key) is None else f"{record[key]:.2f}"
-    entropy = [round(e, 3) for e in record.get("routing_entropy") or []]
-    consistency = [round(c, 3) for c in consistency]
-    return f"epoch {epoch}: {name} {score}  routing entropy {entropy}  consistency {consistency}"
+    line = f"epoch {epoch}: {name} {score}"
+    if not record.get("routing_entropy"):  # dense: no routing to show
+        return line
+    entropy = [round(e, 3) for e in record["routing_entropy"]]
+    return f"{line}  routing entropy {entropy}  consistency {[round(c, 3) for c in consistency]}"
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -142,9 +157,9 @@ def plot_utilisation(plt, res):
     fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
     for ax, block, u, h in zip(axes[0], layers, res["utilisation"], res["routing_entropy"]):
         ax.bar(range(len(u)), u)
-        ax.axhline(1 / len(u), color="k", ls="--", lw=1, label="balanced: 1/E")
-        ax.set(title=f"block {block}: entropy {h:.3f}", xlabel="expert", ylabel="utilisation")
-    axes[0, 0].legend()
+        ax.axhline(1 / len(u), color="k", ls="--", lw=1)  # named in the title: no legend on a bar
+        ax.set_title(f"block {block}: entropy {h:.3f}\n(dashed: balanced, 1/E)", fontsize=10)
+        ax.set(xlabel="expert", ylabel="utilisation")
     fig.tight_layout()
     return fig
 
@@ -153,6 +168,8 @@ def plot_curves(plt, res, history):
     """curves.png: the run's log.jsonl, one point per epoch; shaded: epochs that distilled."""
     layers = res["moe_layers"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax in axes.flat:  # sharex hides the top row's epoch numbers: show them on every panel
+        ax.tick_params(labelbottom=True)
     epochs = [r["epoch"] for r in history]
     per_layer = lambda key: zip(*[r[key] or [] for r in history])
     blocks = [f"block {b}" for b in layers]

@@ -68,7 +68,7 @@ from flags import UsageError, get_args_parser, run_cli
 from losses import importance_loss, load_loss, routing_kl, z_loss
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from moe import METHODS, MODELS, build_model, keep_freed_memory
-from report import describe_params, epoch_line
+from report import describe_params, epoch_line, progress_line
 from teacher import (
     build_teacher_routers,
     load_final_teacher,
@@ -332,6 +332,7 @@ def train_one_epoch(
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     sums, seen, t0 = {}, 0, time.time()
+    last_line = t0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was nan/inf
     bad_value = torch.zeros((), device=device)
     for it, (images, targets) in enumerate(loader):
@@ -365,15 +366,13 @@ def train_one_epoch(
         seen += images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
-        if (it + 1) % args.print_freq == 0 or it + 1 == batches:
+        # a line every --print-freq steps and, in one process, at least every 30 s (a CPU run);
+        # under DDP only by step count: every rank must check finiteness at the same step
+        slow = world == 1 and time.time() - last_line > 30
+        if (it + 1) % args.print_freq == 0 or it + 1 == batches or slow:
             check_finite(bad_step, bad_value, epoch, Path(args.output_dir))
-            elapsed = time.time() - t0
-            eta = datetime.timedelta(seconds=round(elapsed * (batches / (it + 1) - 1)))
-            shown = " ".join(f"{k} {float(v) / (it + 1):.4f}" for k, v in sums.items())
-            print0(
-                f"epoch {epoch} [{it + 1}/{batches}] {shown} lr {lr:.2e} "
-                f"{seen / elapsed:.0f} img/s eta {eta}"
-            )
+            print0(progress_line(epoch, it + 1, batches, sums, lr, seen, time.time() - t0))
+            last_line = time.time()
     return step, sums, seen, lr
 
 
@@ -491,8 +490,6 @@ def train(args, rank, world, device):
     switch = schedule.Switch(**ckpt["switch"]) if ckpt else schedule.initial_switch(args)
     if args.method == "stablemoe" and switch.done:
         schedule.stable_stage2(model, args)
-    if args.method in ("tgr", "stablemoe"):
-        print0(schedule.describe_schedule(args, switch))
     # after the switch the last teacher router is kept (CPU, frozen) for eval.py --route teacher
     router_state = ckpt.get("teacher_router") if ckpt else None
     if args.method == "teacher-route" or (args.method == "tgr" and not switch.done):
@@ -520,6 +517,8 @@ def train(args, rank, world, device):
     where = f"{len(train_set)} images, {world} process(es) on {device}"
     print0(f"{args.model} {args.method}: {params}, {where}, {steps_per_epoch} steps/epoch")
     print0(flags.describe_recipe(args))
+    if args.method in ("tgr", "stablemoe"):
+        print0(schedule.describe_schedule(args, switch))
     # --compile: the step as one program, recompiled at the switch only (the docstring)
     losses_fn = torch.compile(compute_losses) if args.compile else compute_losses
 

@@ -171,3 +171,20 @@ def test_accumulation_scales_the_lr_and_counts_optimizer_steps(tmp_path, capsys)
     assert "4 steps/epoch" in out  # 64 images, 8 a batch, 2 batches a step
     assert res["history"][-1]["step"] == 4
     assert Path(tmp_path / "checkpoint.pt").is_file()
+
+
+def test_a_slow_step_still_prints_a_progress_line_every_30_s(tmp_path, monkeypatch, capsys):
+    """One process, --print-freq far away: a step that takes over 30 s (a clock that jumps
+    31 s per reading) gets its own progress line; the epoch's last step always has one."""
+    args = args_for(tmp_path, "--method", "dense", "--mixup", "0", "--cutmix", "0")
+    args.student_balance_coef, args.base_lr = 0.0, 1e-3
+    model = train.build_student(args, 10)
+    optimizer = train.build_optimizer(model, None, args, cuda=False)
+    data = batches(args, 3, 8)
+    train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 0, 0)
+    assert [ln.split("]")[0] for ln in capsys.readouterr().out.splitlines()] == ["epoch 0 [3/3"]
+    clock = iter(range(0, 10_000, 31))
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 1, 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("]")[0] for ln in lines] == ["epoch 1 [1/3", "epoch 1 [2/3", "epoch 1 [3/3"]
