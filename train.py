@@ -257,7 +257,8 @@ def compute_losses(model, images, targets, args, guides, labels=None):
         return loss, 0.0, parts
     parts = {}
     # (B, N, E) per MoE layer: the trainable routers on the frozen (no_grad) teacher features
-    t_logits = guides.route_logits()(images) if guides.routers is not None else None
+    route_logits = guides.route_logits()  # None without a teacher router
+    t_logits = route_logits(images) if route_logits is not None else None
     route = t_logits if args.method == "teacher-route" else None
     logits, routings = model(images, route=route)  # (B, classes), one Routing per MoE layer
     loss = parts["task"] = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
