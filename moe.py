@@ -12,11 +12,14 @@ with e_{t,k} the chosen experts and g_{t,k} their combine weights (`router.py`).
 assignment (expert full, see capacity) adds nothing; the residual carries the token on.
 
 How it runs fast (the required design): the E experts are *stacked* weights
-w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D). Dispatch writes every kept token into an
-(E, G·C, D) buffer at the slot its queue position gives; two batched matmuls run all experts
-at once; combine gathers each token's rows back and weights them. There is no (T, E, C)
-one-hot tensor and no Python loop over experts, so the cost stays flat as E grows, and every
-expert weight takes part in every step (DDP needs no `find_unused_parameters`).
+w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D). Every kept assignment (t, k) gets a row, its
+slot, in an (E, G·C, D) buffer: slot = e·(G·C) + g·C + its queue position. The layer inverts
+that once into the token and the combine weight of every slot; then dispatch is one
+index_select (buf_r = x_{token_r}), two batched matmuls with the biases folded in (baddbmm)
+run all experts at once, and combine is one weighted index_add_ (y_{token_r} += g_r · out_r).
+There is no (T, E, C) one-hot tensor, no Python loop over experts and no boolean-mask
+indexing (which would wait for the GPU), so the cost stays flat as E grows, and every expert
+weight takes part in every step (DDP needs no `find_unused_parameters`).
 
 Variants, one `--method` each (all share the stacked experts):
 * `vmoe` (and `tgr`, `stablemoe`, `zloss`, `teacher-route`, which differ only in training):
@@ -47,6 +50,17 @@ Decisions where the papers are silent
   `Routing.inputs` (T, D) (M²oT's teacher-aware router reads it). Off, nothing more is kept.
 * Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
   expert of block i starts from block i's MLP, routers stay fresh (see `upcycle` for h < H).
+* Few, large ops (issue 23): on a GPU every small op is a kernel launch, so the routing and
+  dispatch glue, not the expert matmuls, made the layer 2.5-3.7x a dense MLP on an H200. A
+  forward issued 71 top-level aten ops (dense: 3), now 50, of which 29 do work (the rest are
+  views); forward+backward 314 aten ops counting nested ones, now 262
+  (`benchmarks/moe_layer.py --ops-only`). Changed: queue positions from one stable sort and
+  one searchsorted instead of counts, cumsum and two gathers; slots computed once, not in
+  dispatch and again in combine; one slot -> token map used both ways instead of a token
+  scatter plus a copy of x padded with a zero row; the weight applied per slot, so expert
+  choice (K = E columns) no longer gathers a (T, E, D) tensor. What remains is the function
+  itself: router, clean p and noisy q, top-k, the record the losses read (position, kept,
+  weights), two baddbmm.
 """
 
 import ctypes
@@ -147,44 +161,60 @@ class MoEMLP(StackedExperts):
                 chooser, k=self.k, capacity_factor=cf, num_groups=groups, **options
             )
             routing.student_logits = logits
-        y = self.combine(self.run_experts(self.dispatch(tokens, routing)), routing)  # (T, D)
-        if self.keep_expert_outputs:  # M²oT's teacher-aware router reads the layer's input
+        slot = self.slots(routing)  # (T, K) each assignment's row of the expert buffer
+        token_of_slot, weight_of_slot = self.slot_contents(slot, routing)  # (E·G·C,) each
+        out = self.run_experts(self.dispatch(tokens, token_of_slot))  # (E, G·C, D)
+        y = self.combine(out, token_of_slot, weight_of_slot, num_tokens=B * N)  # (T, D)
+        if self.keep_expert_outputs:  # φ for M²oT's TAS loss, x_t for its teacher-aware router
+            routing.expert_out = self.expert_outputs(out, slot, routing.kept)  # (T, K, D)
             routing.inputs = tokens  # (T, D), already in memory: a reference, no copy
         return rearrange(y, "(b n) d -> b n d", b=B), routing
 
     def slots(self, routing):
-        """Flat index of every assignment's row in the (E·G·C) buffer; (T, K) long."""
+        """Row of every assignment in the (E·G·C) buffer: (T, K) long, meaningful where kept."""
         T, K = routing.experts.shape
         G, C = routing.num_groups, routing.capacity
-        group = torch.arange(T, device=routing.experts.device) // (T // G)  # (T,)
         # slot = e·(G·C) + g·C + position   (rows of expert e are contiguous: one bmm batch)
-        return routing.experts * (G * C) + group.unsqueeze(1) * C + routing.position  # (T, K)
+        slot = torch.add(routing.position, routing.experts, alpha=G * C)  # (T, K) without g·C
+        group_start = torch.arange(0, G * C, C, device=slot.device).view(G, 1, 1)  # (G, 1, 1)
+        return (slot.view(G, T // G, K) + group_start).view(T, K)  # (T, K)
 
-    def dispatch(self, tokens, routing):
-        """Gather kept tokens into the expert buffer; empty slots read a zero row."""
-        T, D = tokens.shape
-        E, G, C = self.num_experts, routing.num_groups, routing.capacity
-        rows = E * G * C
-        # dropped assignments all point at one spare slot (index `rows`), discarded below
-        slot = torch.where(routing.kept, self.slots(routing), rows)  # (T, K)
-        token_idx = torch.arange(T, device=tokens.device).unsqueeze(1).expand_as(slot)  # (T, K)
-        # which token fills each slot; T = "none", an appended zero row
-        token_of_slot = torch.full((rows + 1,), T, dtype=torch.long, device=tokens.device)
-        token_of_slot.scatter_(0, slot.reshape(-1), token_idx.reshape(-1))  # (rows + 1,)
-        padded = torch.cat([tokens, tokens.new_zeros(1, D)])  # (T + 1, D)
-        buf = padded.index_select(0, token_of_slot[:rows])  # (E·G·C, D)
-        return buf.view(E, G * C, D)  # (E, G·C, D)
+    def slot_contents(self, slot, routing):
+        """The inverse map, slot -> assignment: the token in every slot and its weight g.
 
-    def combine(self, expert_out, routing):
-        """y_t = Σ_k g_{t,k} · out[slot_{t,k}]; dropped assignments have g = 0."""
-        T, K = routing.experts.shape
-        out = expert_out.reshape(-1, expert_out.shape[-1])  # (E·G·C, D)
-        slot = torch.where(routing.kept, self.slots(routing), 0)  # (T, K) any valid row
-        picked = out.index_select(0, slot.reshape(-1)).view(T, K, -1)  # (T, K, D)
-        if self.keep_expert_outputs:  # φ(t, e_{t,k}) = MLP_{e_{t,k}}(x_t), 0 where dropped
-            routing.expert_out = picked * routing.kept.unsqueeze(-1)  # (T, K, D)
-        w = routing.weights.to(picked.dtype).unsqueeze(-1)  # (T, K, 1)
-        return (picked * w).sum(dim=1)  # (T, D)
+        One index_put_ each writes them at the kept assignments' slots; dropped assignments
+        all write to one spare entry past the end (index E·G·C) that is cut off. An empty
+        slot keeps token 0 and weight 0: the experts compute its row anyway (the buffer has a
+        fixed size) and the combine adds 0 · that row, so it reaches neither y nor a gradient.
+        """
+        T, K = slot.shape
+        rows = self.num_experts * routing.num_groups * routing.capacity  # E·G·C
+        dest = torch.where(routing.kept, slot, rows)  # (T, K)
+        token_of_slot = torch.zeros(rows + 1, dtype=torch.long, device=slot.device)  # (rows + 1,)
+        token = torch.arange(T, device=slot.device).unsqueeze(1)  # (T, 1) broadcast over K
+        token_of_slot.index_put_((dest,), token)  # token_of_slot[dest_{t,k}] = t
+        weight_of_slot = routing.weights.new_zeros(rows + 1)  # (rows + 1,)
+        weight_of_slot.index_put_((dest,), routing.weights)  # weight_of_slot[dest_{t,k}] = g_{t,k}
+        return token_of_slot[:rows], weight_of_slot[:rows]  # (E·G·C,), (E·G·C,)
+
+    def dispatch(self, tokens, token_of_slot):
+        """buf_r = x_{token_of_slot[r]}: one index_select fills the whole expert buffer."""
+        buf = tokens.index_select(0, token_of_slot)  # (E·G·C, D)
+        return buf.view(self.num_experts, -1, tokens.shape[1])  # (E, G·C, D)
+
+    def combine(self, expert_out, token_of_slot, weight_of_slot, num_tokens):
+        """y_t = Σ_k g_{t,k} · out[slot_{t,k}], added slot by slot: y[token_r] += w_r · out_r."""
+        out = expert_out.view(-1, expert_out.shape[-1])  # (E·G·C, D)
+        w = weight_of_slot.to(out.dtype).unsqueeze(1)  # (E·G·C, 1)
+        y = out.new_zeros(num_tokens, out.shape[1])  # (T, D) a fully dropped token stays 0
+        return y.index_add_(0, token_of_slot, out * w)  # (T, D) one weighted index_add_
+
+    def expert_outputs(self, expert_out, slot, kept):
+        """φ(t, e_{t,k}) = MLP_{e_{t,k}}(x_t): the rows before the weight g, 0 where dropped."""
+        T, K = slot.shape
+        out = expert_out.view(-1, expert_out.shape[-1])  # (E·G·C, D)
+        picked = out.index_select(0, torch.where(kept, slot, 0).reshape(-1))  # (T·K, D)
+        return picked.view(T, K, -1) * kept.unsqueeze(-1)  # (T, K, D)
 
 
 class SoftMoEMLP(StackedExperts):

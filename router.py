@@ -13,8 +13,10 @@ and the token goes to its K best experts. Two things make this more than an argm
 * **Noise** (V-MoE, Riquelme et al. 2021, eq. 1). During training Gaussian noise is added
   to the logits before the choice, ε ~ N(0, (σ/E)²), q = softmax(logits + ε). The noisy q
   picks the experts and weights their outputs; the clean p feeds the balance loss, the
-  distillation KL and every metric. V-MoE's configs write σ = 1.0 and its code divides by E;
-  the TGR table's "std 1.0" is that same setting.
+  distillation KL and every metric. V-MoE's configs write `noise_std = 1.0  # Actually, it's
+  1.0 / num_experts` (google-research/vmoe) and its code divides by E. The TGR paper's Table S1
+  says only "Gaussian noise (std 1.0)"; reading it as V-MoE's setting is ours, from its "same
+  configuration as VMoE" for every MoE variant.
 * **Capacity**. Experts run as batched matmuls over fixed-size buffers, so each expert can
   take at most C tokens per group of S tokens:
 
@@ -84,6 +86,13 @@ class Routing:
     def num_experts(self) -> int:
         return self.probs.shape[-1]
 
+    def dropped(self) -> torch.Tensor:
+        """d = (1/T) Σ_t 1[no kept assignment for token t], the tokens capacity dropped: a
+        0-dim tensor (a training step logs it without a host sync); 0 without `kept`."""
+        if self.kept is None:
+            return torch.zeros(())
+        return 1.0 - self.kept.any(dim=-1).float().mean()
+
 
 def group_size_for(batch: int, group_size: int) -> int:
     """Largest divisor of `batch` that is <= group_size (groups must tile the batch)."""
@@ -129,25 +138,27 @@ def queue_positions(
         position(t, k) = #{earlier assignments in the queue with the same expert}
 
     The textbook computes it as a cumsum over a (G, K·S, E) one-hot tensor. A stable sort by
-    expert gives the same numbers without it: it lines each expert's assignments up in queue
-    order, so an assignment's position is its index in the sorted queue minus where its
-    expert's run starts.
+    expert gives the same numbers without it, in time and memory that do not grow with E: it
+    lines each expert's assignments up in queue order, so an assignment's position is its
+    index in the sorted queue minus where its expert's run starts, and `searchsorted` on the
+    sorted experts finds every run's start in one call. (The sort does not need
+    `num_experts`; the argument stays so that callers do not change.)
     """
     T, k = experts.shape
     G, S = num_groups, T // num_groups
-    E = num_experts
     expert_g = experts.view(G, S, k)  # (G, S, K)
     if priority is not None:  # highest priority first (and so the last dropped)
         order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
         expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
     queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
-    by_expert = queue.sort(dim=1, stable=True).indices  # (G, K·S) queue slots, sorted
-    counts = torch.zeros(G, E, dtype=torch.long, device=queue.device)
-    counts.scatter_add_(1, queue, torch.ones_like(queue))  # (G, E) assignments per expert
-    run_start = counts.cumsum(dim=1) - counts  # (G, E) first sorted index of expert e's run
-    rank = torch.arange(k * S, device=queue.device).expand(G, -1)  # (G, K·S)
-    sorted_position = rank - run_start.gather(1, queue.gather(1, by_expert))  # (G, K·S)
-    position = torch.empty_like(queue).scatter_(1, by_expert, sorted_position)  # (G, K·S)
+    # a stable sort keeps queue order among equal experts: expert e's assignments form one
+    # run of the sorted queue, in the order they queued
+    sorted_experts, by_expert = queue.sort(dim=1, stable=True)  # (G, K·S), (G, K·S)
+    # run_start(i) = first index of the sorted queue that holds expert sorted_experts[i]
+    run_start = torch.searchsorted(sorted_experts, sorted_experts)  # (G, K·S)
+    rank = torch.arange(k * S, device=queue.device)  # (K·S,) index in the sorted queue
+    # position = rank − run_start, written back to the queue slot it was sorted from
+    position = torch.empty_like(queue).scatter_(1, by_expert, rank - run_start)  # (G, K·S)
     position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
     if priority is not None:  # undo the sort: every position back at its token's place
         position = torch.empty_like(position).scatter_(
@@ -178,7 +189,8 @@ def top_k_routing(
     # q = softmax(logits + ε), ε ~ N(0, (σ/E)²): noise only chooses, it never enters the losses
     noisy_logits = None
     if logit_noise_std > 0:
-        noisy_logits = logits + logit_noise_std * torch.randn_like(logits)  # (T, E)
+        # one op for logits + σ·ε (add's alpha); torch has no fused noisy softmax
+        noisy_logits = torch.add(logits, torch.randn_like(logits), alpha=logit_noise_std)  # (T, E)
         gates = noisy_logits.softmax(dim=-1)  # (T, E) q
     else:
         gates = probs

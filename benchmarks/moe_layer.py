@@ -8,8 +8,8 @@ same *time* depends on how tokens travel to their experts. This script times one
 DeiT-Tiny shapes (D=192, H=768, 32 images x 197 tokens) four ways, all computing the same
 function from the same stacked weights w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D):
 
-* **ours**, `moe.MoEMLP`: index dispatch into an (E, G·C, D) buffer, two batched matmuls,
-  index combine (train mode, cf 1.05, router noise on, groups of 8 images, SPEC section 3).
+* **ours**, `moe.MoEMLP`: one index_select into an (E, G·C, D) buffer, two batched matmuls,
+  one weighted index_add_ back (train mode, cf 1.05, router noise on, groups of 8 images).
 * **loop over experts** (textbook 1): for e in range(E), gather the tokens routed to e, run
   MLP_e, add the weighted outputs back. Obvious, exact, no padding, but E small matmuls and
   E Python iterations.
@@ -26,10 +26,16 @@ column says how much of the expert buffer is empty: the buffer has G·C·E rows 
 assignments, because capacity C = ceil(K·S·cf/E) is rounded up to a multiple of 4 and every
 expert gets C rows per group.
 
+Three more columns count the aten ops ours issues (`op_count.py`: top-level, in brackets
+those that do work, and all): a GPU launches a kernel per op, so many small routing ops cost
+time that FLOPs do not show, and the count measures that on any machine.
+
     python benchmarks/moe_layer.py                       # full table, ~5 min on 2 idle cores
     python benchmarks/moe_layer.py --threads 1 --clock cpu   # the same on a busy machine
     python benchmarks/moe_layer.py --glibc-default       # malloc left as it is (see below)
     python benchmarks/moe_layer.py --quick               # tiny shapes, a smoke test (seconds)
+    python benchmarks/moe_layer.py --ops-only --experts 16 128   # op counts only (seconds)
+    python benchmarks/moe_layer.py --device cuda --batch 256 --experts 16 128 --topk 1
 
 Decisions
 ---------
@@ -46,19 +52,20 @@ Decisions
   turn (dense, ours, loop, one-hot, ...) so load from other processes on a shared machine
   hits all of them alike; the median per variant is reported. Gradients are set to None
   between steps (what `optimizer.zero_grad()` does); the loss is the sum of the output.
-* Wall-clock times with several threads are only meaningful on an otherwise idle machine:
-  when another process holds a core, every OpenMP parallel region waits for a scheduler
-  time slice, which punishes many small ops (routing, the loop's E iterations) far more than
-  a few big matmuls. `--threads 1 --clock cpu` measures this thread's CPU time instead,
-  which such waiting does not inflate (memory bandwidth is still shared). The header prints
-  the load average before and after so a reader can judge a table.
+* Wall-clock times with several threads mean something only on an idle machine: when another
+  process holds a core, every OpenMP region waits for a time slice, which punishes many small
+  ops far more than a few big matmuls. `--threads 1 --clock cpu` measures this thread's CPU
+  time instead (memory bandwidth is still shared); the header prints the load average.
 * The ungrouped one-hot einsum costs ~10-20x dense at every E (its tensors are (T, E, C)
   with E·C ≈ K·cf·T), so by default it is timed only up to E=32 (`--ungrouped-max-experts`).
+* `--device cuda`: the forward runs under bf16 autocast (as `train.py` on a GPU), each
+  timing ends with `torch.cuda.synchronize()`, and ours and dense are also timed compiled
+  (`torch.compile`, `--compile-mode`; `--no-compile` skips it), as a ratio to the compiled
+  dense MLP. The textbook check runs in fp32 before, its 1e-4 needs no bf16 slack.
 * malloc: like `train.py` on CPU, the script first calls `moe.keep_freed_memory` (glibc:
-  no fresh mmap pages for tensors above 32 MiB, freed memory kept for reuse), so the table is
-  what a training run gets. `--glibc-default` skips it: then the weight gradients (E, D, H)
-  at E=128 (75 MB each) are page-faulted and zeroed by the kernel on every step, an
-  allocator cost (jemalloc / tcmalloc avoid it too) that is not the layer's.
+  no fresh mmap pages for tensors above 32 MiB), so the table is what a training run gets.
+  `--glibc-default` skips it: then the (E, D, H) weight gradients at E=128 are page-faulted
+  and zeroed on every step, an allocator cost (not jemalloc's) that is not the layer's.
 """
 
 import argparse
@@ -74,6 +81,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from op_count import op_cells, op_counts  # noqa: E402
+
 from moe import MoEMLP, keep_freed_memory  # noqa: E402
 from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
 from vit import Mlp  # noqa: E402
@@ -213,13 +222,27 @@ def padding(layer: MoEMLP, batch: int, tokens: int):
 
 def time_round(fns, x, params, times, clock=time.perf_counter):
     """One timing round: each variant's forward + backward once, in turn (ABCABC...)."""
+    cuda = x.device.type == "cuda"
     for name, fn in fns.items():
         for p in params:
             p.grad = None
         x.grad = None
+        if cuda:  # a GPU runs behind the host: time from an idle card to an idle card
+            torch.cuda.synchronize()
         start = clock()
-        fn(x).sum().backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):  # as train.py
+            y = fn(x)
+        y.sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
         times[name].append(clock() - start)
+
+
+def compiled(fns, mode):
+    """Ours and dense through torch.compile, timed beside the eager ones."""
+    torch._dynamo.reset()  # fresh caches: the same lambda recompiled per E would hit the limit
+    opts = dict(mode=mode, dynamic=False)
+    return {f"{n} compiled": torch.compile(fns[n], **opts) for n in ("dense", "ours")}
 
 
 # ----------------------------------------------------------------------------- main
@@ -236,21 +259,10 @@ def get_args_parser():
     p.add_argument("--capacity-factor", type=float, default=1.05)
     p.add_argument("--group-size", type=int, default=8, help="images per routing group")
     p.add_argument("--noise-std", type=float, default=1.0, help="σ; the router adds σ/E")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: all CPUs)"
-    )
-    p.add_argument(
-        "--ungrouped-max-experts",
-        type=int,
-        default=32,
-        help="time the ungrouped one-hot einsum only up to this E ('-' above: its cost is "
-        "about flat in E, ~10-20x dense, and it would double the run time)",
-    )
-    p.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="leave glibc's malloc as it is (fresh mmap pages for every big tensor; see docs)",
-    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all CPUs)")
+    ungrouped = "time the ungrouped one-hot einsum only up to this E ('-' above: ~10-20x dense)"
+    p.add_argument("--ungrouped-max-experts", type=int, default=32, help=ungrouped)
+    p.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc alone")
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -258,6 +270,11 @@ def get_args_parser():
         help="cpu: this thread's CPU time, for a shared machine (needs --threads 1); default "
         "wall, cpu with --quick",
     )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    compile_help = "also time ours and dense compiled (default: with --device cuda)"
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=compile_help)
+    p.add_argument("--compile-mode", default="default", help="torch.compile's mode")
+    p.add_argument("--ops-only", action="store_true", help="only count ops: no timing (seconds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     return p
@@ -283,20 +300,53 @@ def check_args(p, args):
         p.error("--warmup and --noise-std must be >= 0 and --capacity-factor > 0")
     if min(args.topk) < 1 or max(args.topk) > min(args.experts):
         p.error(f"every --topk must lie in 1..{min(args.experts)} (the smallest --experts)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("moe_layer.py: --device cuda, but torch sees no CUDA device here")
+    if args.device == "cuda" and args.clock == "cpu":
+        p.error("--clock cpu measures the host thread, not the GPU: use the wall clock")
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1: the first call compiles")
+
+
+def measure(args, K, E):
+    """Check the textbooks, then time every variant: {name: median seconds}, and op counts."""
+    B, N, D, H, device = args.batch, args.tokens, args.dim, args.hidden, args.device
+    opts = dict(capacity_factor=args.capacity_factor, noise_std=args.noise_std)
+    layer = MoEMLP(D, H, E, k=K, group_size=args.group_size, **opts).train().to(device)
+    dense = Mlp(D, K * H).to(device)  # fc1 -> GELU -> fc2, hidden K·H: same active parameters
+    x = torch.randn(B, N, D, device=device, requires_grad=True)  # the LN2 output an MLP reads
+    result = dict(padding=padding(layer, B, N), times={})
+    result["ops"], result["dense ops"] = op_counts(layer, x), op_counts(dense, x)
+    if args.ops_only:
+        return result
+    fns = variants(layer, dense, B, ungrouped=E <= args.ungrouped_max_experts)
+    check_equal(layer, fns, x, seed=args.seed)  # fp32: no autocast outside time_round
+    if args.compile:
+        fns.update(compiled(fns, args.compile_mode))
+    params = [*layer.parameters(), *dense.parameters()]
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    times = {name: [] for name in fns}
+    for _ in range(args.warmup):  # the first compiled call compiles
+        time_round(fns, x, params, {name: [] for name in fns}, clock)
+    for _ in range(args.repeats):
+        time_round(fns, x, params, times, clock)
+    result["times"] = {name: statistics.median(t) for name, t in times.items()}
+    return result
 
 
 def main(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kept = not args.glibc_default and keep_freed_memory()  # as train.py does on CPU
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     B, N, D, H = args.batch, args.tokens, args.dim, args.hidden
+    on = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     print(
         f"# one MoE layer, forward+backward, x: ({B}, {N}, {D}), H={H}, cf {args.capacity_factor}"
         f", noise σ={args.noise_std}, groups of {args.group_size} images\n# torch "
-        f"{torch.__version__}, threads={args.threads}, {args.clock} clock, median of "
-        f"{args.repeats} rounds, "
-        f"malloc {'keeps freed memory' if kept else 'default'}, load average "
+        f"{torch.__version__} on {on}{', bf16 autocast' if args.device == 'cuda' else ''}, "
+        f"{args.clock} clock, median of {args.repeats} rounds, malloc "
+        f"{'keeps freed memory' if kept else 'default'}, load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start\n"
     )
     names = {
@@ -305,47 +355,41 @@ def main(args):
         "onehot": f"one-hot einsum, groups of {args.group_size}",
         "ungrouped": f"one-hot einsum, 1 group of {B}",
     }
-    results = {}  # (K, E) -> {variant: median seconds}
+    extra = ["dense compiled ms", "ours compiled"] if args.compile else []
+    ops = ["ops fwd (work)", "ops fwd+bwd (work)", "all ops fwd+bwd"]
+    results = {}  # (K, E) -> measure's result
     for K in args.topk:
         print(f"## K={K}: time / dense MLP with hidden {K}·H = {K * H} (same active parameters)\n")
-        cols = ["E", "C", "buffer rows (padding)", "dense ms", *names.values()]
+        cols = ["E", *ops] if args.ops_only else ["E", "C", "buffer rows (padding)", "dense ms"]
+        cols += [] if args.ops_only else [*names.values(), *extra, *ops]
         print("| " + " | ".join(cols) + " |")
         print("|" + "|".join("---:" for _ in cols) + "|")
         for E in args.experts:
-            layer = MoEMLP(
-                D,
-                H,
-                E,
-                k=K,
-                capacity_factor=args.capacity_factor,
-                noise_std=args.noise_std,
-                group_size=args.group_size,
-            ).train()
-            dense = Mlp(D, K * H)  # fc1 -> GELU -> fc2, hidden K·H: same active parameters
-            ungrouped = E <= args.ungrouped_max_experts
-            fns = variants(layer, dense, B, ungrouped)
-            x = torch.randn(B, N, D, requires_grad=True)  # the LN2 output an MLP consumes
-            check_equal(layer, fns, x, seed=args.seed)
-            params = [*layer.parameters(), *dense.parameters()]
-            times = {name: [] for name in fns}
-            for _ in range(args.warmup):
-                time_round(fns, x, params, {name: [] for name in fns}, clock)
-            for _ in range(args.repeats):
-                time_round(fns, x, params, times, clock)
-            med = {name: statistics.median(t) for name, t in times.items()}
-            results[K, E] = med
-            C, rows, pad = padding(layer, B, N)
-            cells = [str(E), str(C), f"{rows} ({100 * pad:.0f}%)", f"{1e3 * med['dense']:.1f}"]
-            cells += [f"{med[n] / med['dense']:.2f}x" if n in med else "-" for n in names]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            result = results[K, E] = measure(args, K, E)
+            print("| " + " | ".join([str(E), *row_cells(args, names, result)]) + " |", flush=True)
+        dense_ops = op_cells(result["dense ops"])
+        print(f"\ndense MLP: ops fwd {dense_ops[0]}, fwd+bwd {dense_ops[1]}, all {dense_ops[2]}")
         lo, hi = min(args.experts), max(args.experts)
-        if lo != hi:
-            r = results[K, hi]["ours"] / results[K, lo]["ours"]
-            rr = (results[K, hi]["ours"] / results[K, hi]["dense"]) / (
-                results[K, lo]["ours"] / results[K, lo]["dense"]
-            )
-            print(f"\nours, E={hi} / E={lo}: {r:.2f}x in time ({rr:.2f}x in ratio to dense)\n")
+        if lo != hi and not args.ops_only:
+            t_hi, t_lo = results[K, hi]["times"], results[K, lo]["times"]
+            r = t_hi["ours"] / t_lo["ours"]
+            rr = (t_hi["ours"] / t_hi["dense"]) / (t_lo["ours"] / t_lo["dense"])
+            print(f"ours, E={hi} / E={lo}: {r:.2f}x in time ({rr:.2f}x in ratio to dense)")
+        print()
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def row_cells(args, names, result):
+    """The cells of one table row after E: capacity, padding, time ratios, op counts."""
+    if args.ops_only:
+        return op_cells(result["ops"])
+    (C, rows, pad), med = result["padding"], result["times"]
+    cells = [str(C), f"{rows} ({100 * pad:.0f}%)", f"{1e3 * med['dense']:.1f}"]
+    cells += [f"{med[n] / med['dense']:.2f}x" if n in med else "-" for n in names]
+    if args.compile:  # compiled ours against the compiled dense MLP
+        dense_c = med["dense compiled"]
+        cells += [f"{1e3 * dense_c:.1f}", f"{med['ours compiled'] / dense_c:.2f}x"]
+    return cells + op_cells(result["ops"])
 
 
 if __name__ == "__main__":

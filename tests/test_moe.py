@@ -100,6 +100,21 @@ def test_fast_dispatch_equals_loop_over_experts(k, bpr):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_fast_dispatch_equals_loop_over_experts_in_one_group(k):
+    """G = 1: the routing records come out of a reshape that can be a non-contiguous view."""
+    layer = make_layer(k=k, cf=0.5, group_size=4)
+    x = torch.randn(4, 9, 12, requires_grad=True)
+    y, routing = layer(x)
+    assert routing.num_groups == 1 and (~routing.kept).any()
+    y_ref, _, _ = reference_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    fast = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    slow = torch.autograd.grad(y_ref.sum(), [x, *layer.parameters()])
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_dispatch_equals_reference_with_noise():
     layer = make_layer(k=2, cf=0.75, noise_std=4.0)
     x = torch.randn(4, 9, 12)
