@@ -5,9 +5,10 @@ The idea
 A ViT trained on ImageNet alone over-fits without heavy augmentation (DeiT sec. 6); TGR-MoE
 trains with DeiT's recipe unchanged (its Table S1). Three augmentations act at three places:
 
-    RandAugment     per image, on uint8 pixels, in the loader's workers    `RandAugment`
-    random erasing  per image, on the normalised device batch              `random_erasing`
-    MixUp / CutMix  per batch, on the device batch and its labels          `build_mixup`
+    RandAugment     per image, on uint8 pixels: in the loader's workers      `RandAugment`
+                    or on the uint8 device batch (--aa-on-device)            `rand_augment_batch`
+    random erasing  per image, on the normalised device batch               `random_erasing`
+    MixUp / CutMix  per batch, on the device batch and its labels           `build_mixup`
 
 DeiT's `--aa rand-m9-mstd0.5-inc1` is timm's RandAugment: n = 2 ops per image drawn with
 replacement, each applied with probability 0.5 at a magnitude m ~ N(9, 0.5²) clipped to
@@ -15,13 +16,31 @@ replacement, each applied with probability 0.5 at a magnitude m ~ N(9, 0.5²) cl
 op's full strength (m9: rotate ≤ 27°). torchvision's own `v2.RandAugment(magnitude=9)` is 9 of
 31 bins, 0.3 of full strength, and draws one op set per call: not DeiT's.
 
-Letters: B images, C channels, S (H, W) image side in pixels.
+On a GPU the loader's CPUs cannot keep up with RandAugment (docs/benchmarks.md), so
+`rand_augment_batch` does the same thing to a whole uint8 batch on its device: every image
+still draws its own 2 ops, magnitudes and signs (per sample, not one draw per batch as
+`transforms.v2` would), the images are sorted by op so each op runs once on its group, colour
+ops are tensor arithmetic with a factor per image, and rotate / shear / translate are one
+`affine_grid` + `grid_sample` with a 2×3 matrix per image. The per-image `RandAugment` stays
+the reference; tests/test_augment.py checks the two agree op by op and draw by draw.
+
+Letters: B images, b of them in one op's group, C channels, S (H, W) image side in pixels,
+n ops per image.
 
 Decisions where the papers are silent
 -------------------------------------
 * The ops are torchvision's functional ones on uint8 tensors; they differ from timm's PIL ops
   only in the resampling of the geometric ops (bilinear: DeiT asks timm for bicubic, which
   torchvision's tensor ops do not offer). The fill colour is the mean colour (DeiT's).
+* The batched ops copy torchvision's arithmetic (float32, truncation to uint8 after blends,
+  rounding after a warp) with a parameter per image; the integer parameters (posterize bits,
+  solarize thresholds) are computed in float64 on the CPU exactly as the per-image ops compute
+  them. Equalize is torchvision's own (per-image histograms on a batch); autocontrast replaces
+  torchvision's boolean-mask writes by `torch.where`, which needs no host sync.
+* The batched draws come from a `torch.Generator` on the CPU (ops, coins, magnitudes, signs:
+  a few hundred numbers), moved to the device with the images' sort order in one pinned,
+  non-blocking copy each: nothing waits for the GPU. `data.device_batch` seeds it from
+  (seed, epoch, batch, rank), so a resumed run draws the same augmentations.
 * Random erasing runs after normalisation, as timm's RandomErasing, with N(0, 1) noise per
   pixel (`pixel`) or zeros (`const`); its draws are Python's `random`, its noise is drawn on the
   images' device: no host sync.
@@ -33,10 +52,12 @@ import random
 import re
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT: norm and fill
+FILL = [round(255 * x) for x in MEAN]  # (124, 116, 104): DeiT fills with the mean colour
 
 
 # ----------------------------------------------------------------------------- RandAugment
@@ -124,7 +145,7 @@ class RandAugment(torch.nn.Module):
             magnitude_std,
             prob,
         )
-        self.fill = fill or [round(255 * x) for x in MEAN]  # DeiT fills with the mean colour
+        self.fill = fill or FILL
 
     def sample_magnitude(self):
         # m ~ N(magnitude, std²) per op, clipped to timm's [0, 10]
@@ -140,6 +161,168 @@ class RandAugment(torch.nn.Module):
             if random.random() < self.prob:
                 img = RAND_OPS[name](img, self.sample_magnitude(), self.fill)
         return img
+
+
+# ----------------------------------------------------------------------------- RandAugment, batched
+# The same ops on a uint8 batch (B, 3, S, S) with a parameter per image. The images are sorted by
+# op (rotate, shear and translate last, as one block) and each op runs once on its group.
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+OP_ORDER = [name for name in RAND_OPS if name not in GEOMETRIC] + list(GEOMETRIC)
+_SORT_KEY = torch.tensor([OP_ORDER.index(name) for name in RAND_OPS])  # RAND_OPS index -> order
+
+
+def sample_ops(batch, generator, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """timm's draws for `batch` images on the CPU, as `RandAugment.forward` makes them one image
+    at a time: ops (B, n) indices into RAND_OPS drawn with replacement, applied (B, n) with
+    probability `prob`, magnitudes (B, n) float64 ~ N(m, std²) clipped to [0, 10], signs (B, n)
+    ±1 (timm's _randomly_negate; only the ops that use one read it)."""
+    shape, f64 = (batch, num_ops), torch.float64
+    ops = torch.randint(len(RAND_OPS), shape, generator=generator)  # (B, n)
+    applied = torch.rand(shape, generator=generator, dtype=f64) < prob  # (B, n)
+    noise = torch.randn(shape, generator=generator, dtype=f64)  # (B, n)
+    magnitudes = (magnitude + magnitude_std * noise).clamp(0.0, 10.0)  # (B, n)
+    signs = torch.where(torch.rand(shape, generator=generator, dtype=f64) < 0.5, 1.0, -1.0)
+    return ops, applied, magnitudes, signs
+
+
+def _inverse_affine(angle, shear_x, shear_y, tx, ty, cx, cy):
+    """torchvision's `_get_inverse_affine_matrix` (scale 1) with a value per image: the 2×3
+    matrices (B, 2, 3) that take an output pixel to its source, in pixels about the centre."""
+    rot, sx, sy = angle.deg2rad(), shear_x.deg2rad(), shear_y.deg2rad()
+    a = torch.cos(rot - sy) / torch.cos(sy)  # M = T C R Sh C⁻¹ (torchvision's comments)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    row0 = [d, -b, cx - d * (cx + tx) + b * (cy + ty)]  # det [[a, b], [c, d]] = 1
+    row1 = [-c, a, cy + c * (cx + tx) - a * (cy + ty)]
+    return torch.stack([torch.stack(row0, -1), torch.stack(row1, -1)], -2)  # (B, 2, 3)
+
+
+def _op_params(ops, m, sign, height, width):
+    """Every op's argument for every image, as RAND_OPS computes it (float64, on the CPU):
+    (B, 13) = [enhance factor, posterize mask, solarize threshold, solarize-add amount,
+    the 2×3 sampling matrix in affine_grid's normalised units, the fill colour]."""
+    is_op = lambda *names: sum(ops == list(RAND_OPS).index(name) for name in names).bool()
+    zero = torch.zeros_like(m)
+    factor = (1.0 + sign * 0.9 * m / 10).clamp(min=0.1)  # _enhance
+    bits = 4 - (4 * m / 10).floor()  # PosterizeIncreasing: keep 4..0 high bits
+    mask = 256 - 2 ** (8 - bits)  # 0xF0 ... 0x00
+    threshold = 256 - (256 * m / 10).floor()  # SolarizeIncreasing: invert at or above it
+    add = (110 * m / 10).floor()  # SolarizeAdd: add to the pixels below 128
+    angle = torch.where(is_op("Rotate"), -((sign * 30 * m / 10) % 360), zero)  # TF.rotate's −angle
+    shear = (sign * 0.3 * m / 10).atan().rad2deg()  # _shear
+    tx = torch.where(is_op("TranslateXRel"), sign * 0.45 * m / 10 * width, zero)
+    ty = torch.where(is_op("TranslateYRel"), sign * 0.45 * m / 10 * height, zero)
+    corner = ~is_op("Rotate")  # RAND_OPS' affines turn about the corner (PIL's), rotate the centre
+    theta = _inverse_affine(  # (B, 2, 3) in pixels about the centre
+        angle,
+        torch.where(is_op("ShearX"), shear, zero),
+        torch.where(is_op("ShearY"), shear, zero),
+        *(tx, ty, torch.where(corner, -width / 2, zero), torch.where(corner, -height / 2, zero)),
+    )
+    # pixels about the centre -> affine_grid's units, where ±1 are the image's edges
+    theta = theta * m.new_tensor([[1, height / width, 2 / width], [width / height, 1, 2 / height]])
+    fill = m.new_tensor(FILL).expand(len(m), 3)  # (B, 3)
+    per_op = torch.stack([factor, mask, threshold, add], 1)  # (B, 4)
+    return torch.cat([per_op, theta.flatten(1), fill], 1)  # (B, 13)
+
+
+def _blend(x, y, factor):  # torchvision's _blend with a factor per image: f·x + (1 − f)·y
+    return (x * factor).add_(y * (1 - factor)).clamp_(0, 255).to(torch.uint8)
+
+
+def _grey(x):  # (b, 3, S, S) -> (b, 1, S, S): torchvision's luma, floored as for uint8 images
+    r, g, b = x.unbind(-3)
+    return (r * 0.2989 + g * 0.587 + b * 0.114).floor().unsqueeze(-3)
+
+
+def _autocontrast(x):  # TF.autocontrast, its boolean-mask writes as torch.where (no host sync)
+    lo, hi = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)  # (b, 3, 1, 1)
+    flat = hi == lo  # a constant channel stays as it is
+    inv_scale = torch.where(flat, 1.0, (hi.float() - lo) * (1.0 / 255))
+    out = x.float().sub_(torch.where(flat, 0.0, lo.float())).div_(inv_scale)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _sharpen(x, factor):  # TF.adjust_sharpness: blend with a 3×3 blur, the border kept
+    out = x.float()
+    # torchvision's blur [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 as sums of shifted slices (a
+    # grouped conv2d is slow on a CPU); integer sums are exact, so the rounding is the same
+    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]  # (b, 3, S − 2, S)
+    inner = out[..., 1:-1, 1:-1]  # (b, 3, S − 2, S − 2), a view: the blend writes into `out`
+    blurred = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * inner) / 13
+    inner += (blurred.round_() - inner) * (1 - factor)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _warp(x, theta, fill):  # TF.affine / TF.rotate, bilinear, with a matrix per image
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (b, S, S, 2)
+    ones = torch.ones_like(x[:, :1], dtype=torch.float32)  # (b, 1, S, S): where the image is
+    out = F.grid_sample(torch.cat([x.float(), ones], 1), grid, align_corners=False)  # (b, 4, S, S)
+    img, inside = out[:, :3], out[:, 3:]  # outside the source: the fill colour, blended at edges
+    return ((img - fill) * inside + fill).round().to(torch.uint8)
+
+
+BATCH_OPS = {  # the colour ops of RAND_OPS on (b, 3, S, S) uint8, params p (b, 13, 1, 1)
+    "AutoContrast": lambda x, p: _autocontrast(x),
+    "Equalize": lambda x, p: TF.equalize(x),  # per-image, per-channel histograms already
+    "Invert": lambda x, p: x.bitwise_not(),
+    "PosterizeIncreasing": lambda x, p: x & p[:, 1:2].to(torch.uint8),
+    "SolarizeIncreasing": lambda x, p: torch.where(x >= p[:, 2:3], x.bitwise_not(), x),
+    "SolarizeAdd": lambda x, p: torch.where(x < 128, (x + p[:, 3:4]).clamp(max=255), x).byte(),
+    "ColorIncreasing": lambda x, p: _blend(x, _grey(x), p[:, :1]),
+    "ContrastIncreasing": lambda x, p: _blend(x, _grey(x).mean((-3, -2, -1), True), p[:, :1]),
+    "BrightnessIncreasing": lambda x, p: _blend(x, 0.0, p[:, :1]),
+    "SharpnessIncreasing": lambda x, p: _sharpen(x, p[:, :1]),
+}
+
+
+def _to(tensor, device):  # a CPU tensor to the device without waiting for it (pinned, async)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def apply_sorted(x, params, counts):
+    """Apply the ops to images sorted by op: counts[i] images of OP_ORDER[i] in a row.
+
+    x (b, 3, S, S) uint8 and params (b, 13) on the device, counts Python ints."""
+    p, start = params[:, :, None, None], 0  # (b, 13, 1, 1)
+    for name, count in zip(OP_ORDER, counts):
+        group, start = slice(start, start + count), start + count
+        if count and name in BATCH_OPS:
+            x[group] = BATCH_OPS[name](x[group], p[group])
+    warped = slice(sum(counts[: len(BATCH_OPS)]), start)  # rotate, shear, translate: one warp
+    if warped.stop > warped.start:
+        theta = params[warped, 4:10].view(-1, 2, 3)  # (w, 2, 3)
+        x[warped] = _warp(x[warped], theta, p[warped, 10:13])
+    return x
+
+
+def rand_augment_batch(images, generator, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """`RandAugment` on a uint8 batch (B, 3, S, S) on any device, per image: the same draws
+    (`sample_ops`, from `generator`, a CPU torch.Generator), the same ops, the mean-colour fill.
+
+    Each of the n op slots sorts the images by their op (skipped ones last), gathers the
+    applied ones, runs `apply_sorted` on them and scatters them back. No host sync: the sort
+    and the group sizes come from the CPU draws."""
+    B, _, H, W = images.shape
+    ops, applied, magnitudes, signs = sample_ops(
+        B, generator, num_ops, magnitude, magnitude_std, prob
+    )
+    for k in range(num_ops):
+        key = torch.where(applied[:, k], _SORT_KEY[ops[:, k]], len(OP_ORDER))  # (B,)
+        order = key.argsort(stable=True)  # (B,) by op, the skipped images last
+        counts = key.bincount(minlength=len(OP_ORDER) + 1).tolist()  # CPU: no sync
+        n = B - counts[-1]  # applied images
+        if n == 0:
+            continue
+        rows = order[:n]  # (n,)
+        params = _op_params(ops[rows, k], magnitudes[rows, k], signs[rows, k], H, W)  # (n, 13)
+        rows, params = _to(rows, images.device), _to(params.float(), images.device)
+        out = apply_sorted(images[rows], params, counts[:-1])  # (n, 3, S, S)
+        images = images.index_copy(0, rows, out)  # (B, 3, S, S)
+    return images
 
 
 # ----------------------------------------------------------------------------- on the device batch

@@ -29,10 +29,14 @@ Decisions where the papers are silent
   transform: the feature bank of a k-NN evaluation must not be augmented (DINO's protocol).
 * `with_train=False` callers (eval.py) build the validation split alone: no scan of
   ImageNet's 1.28M training files and no download of a training split.
-* The workers stop at uint8 (a quarter of float32's bytes); `normalize`, `random_erasing` and
-  MixUp/CutMix (augment.py, with RandAugment) run on the device batch (`device_batch`), as
-  timm's PrefetchLoader does. Workers persist across epochs and re-seed per epoch
-  (`EpochSeeded`): exact resume holds.
+* The workers decode files straight to uint8 tensors (`read_rgb`) and stop at uint8 (a quarter
+  of float32's bytes); `normalize`, `random_erasing` and MixUp/CutMix (augment.py) run on the
+  device batch (`device_batch`), as timm's PrefetchLoader does. Workers persist across epochs
+  and re-seed per epoch (`EpochSeeded`): exact resume holds.
+* `--aa-on-device` (default: on CUDA; on a CPU it would take the model's cores): the workers
+  stop after crop and flip and `device_batch` RandAugments the uint8 batch on the device
+  (`augment.rand_augment_batch`), seeded by (seed, epoch, batch, rank): a resumed run draws the
+  same. Absent from an old checkpoint's args: off.
 * An ImageFolder's train/ and val/ must hold the same class folders (`check_data_path`):
   ImageFolder numbers classes in sorted order, so one missing folder shifts every later label.
 * The probe set (`probe_indices`: the validation images whose routing train.py follows from
@@ -51,7 +55,7 @@ import torchvision
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from augment import MEAN, STD, RandAugment, parse_aa, random_erasing
+from augment import MEAN, STD, RandAugment, parse_aa, rand_augment_batch, random_erasing
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "pets", "imagenet", "folder")
 
@@ -139,12 +143,18 @@ def normalize(images):
     return (images.float() - mean) / std
 
 
-def device_batch(images, targets, device, args, mix):
-    """A training batch made ready on the device: uint8 -> normalised float, random erasing
-    (--reprob), MixUp/CutMix (`mix`, from `build_mixup`), in DeiT's order. Returns (images,
-    targets, labels): targets are soft (B, classes) under mixing, labels the un-mixed classes
-    (B,) for the training top-1."""
-    images = normalize(images.to(device, non_blocking=True))  # (B, 3, S, S) float32
+def device_batch(images, targets, device, args, mix, at):
+    """A training batch made ready on the device: RandAugment if --aa-on-device, uint8 ->
+    normalised float, random erasing (--reprob), MixUp/CutMix (`mix`, from `build_mixup`), in
+    DeiT's order. at: (epoch, batch index), which seeds the device RandAugment. Returns
+    (images, targets, labels): targets are soft (B, classes) under mixing, labels the un-mixed
+    classes (B,) for the training top-1."""
+    images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
+    if getattr(args, "aa_on_device", None) and (aa := parse_aa(args.aa)):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        seed = ((args.seed * 1_000_003 + at[0]) * 1_000_003 + at[1]) * 1_009 + rank
+        images = rand_augment_batch(images, torch.Generator().manual_seed(seed % 2**63), **aa)
+    images = normalize(images)  # (B, 3, S, S) float32
     labels = targets = targets.to(device, non_blocking=True)  # (B,)
     if args.reprob > 0:
         random_erasing(images, args.reprob, args.remode, args.recount)
@@ -160,7 +170,7 @@ def build_transform(is_train, args):
     """DeiT's train / eval pipelines up to RandAugment, on uint8 images (torchvision v2).
 
     They end in a uint8 tensor (3, S, S): `normalize` and `random_erasing` follow on the
-    device batch."""
+    device batch, and RandAugment too under --aa-on-device (`device_batch`)."""
     S, small = args.img_size, args.img_size <= 64
     t = [v2.ToImage()]
     if is_train and args.crop_flip:
@@ -175,9 +185,21 @@ def build_transform(is_train, args):
         ratio = getattr(args, "eval_crop_ratio", 0.875)  # checkpoints older than the flag: 0.875
         t += [v2.Resize(int(S / ratio), interpolation=v2.InterpolationMode.BICUBIC)]
         t += [v2.CenterCrop(S)]
-    if is_train and (aa := parse_aa(args.aa)):
+    if is_train and not getattr(args, "aa_on_device", None) and (aa := parse_aa(args.aa)):
         t += [RandAugment(**aa)]  # on uint8, as timm on PIL images
     return v2.Compose([*t, v2.ToPureTensor()])  # uint8 (3, S, S): `normalize` on the device
+
+
+def read_rgb(path):
+    """ImageFolder's loader: a file as a uint8 tensor (3, H, W). torchvision.io decodes JPEG
+    (greyscale and CMYK too) and PNG to the pixels PIL's convert("RGB") gives (tested), without
+    PIL's copy into a tensor: ~20% of a worker's time (docs/benchmarks.md). PIL reads the rest,
+    and everything if torchvision drops these decoders (deprecated in 0.29 for TorchCodec)."""
+    io = torchvision.io
+    try:
+        return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
+    except (RuntimeError, AttributeError):  # BMP, TIFF, ...; or a torchvision without them
+        return torchvision.datasets.folder.default_loader(path)
 
 
 def class_folders(root):
@@ -222,15 +244,12 @@ def build_dataset(is_train, args, augment=None):
         ), C
     if name in ("imagenet", "folder"):
         check_data_path(args, with_train=is_train)
-        dataset = torchvision.datasets.ImageFolder(
-            root / ("train" if is_train else "val"), transform
-        )
+        split = root / ("train" if is_train else "val")
+        dataset = torchvision.datasets.ImageFolder(split, transform, loader=read_rgb)
         return dataset, len(dataset.classes)
     sets = torchvision.datasets
-    cls, C = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}.get(name) or (
-        sets.OxfordIIITPet,
-        37,
-    )
+    known = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}
+    cls, C = known.get(name, (sets.OxfordIIITPet, 37))
     kw = {"train": is_train} if name != "pets" else {"split": "trainval" if is_train else "test"}
     try:
         return cls(root, transform=transform, download=False, **kw), C
@@ -375,13 +394,6 @@ def build_loader(dataset, is_train, args, *, rank=0, world=1, pin_memory=False):
     if is_train and workers > 0:
         dataset = EpochSeeded(dataset, args.seed * 1_000 + rank)
     batch = args.batch_size if is_train else int(1.5 * args.batch_size)
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        drop_last=is_train,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    keep = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    kw = dict(num_workers=workers, pin_memory=pin_memory, drop_last=is_train, **keep)
+    return DataLoader(dataset, batch, sampler=sampler, **kw)

@@ -16,10 +16,12 @@ table of our numbers.
 `--m2ot` (also in `--all`) runs the second paper's comparison offline: two dense teachers of
 different shapes trained on different generated tasks (the micro teacher above, patch 4 on
 the 40-class task, and a wider `tiny` model with patch 8 on another 10-class task), then
-three students of both, without labels and with two seeds each: a dense student, a sparse
-MoE (`--method m2ot --tas-coef 0`) and M²oT. It prints the k-NN top-1 of each student's CLS
-embedding on the 40-class task, the last epoch's L_dist per teacher, L_tas and L_switch, and
-the sharpness of the expert -> teacher preference (`eval.py`'s, on the probe set).
+four students of both, without labels and with two seeds each: a dense student, a sparse
+MoE (`--method m2ot --tas-coef 0`), M²oT (Eq. 8) and M²oT with the MAP form of L_tas
+(`--tas-form map`). It prints the k-NN top-1 of each student's CLS embedding on the 40-class
+task, the last epoch's L_dist per teacher, L_tas and L_switch, and the expert -> teacher
+preference (`eval.py`'s, on the probe set): its sharpness per expert and per token, and how
+many experts favour each teacher.
 
 It is a demonstration, not a claim: one seed, a few minutes of training on a toy data set,
 far from the paper's 300 ImageNet epochs. It shows the pipeline end to end and what to look
@@ -86,20 +88,23 @@ def m2ot_row(name, seed, out, seconds):
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     res = eval.main(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
     sharp = " ".join(f"{x:.2f}" for x in res.get("preference_sharpness", [])) or "-"
+    token = " ".join(f"{x:.2f}" for x in res.get("token_sharpness", [])) or "-"
+    favourites = " ".join("/".join(map(str, f)) for f in res.get("favourite_counts", [])) or "-"
     loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
     dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"
     return (
         f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {dist} | {loss[0]} | {loss[1]} "
-        f"| {sharp} | {seconds:.0f} s |"
+        f"| {sharp} | {token} | {favourites} | {seconds:.0f} s |"
     )
 
 
 def m2ot_rows(root, sizes, seeds):
-    """M²oT's offline comparison (see the docstring): 3 students x seeds of teachers A and B."""
+    """M²oT's offline comparison (see the docstring): 4 students x seeds of teachers A and B."""
     teachers = [str(root / "dense" / "checkpoint.pt"), str(root / "m2ot-teacher" / "checkpoint.pt")]
     students = {
         "dense student": ["--method", "dense"],
         "M²oT": ["--method", "m2ot"],
+        "M²oT, MAP form": ["--method", "m2ot", "--tas-form", "map"],
         "sparse MoE (--tas-coef 0)": ["--method", "m2ot", "--tas-coef", "0"],
     }
     # K = 2 as M²oT; fp32 teachers: bf16 made these CPU steps 2.7x slower (docs/m2ot.md)
@@ -109,8 +114,8 @@ def m2ot_rows(root, sizes, seeds):
     ]
     lines = [
         "| student | seed | k-NN top-1 | L_dist A, B | L_tas | L_switch | preference "
-        "sharpness L2 L4 L6 | wall |",
-        "|---|---:|---:|---|---:|---:|---|---:|",
+        "sharpness L2 L4 L6 | per token | favourites A/B | wall |",
+        "|---|---:|---:|---|---:|---:|---|---|---|---:|",
     ]
     for i, (name, flags) in enumerate(students.items()):
         for seed in seeds:

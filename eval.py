@@ -96,9 +96,7 @@ def normalised_entropy(utilisation):
 
 def dropped_fraction(routing):
     # d = (1/T) Σ_t 1[no kept assignment for token t]; records without `kept` drop nothing
-    if routing.kept is None:
-        return 0.0
-    return float(1.0 - routing.kept.any(dim=-1).float().mean())
+    return float(routing.dropped())
 
 
 def routing_consistency(top1_a, top1_b):
@@ -199,7 +197,7 @@ def evaluate(model, loader, device, *, route_logits=None, route_by_teacher=False
             for i, r in enumerate(routings):
                 T = r.probs.shape[0]  # this batch's tokens; counts: tokens per expert
                 counts[i] += expert_utilisation(top1_experts(r), counts.shape[1]) * T
-                dropped[i] += dropped_fraction(r) * T
+                dropped[i] += r.dropped() * T  # a tensor: no host sync per batch
                 tokens[i] += T
                 if t_logits is not None:  # the student's own router vs the teacher router
                     own = r.student_logits if r.student_logits is not None else r.logits

@@ -104,6 +104,13 @@ def distill_until(text, flag="--distill-until", adaptive=True):
     return fraction
 
 
+def teacher_layer(text):
+    """--teacher-layers: a 1-indexed teacher block, or "final" (after the final norm)."""
+    if text == "final" or text.isdigit():
+        return text if text == "final" else int(text)
+    raise argparse.ArgumentTypeError(f"--teacher-layers {text!r}: a block number or final")
+
+
 def stable_stage1(text):
     """--stable-stage1: the fraction of the epochs in which StableMoE's router still learns."""
     return distill_until(text, "--stable-stage1", adaptive=False)
@@ -116,22 +123,14 @@ def _model_flags(parser):
     add_flag(g, "--method", default="vmoe", choices=list(METHODS), help="routing method")
     add_flag(g, "--experts", type=int, help="E, experts per MoE layer (16; m2ot 8)")
     add_flag(g, "--topk", type=int, help="K, experts per token (1; m2ot 2)")
-    add_flag(
-        g,
-        "--moe-layers",
-        type=int,
-        nargs="+",
-        help="1-indexed MoE blocks (the model's; with --teachers every second)",
-    )
-    add_flag(
-        g, "--expert-hidden", type=int, help="each expert's hidden width h (H; with --teachers H/K)"
-    )
+    add_flag(g, "--moe-layers", type=int, nargs="+", help="1-indexed MoE blocks (m2ot: even)")
+    add_flag(g, "--expert-hidden", type=int, help="each expert's hidden width (H; m2ot H/K)")
     add_flag(g, "--capacity-factor", type=float, default=1.05, help="train capacity factor")
     add_flag(
         g,
         "--eval-capacity-factor",
         type=float,
-        help=f"eval capacity factor ({VMOE_EVAL_CF} for top-K as V-MoE, else the train cf)",
+        help=f"eval cf ({VMOE_EVAL_CF} for top-K, V-MoE's; else the train cf)",
     )
     add_flag(g, "--noise-std", type=float, default=1.0, help="router noise σ (added as σ/E)")
     add_flag(g, "--moe-group-size", type=int, default=8, help="images per routing group")
@@ -155,47 +154,53 @@ def _method_flags(parser):
         "--distill-until",
         type=distill_until,
         default=0.5,
-        help="fraction F of the epochs to distil (ceil(F·epochs)), or adaptive",
+        help="fraction F of the epochs to distil, or adaptive",
     )
     add_flag(
         g,
         "--stable-stage1",
         type=stable_stage1,
         default=0.5,
-        help="stablemoe: fraction of the epochs before the router is frozen",
+        help="stablemoe: fraction of the epochs the router learns",
     )
     add_flag(g, "--switch-consistency", type=float, default=0.8, help="adaptive: threshold")
     add_flag(g, "--switch-patience", type=int, default=2, help="adaptive: epochs above it")
+    add_flag(g, "--router-grad", default="task", choices=["task", "distill-only"], help="tgr")
     add_flag(
-        g,
-        "--router-grad",
-        default="task",
-        choices=["task", "distill-only"],
-        help="tgr: what trains the student router",
+        g, "--distill-tokens", default="all", choices=["all", "cls"], help="tgr: tokens in the KL"
     )
 
     g = parser.add_argument_group("teacher")
     add_flag(g, "--teacher", default="", help="dense checkpoint (.pth/.pt) or torchvision:NAME")
-    add_flag(g, "--teacher-layers", type=int, nargs="+", help="block per MoE layer (the same)")
+    add_flag(
+        g, "--teacher-layers", type=teacher_layer, nargs="+", help="block per MoE layer, or final"
+    )
     add_flag(g, "--teacher-dtype", default="bf16", choices=["bf16", "fp32"], help="autocast")
     add_flag(g, "--teacher-random", action="store_true", help="allow random torchvision weights")
     add_flag(g, "--teacher-resample", action="store_true", help="resample another token grid")
-    add_flag(
-        g,
-        "--fresh-teacher-router",
-        action="store_true",
-        help="tgr --finetune: a new teacher router, not the pre-trained run's",
-    )
+    add_flag(g, "--fresh-teacher-router", action="store_true", help="tgr --finetune: new R_t")
 
+
+def _m2ot_flags(parser):
     g = parser.add_argument_group("M²oT: several teachers guide the experts (no labels)")
     add_flag(
         g,
         "--teachers",
         nargs="+",
         default=[],
-        help="final-feature teachers: checkpoints, torchvision:NAME, timm:NAME=PATH",
+        help="final-feature teachers, SRC[@SIZE] (docs/m2ot.md)",
     )
     add_flag(g, "--tas-coef", type=float, default=0.5, help="λ_1, TAS (0: the Sparse MoE row)")
+    add_flag(
+        g,
+        "--tas-form",
+        default="mixture",
+        choices=["mixture", "map"],
+        help="TAS loss: Eq. 8 (π inside the norm) or the MAP form (Eq. 6-7)",
+    )
+    add_flag(
+        g, "--dist-reduce", default="mean", choices=["mean", "sum"], help="L_dist: mean | Eq. 2 sum"
+    )
     add_flag(g, "--switch-coef", type=float, default=0.01, help="λ_2, Switch load loss")
     add_flag(g, "--knn-every", type=int, default=1, help="k-NN validation every N epochs (0: last)")
 
@@ -218,6 +223,7 @@ def _recipe_flags(parser):
     add_flag(g, "--mixup", type=float, default=0.8, help="MixUp α (0 = off)")
     add_flag(g, "--cutmix", type=float, default=1.0, help="CutMix α (0 = off)")
     add_flag(g, "--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment (timm's), or none")
+    add_flag(g, "--aa-on-device", action=on_off, help="RandAugment the device batch (CUDA: on)")
     add_flag(g, "--reprob", type=float, default=0.25, help="random erasing probability")
     add_flag(g, "--remode", default="pixel", choices=["pixel", "const"], help="erasing fill")
     add_flag(g, "--recount", type=int, default=1, help="random erasing: up to N rectangles")
@@ -257,7 +263,7 @@ def get_args_parser(add_help=True):
         usage="%(prog)s [--model M] [--method M] [--teacher SRC] ... (DeiT's flags, below)",
         add_help=add_help,
     )
-    for flags in (_model_flags, _method_flags, _recipe_flags, _run_flags):
+    for flags in (_model_flags, _method_flags, _m2ot_flags, _recipe_flags, _run_flags):
         flags(parser)
     return parser
 
@@ -282,6 +288,8 @@ def resolve_defaults(args):
         # expert choice keeps its cf: there it is how many tokens an expert takes
         top_k = METHODS[args.method] == "top-k"
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
+    if args.aa_on_device is None:  # on a GPU the workers are the bottleneck (docs/benchmarks.md)
+        args.aa_on_device = args.device.startswith("cuda")
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
 

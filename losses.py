@@ -20,6 +20,7 @@ teacher-aware specialisation loss that pulls each expert toward its own mixture 
 | `switch_load_loss`     | M²oT student (λ_2)                        | Switch Transformer eq. (4)  |
 | `feature_distill_loss` | M²oT student (m2ot.py)                    | M²oT eq. (2); UNIC          |
 | `tas_loss`             | M²oT student (m2ot.py)                    | M²oT eq. (8)                |
+| `tas_map_loss`         | M²oT student, `--tas-form map`            | M²oT eq. (6)-(7)            |
 
 Legend: p `probs` (T, E) clean softmax; Imp_e importance of expert e; Φ the standard normal
 CDF; p_t the teacher router's distribution; sg stop-gradient (`.detach()`); σ `noise_std` of
@@ -32,8 +33,9 @@ assignments, p_e(t) `probs` (T, K) the clean router softmax of that expert, `kep
 where capacity dropped the assignment, π(t, e, i) `pi` (T, K, N_T) the teacher-aware router's
 softmax over teachers for that expert, T_i(t) `targets[i]` (T, D) teacher i's target
 already mapped to width D (SPEC's Q_i T_i), T̄(t, e) = Σ_i π(t, e, i)·T_i(t) the expert's
-target. Letters: T tokens, K top-k, D width, N_T teachers (N is the house's letter for the
-tokens of an image, so teachers take SPEC's N_T).
+target; `tas_map_loss` weighs each teacher's own distance instead, Σ_i π(t, e, i)·‖φ − T_i‖₁.
+Letters: T tokens, K top-k, D width, N_T teachers (N is the house's letter for the tokens of
+an image, so teachers take SPEC's N_T).
 
 Decisions where the papers are silent
 -------------------------------------
@@ -59,7 +61,10 @@ Decisions where the papers are silent
   softmax ("softmax(r(x))"), not the combine weight; a dropped assignment adds nothing and
   sends no gradient to its expert, and 1/T still counts every token (a token with all its
   assignments dropped adds 0).
-* Both M²oT losses detach the teacher side (frozen teachers) and compute in float32, so bf16
+* `tas_map_loss` is Eq. 7 with Eq. 6's weighted median not yet replaced by the weighted mean:
+  φ stands in for the latent target, so the loss is the MAP objective's negative
+  log-likelihood at φ (Laplace noise, ‖·‖₁ a mean over channels as above), π for w_i.
+* The M²oT losses detach the teacher side (frozen teachers) and compute in float32, so bf16
   activations under autocast give a float32 loss.
 """
 
@@ -174,3 +179,21 @@ def tas_loss(expert_out, probs, kept, pi, targets):
     # from whatever its slot of expert_out holds) reaches its expert, p or π
     gap = torch.where(kept.unsqueeze(-1), expert_out.float() - t_bar, 0.0)  # (T, K, D)
     return (probs.float() * gap.abs().mean(dim=-1)).sum(dim=-1).mean()
+
+
+def tas_map_loss(expert_out, probs, kept, pi, targets):
+    """The MAP form of TAS (M²oT Eq. 6-7 before its first approximation) -> scalar.
+
+    The same inputs as `tas_loss`; π weighs each teacher's distance *outside* the norm.
+    """
+    # L_map = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · Σ_i π(t,e_k,i) · (1/D) Σ_c |φ(t,e_k)_c − T_i(t)_c|
+    # Σ_i π_i ‖φ − T_i‖₁ ≥ ‖φ − Σ_i π_i T_i‖₁ (the triangle inequality): unlike Eq. 8 it is
+    # lowest where π sits on the teacher nearest φ and φ on that teacher, not on a mixture.
+    targets = targets.detach().float()  # (N_T, T, D) frozen teachers, as in tas_loss
+    keep = kept.unsqueeze(-1)  # (T, K, 1)
+    gaps = [  # a teacher at a time (autograd still keeps N_T × (T, K, D): N_T× Eq. 8's memory)
+        torch.where(keep, expert_out.float() - t.unsqueeze(1), 0.0).abs().mean(dim=-1)
+        for t in targets
+    ]  # N_T × (T, K)
+    per_teacher = torch.stack(gaps, dim=-1)  # (T, K, N_T)
+    return (probs.float() * (pi.float() * per_teacher).sum(dim=-1)).sum(dim=-1).mean()

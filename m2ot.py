@@ -26,6 +26,17 @@ expert *computes* with the teachers directly, inside the network, which no proje
 can absorb. π is its only extra parameter, used in training only: heads and π are dropped
 at inference; the student is a plain MoE ViT.
 
+What Eq. 8 does when π trains with the experts (`tas_form="mixture"`, the faithful row): by
+the triangle inequality ‖φ − Σ_i π_i T_i‖₁ ≤ Σ_i π_i ‖φ − T_i‖₁, a mixture is never a harder
+target than one teacher. φ starts near 0, the mixture nearest 0 is the mean of standardised
+teachers, and there π gets no net pull: uniform π with every expert at the teachers' mean is
+a stable point, Prop. 1's compromise. A falling L_tas then means the experts reach the mean,
+not that they specialise (tests/test_m2ot.py, notebook 06). `tas_form="map"` is the objective
+before the paper's first approximation (Eq. 6-7, π outside the norm, `losses.tas_map_loss`):
+L_tas = Σ_layers mean_t Σ_{e kept} p_e(t) Σ_i π(t, e, i) mean_c |φ(t, e) − Q_i T_i(t)|, lowest
+with π on the teacher nearest φ and φ on it: π sharpens. Whether the experts then *split* the
+teachers is measured, not assumed (docs/m2ot.md).
+
 Legend (paper -> code): T_i -> `FinalTeacher` (teacher.py) outputs, standardised by
 `M2oT.targets`; g_i -> `ProjectorHeads`; r(x) -> each MoE layer's router (`Routing.probs`);
 π -> `TeacherAwareRouter`; φ -> `Routing.expert_out`; x_t (π's input) -> `Routing.inputs`;
@@ -35,17 +46,18 @@ G the student's grid, g_i a teacher's grid, E experts, K experts per token, T = 
 
 Decisions where the paper is silent
 -----------------------------------
-* Eq. 2 sums over teachers; Table 1 reports L_dist 0.145-0.187 with three teachers, less than
-  one teacher's (1 − cos) + smooth-L1 is at convergence, so the loss here is the **mean** over
-  teachers (and over CLS and patches, SPEC sec. 9); `dist_<i>` logs each teacher's part.
-* Targets: a teacher's CLS token after its final norm (the mean of its patch tokens where it has
-  none) and its patch tokens, bilinearly resized from its grid g_i to the student's G
-  (`align_tokens`); every teacher sees the images in its own normalisation (`renormalise`) at
-  about the student's pixel size (teacher.py). Each target is **standardised per channel**
-  with running statistics (UNIC's practice: teachers of different scales then weigh alike):
-  an exponential moving average (momentum 0.1, the first batch taken whole), updated in
-  training from the batch (all ranks' batches under DDP, so every rank standardises alike),
-  saved in the checkpoint as buffers, so resume is exact.
+* L_dist is the **mean** over teachers (`dist_reduce="mean"`; "sum" is Eq. 2 as written), as
+  UNIC, whose distances Eq. 2 uses, averages them: L_dist keeps one scale for any N_T, and
+  Table 1's 0.145-0.187 (no teacher count given) fits a mean better than a sum. Against
+  Eq. 2's sum it makes λ_1 N_T times stronger: with the paper's 7 teachers λ_1 = 0.5 acts as
+  ~3.5 would on the sum, near Table 3's harmful 5. CLS and patches are averaged too.
+* Targets: a teacher's CLS token after its final norm (the mean of its patches where it has
+  none) and its patch tokens, resized bilinearly from its grid g_i to the student's G
+  (`align_tokens`), each teacher fed its own normalisation (`renormalise`) at the student's
+  pixel size or "SRC@SIZE" (`teacher_source`, teacher.py). Each target is **standardised per
+  channel** (UNIC's practice: teachers of different scales weigh alike) with running
+  statistics: a moving average (momentum 0.1, the first batch whole) of the training batches
+  (all ranks' under DDP), kept as checkpoint buffers, so resume is exact.
 * TAS compares φ (width D) with teacher features (width d_i): Q_i is a fixed semi-orthogonal
   d_i -> D matrix (identity when d_i = D), drawn once from a seeded generator (not torch's
   global stream) and stored as a buffer: no parameters, so it cannot collapse to make L_tas
@@ -56,6 +68,9 @@ Decisions where the paper is silent
   ‖·‖₁ is a mean over channels (losses.py); L_tas and L_switch are summed over MoE layers.
 * The router gets TAS's gradient through p (Eq. 8 weights each gap by softmax(r(x))): an
   expert that matches its mixture better becomes likelier.
+* The MAP form keeps the paper's π (per token; no prior, temperature or balance): on a toy
+  with L_dist (docs/m2ot.md) π goes one-hot unaided; a per-expert prior left every expert on
+  one teacher, as without it; balancing π's teacher shares split π, not the experts' outputs.
 * `tas_coef = 0` (the paper's "Sparse MoE" row): π still learns, on detached φ and p (with
   weight 1, its only loss), so that L_tas is *measured* for the baseline (Table 1: 3.27).
 * Dense and Soft MoE students (the paper's other rows) have no kept assignments: L = L_dist.
@@ -73,10 +88,23 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from augment import MEAN, STD
-from losses import feature_distill_loss, switch_load_loss, tas_loss
+from flags import UsageError
+from losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
 
 
 # ----------------------------------------------------------------------------- targets
+def teacher_source(source, img_size):
+    """--teachers SRC[@SIZE] -> (SRC, the side in pixels the teacher runs at: SIZE, else
+    the student's img_size). A file whose own name holds an @ is taken whole."""
+    src, at, size = str(source).rpartition("@")
+    if not at or Path(source).exists():
+        return source, img_size
+    if not size.isdigit() or int(size) < 1:
+        why = f"{size!r} after the @ is not a size in pixels"
+        raise UsageError(f"--teachers {source}: {why} (SRC@SIZE, e.g. dinov2.pth@518)")
+    return src, int(size)
+
+
 def renormalise(mean, std):
     """(scale, shift), each (1, 3, 1, 1): images normalised with the loader's ImageNet MEAN/STD
     -> normalised with a teacher's (mean, std), as x·scale + shift."""
@@ -184,10 +212,20 @@ class M2oT(nn.Module):
     num_moe_layers, num_experts: 0 for a dense or Soft MoE student (no π, no TAS).
     """
 
-    def __init__(self, teachers, dim, grid, num_moe_layers=0, num_experts=0):
+    def __init__(
+        self,
+        teachers,
+        dim,
+        grid,
+        num_moe_layers=0,
+        num_experts=0,
+        *,
+        tas_form="mixture",
+        dist_reduce="mean",
+    ):
         super().__init__()
         self.teachers = list(teachers)  # a plain list: frozen, loaded from --teachers, not saved
-        self.grid = grid
+        self.grid, self.tas_form, self.dist_reduce = grid, tas_form, dist_reduce
         widths = [t.dim for t in self.teachers]  # d_i
         self.heads = nn.ModuleList(ProjectorHeads(dim, d) for d in widths)
         self.norm_cls = nn.ModuleList(RunningStandardiser(d) for d in widths)
@@ -219,7 +257,8 @@ class M2oT(nn.Module):
             l_cls = feature_distill_loss(head.cls(tokens[:, 0]), cls)  # (B, d_i) vs (B, d_i)
             l_patch = feature_distill_loss(head.patch(tokens[:, 1:]), patches)  # (B, G², d_i)
             parts.append(0.5 * (l_cls + l_patch))  # mean over CLS and patch
-        return torch.stack(parts).mean(), parts  # mean over teachers (see the decisions)
+        per_teacher = torch.stack(parts)  # (N_T,) L_dist = Σ_i (Eq. 2) or mean_i (the default)
+        return (per_teacher.sum() if self.dist_reduce == "sum" else per_teacher.mean()), parts
 
     def teacher_tokens(self, targets):
         """Every teacher's target for every student token, mapped to width D: (N_T, T, D)."""
@@ -230,8 +269,10 @@ class M2oT(nn.Module):
         return torch.stack(feats)  # (N_T, T, D)
 
     def tas(self, routings, teacher_feats, detach=False):
-        """Eq. 8 summed over the MoE layers. detach: only π learns (the tas_coef = 0 baseline)."""
-        return sum(layer_tas(pi, r, teacher_feats, detach) for pi, r in zip(self.pi, routings))
+        """L_tas (`tas_form`: Eq. 8 or the MAP form) summed over the MoE layers. detach: only
+        π learns (the tas_coef = 0 baseline)."""
+        layers = zip(self.pi, routings)
+        return sum(layer_tas(pi, r, teacher_feats, detach, self.tas_form) for pi, r in layers)
 
 
 def chosen_mixtures(pi, routing):
@@ -243,14 +284,16 @@ def chosen_mixtures(pi, routing):
     return mix.gather(1, index)  # (T, K, N_T)
 
 
-def layer_tas(pi, routing, teacher_feats, detach=False):
-    """Eq. 8 of one MoE layer from its Routing (φ in `expert_out`, the input in `inputs`):
-    L_tas = mean_t Σ_{e kept} p_e(t) · mean_c |φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)|.
+def layer_tas(pi, routing, teacher_feats, detach=False, form="mixture"):
+    """L_tas of one MoE layer from its Routing (φ in `expert_out`, the input in `inputs`).
     teacher_feats: (N_T, T, D). detach: φ and p get no gradient, π alone learns."""
+    # mixture (Eq. 8): mean_t Σ_{e kept} p_e(t) · mean_c |φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)|
+    # map (Eq. 6-7):   mean_t Σ_{e kept} p_e(t) · Σ_i π(t, e, i) · mean_c |φ(t, e) − Q_i T_i(t)|
     probs, phi = routing.probs.gather(1, routing.experts), routing.expert_out  # (T, K), (T, K, D)
     if detach:
         probs, phi = probs.detach(), phi.detach()
-    return tas_loss(phi, probs, routing.kept, chosen_mixtures(pi, routing), teacher_feats)
+    loss = tas_map_loss if form == "map" else tas_loss
+    return loss(phi, probs, routing.kept, chosen_mixtures(pi, routing), teacher_feats)
 
 
 def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
@@ -273,13 +316,14 @@ def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
 
 # ----------------------------------------------------------------------------- measuring it
 def preference_sums(mix, experts, kept, num_experts):
-    """Σ π(t, e, ·) over the kept assignments (t, e) of each expert, and their number:
-    (E, N_T), (E,). mix: π (T, E, N_T); experts, kept: (T, K) from the layer's Routing."""
+    """Over the kept assignments (t, e) of each expert: Σ π(t, e, ·), Σ max_i π(t, e, i), and
+    their number: (E, N_T), (E,), (E,). mix: π (T, E, N_T); experts, kept: (T, K), a Routing's."""
     T, K = experts.shape
-    chosen = mix.gather(1, experts.unsqueeze(-1).expand(T, K, mix.shape[-1]))  # (T, K, N_T)
+    chosen = mix.gather(1, experts.unsqueeze(-1).expand(T, K, mix.shape[-1]))[kept]  # (A, N_T)
     e = experts[kept]  # (A,) the expert of every kept assignment
-    sums = mix.new_zeros(num_experts, mix.shape[-1]).index_add_(0, e, chosen[kept])  # (E, N_T)
-    return sums, torch.bincount(e, minlength=num_experts)  # (E,)
+    sums = mix.new_zeros(num_experts, mix.shape[-1]).index_add_(0, e, chosen)  # (E, N_T)
+    peaks = mix.new_zeros(num_experts).index_add_(0, e, chosen.max(dim=1).values)  # (E,)
+    return sums, peaks, torch.bincount(e, minlength=num_experts)  # (E,)
 
 
 def teacher_preference(mix, experts, kept, num_experts):
@@ -287,7 +331,7 @@ def teacher_preference(mix, experts, kept, num_experts):
 
     A NaN row: that expert took no token (0 / 0, it has no preference to show)."""
     # pref(e, i) = mean over the tokens t expert e processed of π(t, e, i)
-    sums, counts = preference_sums(mix, experts, kept, num_experts)
+    sums, _, counts = preference_sums(mix, experts, kept, num_experts)
     return sums / counts.unsqueeze(1)  # (E, N_T)
 
 
@@ -298,15 +342,22 @@ def preference_sharpness(pref):
     return float(rows.max(dim=1).values.mean())
 
 
+def favourite_counts(pref):
+    """[#{e : argmax_i pref(e, i) = j} for each teacher j], experts with tokens only: tells
+    "every expert leans to one teacher" ([8, 0]) from "they split the teachers" ([4, 4])."""
+    rows = pref[~pref.isnan().any(dim=1)]  # (E', N_T)
+    return torch.bincount(rows.argmax(dim=1), minlength=pref.shape[1]).tolist()
+
+
 @torch.no_grad()
 def teacher_preferences(model, mix_routers, images, batch_size=128):
-    """Expert→teacher preference of every MoE layer on `images` (normalised float): a list
-    of (E, N_T). π of layer j is `mix_routers[j]` (`TeacherAwareRouter`) on the layer's
-    input, which the layers hand over in `Routing.inputs` while `keep_expert_outputs` is on."""
+    """Every MoE layer's expert→teacher preference on `images` (normalised), (E, N_T) each,
+    and its per-token sharpness, mean_{(t, e) kept} max_i π(t, e, i). π of layer j is
+    `mix_routers[j]` on the layer's input (`Routing.inputs`, kept while this runs)."""
     layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
     kept_before, was_training = [layer.keep_expert_outputs for layer in layers], model.training
     model.eval()
-    sums, counts = 0, 0  # per layer (E, N_T) and (E,), summed over the batches
+    sums, peaks, counts = 0, 0, 0  # per layer (E, N_T), (E,) and (E,), summed over the batches
     try:
         keep_expert_outputs(model)
         for chunk in images.split(batch_size):
@@ -315,29 +366,35 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
                 preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
                 for pi, r in zip(mix_routers, routings)
             ]
-            sums = sums + torch.stack([s for s, _ in parts])  # (layers, E, N_T)
-            counts = counts + torch.stack([c for _, c in parts])  # (layers, E)
+            sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
+            peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
+            counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
     finally:
         for layer, before in zip(layers, kept_before):
             layer.keep_expert_outputs = before
         model.train(was_training)
-    return list(sums / counts.unsqueeze(-1))  # per layer (E, N_T); NaN rows: no token taken
+    per_token = (peaks.sum(dim=-1) / counts.sum(dim=-1)).tolist()  # (layers,)
+    return list(sums / counts.unsqueeze(-1)), per_token  # NaN rows: no token taken
 
 
 def preference_report(model, mix_routers, teachers, probe):
-    """eval.py's M²oT numbers: each MoE layer's expert→teacher preference on the probe images
-    (an (E, N_T) list of rows, null where an expert took no token: JSON has no NaN), its
-    sharpness, and the teachers' names for the table and the plot (file names, with their
-    folder where two are alike, e.g. A/checkpoint.pt; "teacher i" when the run's are unknown)."""
-    prefs = teacher_preferences(model, mix_routers.to(probe.device).eval(), probe)
+    """eval.py's M²oT numbers per MoE layer on the probe images: the expert→teacher preference
+    (E × N_T rows, null where an expert took no token), its sharpness per expert and per token,
+    the experts per favourite teacher and the number of teachers favoured; the teachers' names
+    (file names, with their folder where two are alike; "teacher i" when unknown)."""
+    prefs, per_token = teacher_preferences(model, mix_routers.to(probe.device).eval(), probe)
     names = [Path(t).name for t in teachers or []]
     if len(set(names)) < len(names):
         names = ["/".join(Path(t).parts[-2:]) for t in teachers]
     if len(names) != prefs[0].shape[1]:
         names = [f"teacher {i}" for i in range(prefs[0].shape[1])]
     rows = lambda p: [[None if math.isnan(x) else round(x, 4) for x in r] for r in p.tolist()]
+    favourites = [favourite_counts(p) for p in prefs]
     return {
         "teachers": names,
         "teacher_preference": [rows(p) for p in prefs],
         "preference_sharpness": [preference_sharpness(p) for p in prefs],
+        "token_sharpness": per_token,
+        "favourite_counts": favourites,
+        "distinct_favourites": [sum(n > 0 for n in f) for f in favourites],
     }

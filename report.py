@@ -4,8 +4,9 @@ The idea
 --------
 `eval.main` returns one dict of numbers (what `--json` prints). This file turns it into
 what a reader looks at: `fmt_table`, a Markdown table per MoE layer (routing entropy, dropped
-fraction, the busiest expert's share × E, teacher agreement, preference sharpness,
-consistency with another checkpoint), and with `--plots DIR` four figures:
+fraction, the busiest expert's share × E, teacher agreement, consistency with another
+checkpoint; M²oT: preference sharpness per expert and per token, experts per favourite
+teacher), and with `--plots DIR` four figures:
 
     utilisation.png          one bar chart per MoE layer: the share of tokens whose top-1 is e
     curves.png               the run's log.jsonl: top-1, routing entropy, adjacent-epoch
@@ -56,13 +57,16 @@ def fmt_table(res):
         "dropped": res["dropped_frac"],
         "busiest expert ×E": [max(u) * len(u) for u in res["utilisation"]],
         "teacher agreement": res.get("teacher_agreement"),
-        "teacher-preference sharpness": res.get("preference_sharpness"),
         f"consistency vs {res.get('compare')}": res.get("consistency"),
+        "teacher-preference sharpness": res.get("preference_sharpness"),  # M²oT: per expert
+        "per-token sharpness": res.get("token_sharpness"),  # mean max π over assignments
+        "experts per favourite": res.get("favourite_counts"),  # e.g. 8/0: one teacher
     }
     cols = {k: v for k, v in cols.items() if v is not None}
     lines += ["", "| MoE block | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cell = lambda x: "/".join(map(str, x)) if isinstance(x, list) else f"{x:.3f}"
     for i, block in enumerate(res["moe_layers"]):
-        lines.append(f"| {block} | " + " | ".join(f"{v[i]:.3f}" for v in cols.values()) + " |")
+        lines.append(f"| {block} | " + " | ".join(cell(v[i]) for v in cols.values()) + " |")
     for block, u in zip(res["moe_layers"], res["utilisation"]):
         lines.append(f"utilisation, block {block}: " + " ".join(f"{x:.3f}" for x in u))
     for block, pref in zip(res["moe_layers"], res.get("teacher_preference", [])):

@@ -25,7 +25,8 @@ and the student router is pulled toward p_t with KL(sg(p_t) ‖ p) (`losses.rout
   the same depth and the same kind of tensor its own router reads. With the teacher's last
   layer instead, the paper's ImageNet-1K accuracy falls from 77.81% to 75.83%, below V-MoE:
   the last features are too abstract and task-specific to say how mid-network tokens split.
-  `layers` may name any blocks (repeats allowed), so that ablation is one flag away.
+  `layers` may name any blocks (repeats allowed), or "final": the last block's output after
+  the final norm, the paper's "last layer" (`--teacher-layers final final final`).
 
 Sources (`load_teacher(source, layers)`): an official facebookresearch/deit DeiT-III file, the
 same in timm's naming, `"torchvision:vit_b_16"` (any torchvision ViT), DINOv2 (timm's or the
@@ -57,11 +58,11 @@ Decisions where the papers are silent
 * The teacher router is a bias-free linear map, the same form as the student's router.
 * Registers (DINOv2-reg) are dropped from every output: a teacher's tokens are CLS and
   patches, as the student's.
-* Final teachers (M²oT) run at about the student's pixel size: round(img_size / p_t) patches of
-  their own size p_t (a hierarchical model's: its last map's stride), positions resampled
-  bicubically (ours, or timm's `set_input_size`: the same), images resized bilinearly;
-  m2ot.py aligns their g×g grids. Not at their native size: a DINOv2 at 518 px costs ~5x one
-  at 224 px, for pixels the student never sees.
+* Final teachers (M²oT) run at the student's pixel size unless "SRC@SIZE" names another: round
+  (size / p_t) patches of their own size p_t (a hierarchical model's: its last map's stride),
+  positions resampled bicubically (ours, or timm's `set_input_size`: the same), images resized
+  bilinearly; m2ot.py aligns their g×g grids. Native sizes cost more (DINOv2 at 518 px ~5x
+  224 px) for no new pixels: a finer map and the size they were trained at (docs/m2ot.md).
 * Their CLS is the class token after the final norm, else the mean of the patches. timm models
   give the last block's (stage's) map from `forward_intermediates`, normed where timm allows
   (Hiera/SAM2 norm only their pooled vector), and mean/std from `pretrained_cfg`; ViT
@@ -83,6 +84,7 @@ from augment import MEAN, STD
 from checkpoint import build_vit, check_keys, read_state_dict, vit_config, vit_weights
 from flags import ArgumentParser, UsageError, add_flag, run_cli
 from losses import entropy_loss, importance_loss
+from m2ot import teacher_source
 
 CLASSIFIER = ("head.", "fc_norm.")  # never run, ignored
 NEVER_RUN = ("norm.", *CLASSIFIER)  # TGR's teacher also stops before the final norm
@@ -107,14 +109,16 @@ class _Frozen(nn.Module):
 class Teacher(_Frozen):
     """A frozen ViT that returns the LN2 outputs of chosen 1-indexed blocks.
 
-    feats = teacher(images)    list of (B, N, D_t) float32, one per entry of `layers`
+    feats = teacher(images)    list of (B, N, D_t) float32, one per entry of `layers`;
+    layer depth + 1 (`--teacher-layers final`) is the last block's output after the final norm
     """
 
     def __init__(self, vit, layers, *, dtype="bf16", resample=False, kind="", pretrained=True):
         super().__init__()
         self.layers, self.depth = tuple(layers), len(vit.blocks)
+        self.final = max(self.layers) > self.depth  # the paper's last-layer ablation
         vit.blocks = vit.blocks[: max(self.layers)]  # never run past the deepest block needed
-        vit.norm, vit.head = nn.Identity(), nn.Identity()  # nor the final norm and head
+        vit.norm, vit.head = vit.norm if self.final else nn.Identity(), nn.Identity()  # norm: final
         self.vit, self.dtype, self.resample = vit, dtype, resample
         self.kind, self.pretrained = kind, pretrained
         self.dim, self.grid = vit.embed_dim, vit.grid
@@ -134,16 +138,18 @@ class Teacher(_Frozen):
             size = (self.img_size, self.img_size)
             images = F.interpolate(images, size=size, mode="bilinear")  # (B, 3, G·P, G·P)
         wanted, feats, prefix = set(self.layers), {}, self.vit.num_prefix_tokens
+        tokens = lambda h: torch.cat([h[:, :1], h[:, prefix:]], dim=1) if prefix > 1 else h
         with self.autocast(images):
             x = self.vit.embed(images)  # (B, N, D_t)
             for i, block in enumerate(self.vit.blocks, start=1):  # vit.Block, written out
                 x = x + block.ls1(block.attn(block.norm1(x)))  # (B, N, D_t)
                 h = block.norm2(x)  # (B, N, D_t) h_t^(i): what the MLP (and a router) reads
                 if i in wanted:  # registers dropped: CLS and patches, as the student's tokens
-                    h = torch.cat([h[:, :1], h[:, prefix:]], dim=1) if prefix > 1 else h
-                    feats[i] = h.float()  # (B, 1 + G², D_t)
-                if i < len(self.vit.blocks):
+                    feats[i] = tokens(h).float()  # (B, 1 + G², D_t)
+                if i < len(self.vit.blocks) or self.final:
                     x = x + block.ls2(block.mlp(h)[0])  # (B, N, D_t)
+            if self.final:  # the final features: every block, then the final norm
+                feats[self.depth + 1] = tokens(self.vit.norm(x)).float()  # (B, 1 + G², D_t)
         return [feats[i] for i in self.layers]
 
     def extra_repr(self):
@@ -161,12 +167,12 @@ def load_teacher(
     """
     if dtype not in ("bf16", "fp32"):
         raise UsageError(f"teacher dtype {dtype!r}: use bf16 or fp32")
-    layers = [int(i) for i in layers]
     if not layers:
         raise UsageError("no teacher layers given")
     sd, args, kind, pretrained = vit_weights(source, random_ok, "--teacher")
     cfg = vit_config(sd, args, source)
-    bad = [i for i in layers if not 1 <= i <= cfg["depth"]]
+    bad = [i for i in layers if i != "final" and not 1 <= int(i) <= cfg["depth"]]
+    layers = [cfg["depth"] + 1 if i == "final" else int(i) for i in layers]  # depth + 1: final
     if bad:
         depth = cfg["depth"]
         raise UsageError(f"teacher block {bad[0]} does not exist: {source} has 1..{depth}")
@@ -177,7 +183,8 @@ def load_teacher(
             f"{cfg['patch_size']}) vs student {student_grid}x{student_grid}; use a teacher of "
             "the student's grid or pass --teacher-resample"
         )
-    vit = build_vit(sd, cfg, source, NEVER_RUN, student_grid)  # final norm, head: by Teacher
+    skip = NEVER_RUN if max(layers) <= cfg["depth"] else CLASSIFIER  # "final" runs the norm
+    vit = build_vit(sd, cfg, source, skip, student_grid)  # the head: dropped by Teacher
     return Teacher(vit, layers, dtype=dtype, resample=resample, kind=kind, pretrained=pretrained)
 
 
@@ -296,12 +303,13 @@ def _timm_teacher(source, img_size, dtype, random_ok):
 def load_final_teacher(source, *, img_size, dtype="bf16", random_ok=False):
     """A frozen `FinalTeacher` (M²oT) from any `load_teacher` source or "timm:NAME=PATH".
 
-    img_size: the student's image side in pixels; the teacher runs at round(img_size / p_t)
-    patches of its own patch size p_t (positions resampled), so it sees the same pixels.
+    img_size: the student's image side in pixels, or SIZE of a "SRC@SIZE" source; the teacher
+    runs at round(img_size / p_t) patches of its own patch size p_t (positions resampled).
     random_ok: torchvision weights may be random if not cached; "timm:NAME" is random.
     """
     if dtype not in ("bf16", "fp32"):
         raise UsageError(f"teacher dtype {dtype!r}: use bf16 or fp32")
+    source, img_size = teacher_source(source, img_size)  # "SRC@SIZE": its own size
     if isinstance(source, str) and source.startswith("timm:"):
         return _timm_teacher(source, img_size, dtype, random_ok)
     sd, args, kind, pretrained = vit_weights(source, random_ok, "teacher")

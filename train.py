@@ -172,7 +172,8 @@ def build_m2ot(args, model, teachers, device, world):
     """M²oT's training-only parts (`m2ot.M2oT`): heads, π, statistics; identical on every rank."""
     layers = len(model.moe_layers) if args.method == "m2ot" else 0  # π: top-K students only
     teachers = [t.to(device) for t in teachers]
-    m2ot = M2oT(teachers, model.embed_dim, model.grid, layers, args.experts).to(device)
+    forms = dict(tas_form=args.tas_form, dist_reduce=args.dist_reduce)  # flags.py's choices
+    m2ot = M2oT(teachers, model.embed_dim, model.grid, layers, args.experts, **forms).to(device)
     return broadcast_from_rank0(m2ot, world)
 
 
@@ -251,6 +252,7 @@ def compute_losses(model, images, targets, args, guides, labels=None):
     layer's combine weights g, the task loss's only path into the router, so the router learns
     from its own layer's KL alone while it still routes. It stays inside autograd, so DDP
     averages it like any gradient (a separate autograd.grad would need an all-reduce).
+    `--distill-tokens cls` (the summary's "targets the CLS token"): the KL of the CLS token alone.
     """
     if guides.m2ot is not None:
         loss, parts = m2ot_losses(model, guides.m2ot, images, args.tas_coef, args.switch_coef)
@@ -264,6 +266,8 @@ def compute_losses(model, images, targets, args, guides, labels=None):
     loss = parts["task"] = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
     if labels is not None:
         parts["top1"] = 100 * (logits.argmax(-1) == labels).float().mean()
+    if routings and routings[0].kept is not None:  # at the training cf: what capacity drops
+        parts["dropped"] = torch.stack([r.dropped() for r in routings]).mean()
     if args.student_balance_coef > 0 and METHODS[args.method] == "top-k":
         # V-MoE: L_aux = Σ_i λ·(L_imp + L_load), each per routing group and averaged over the
         # groups (as capacity is); in teacher-route the record's logits are R_t's
@@ -282,7 +286,8 @@ def compute_losses(model, images, targets, args, guides, labels=None):
     if t_logits is not None:
         # L_distill = KL(sg(p_t) ‖ p) = Σ_e p_t,e (log p_t,e − log p_e); sg = .detach(): the KL
         # pulls the student toward the teacher router and never the teacher router toward it
-        pairs = [(r.student_logits, t) for r, t in zip(routings, t_logits)]  # (T, E), (B, N, E)
+        n = 1 if args.distill_tokens == "cls" else None  # (B, N, E) pairs; cls: (B, 1, E)
+        pairs = [(r.student_logits.view_as(t)[:, :n], t[:, :n]) for r, t in zip(routings, t_logits)]
         parts["distill"] = sum(routing_kl(s, t.detach(), from_logits=True) for s, t in pairs)
         # how often the student's own top-1 already is the teacher router's, averaged over layers
         agree = [teacher_agreement(s, t) for s, t in pairs]  # tensors: no host sync
@@ -344,7 +349,7 @@ def train_one_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-        images, targets, labels = data.device_batch(images, targets, device, args, mix)
+        images, targets, labels = data.device_batch(images, targets, device, args, mix, (epoch, it))
         last = (it + 1) % accum == 0  # the batch whose backward all-reduces
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
             with torch.autocast(**amp):  # bf16 on GPU only
@@ -420,9 +425,8 @@ def validate(args, model, val_loader, guides, ema=None, knn_loader=None):
     if ema is not None:  # routed as the model is (tgr: no teacher agreement needed here)
         record["val_top1_ema"] = run(ema.module, **(routed if by_teacher else {})).get("top1")
     if knn_loader is not None:  # weighted k-NN, k = 20, T = 0.07 (DINO's protocol)
-        record["val_knn_top1"] = knn_eval(
-            model, knn_loader, val_loader, device, amp_dtype=amp_dtype
-        )
+        knn = knn_eval(model, knn_loader, val_loader, device, amp_dtype=amp_dtype)
+        record["val_knn_top1"] = knn
     return record
 
 
@@ -537,9 +541,8 @@ def train(args, rank, world, device):
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
         knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
-        val = validate(
-            args, model_without_ddp, val_loader, guides, ema, knn_loader if knn_due else None
-        )
+        knn = knn_loader if knn_due else None  # the k-NN top-1: every --knn-every epochs, last
+        val = validate(args, model_without_ddp, val_loader, guides, ema, knn)
         assign = probe_assignments(model_without_ddp, probe)
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling}
@@ -573,12 +576,10 @@ def train(args, rank, world, device):
         rngs = checkpoint.rng_states(world)  # every rank's: a resumed DDP run continues exactly
         if rank == 0:
             routers = guides.routers.state_dict() if guides.routers is not None else router_state
-            ours = dict(rng=rngs, switch=switch, probe_prev=prev_assign, ref_assign=ref_assign)
-            ours.update(
-                teacher_router=routers, teacher_args=t_args, model_ema=ema, m2ot=guides.m2ot
-            )
+            ours = dict(rng=rngs, switch=switch, model_ema=ema, m2ot=guides.m2ot)
+            ours.update(probe_prev=prev_assign, ref_assign=ref_assign, teacher_router=routers)
             state = checkpoint.training_state(
-                model_without_ddp, optimizer, args, epoch, step, **ours
+                model_without_ddp, optimizer, args, epoch, step, teacher_args=t_args, **ours
             )
             save_epoch(out, state, record, assign, probe_history)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce

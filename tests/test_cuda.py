@@ -30,10 +30,10 @@ def teacher_ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["vmoe", "tgr"])
 def test_the_step_never_waits_for_the_gpu(method, teacher_ckpt, tmp_path, monkeypatch):
-    """3 steps (MixUp, random erasing, EMA, TGR's teacher and KL) under CUDA's sync debug
-    mode "error": any .item(), bool() or blocking copy raises. The epoch's one progress line,
-    which reads the sums on purpose, switches the mode off first."""
-    args = args_for(tmp_path, "--method", method, "--teacher", teacher_ckpt)
+    """3 steps (RandAugment on the device, MixUp, random erasing, EMA, TGR's teacher and KL)
+    under CUDA's sync debug mode "error": any .item(), bool() or blocking copy raises. The
+    epoch's one progress line, which reads the sums on purpose, switches the mode off first."""
+    args = args_for(tmp_path, "--method", method, "--teacher", teacher_ckpt, "--aa-on-device")
     args.student_balance_coef, args.base_lr = (0.0 if method == "tgr" else 0.005), 1e-3
     device = torch.device("cuda")
     model = train.build_student(args, 10).to(device)

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -38,6 +39,49 @@ def test_the_loader_hands_over_uint8_and_normalize_matches_torchvision():
     want = v2.Normalize(data.MEAN, data.STD)(v2.ToDtype(torch.float32, scale=True)(batch))
     torch.testing.assert_close(data.normalize(batch), want)
     assert data.normalize(want) is want  # float input: already normalised
+
+
+def test_aa_on_device_moves_randaugment_from_the_workers_to_the_device_batch():
+    """--aa-on-device: the workers stop after crop and flip; device_batch applies the batched
+    RandAugment, seeded by (seed, epoch, batch, rank): the same batch position draws the same
+    augmentations (exact resume), another draws others. Args without the flag (an older
+    checkpoint's) keep RandAugment in the workers."""
+    args = argparse.Namespace(
+        img_size=32, crop_flip=True, aa="rand-m9-mstd0.5-inc1", reprob=0.0, seed=0
+    )
+    names = lambda: [type(t).__name__ for t in data.build_transform(True, args).transforms]
+    assert "RandAugment" in names()  # no aa_on_device attribute: off
+    args.aa_on_device = True
+    assert "RandAugment" not in names() and names()[-2:] == ["RandomHorizontalFlip", "ToPureTensor"]
+    batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    targets, cpu = torch.zeros(16, dtype=torch.long), torch.device("cpu")
+    ready = lambda at: data.device_batch(batch, targets, cpu, args, None, at)[0]
+    seed = ((0 * 1_000_003 + 1) * 1_000_003 + 2) * 1_009 + 0  # (seed 0, epoch 1, batch 2, rank 0)
+    want = data.rand_augment_batch(batch, torch.Generator().manual_seed(seed))
+    assert torch.equal(ready((1, 2)), data.normalize(want))
+    assert not torch.equal(ready((1, 2)), ready((1, 3)))  # the next batch: other draws
+    args.aa_on_device = False
+    assert torch.equal(ready((1, 2)), data.normalize(batch))
+
+
+def test_read_rgb_gives_pils_pixels_as_a_tensor(tmp_path):
+    """ImageFolder's loader decodes with torchvision.io: RGB, greyscale and CMYK JPEGs and a PNG
+    named .jpg read as PIL's convert("RGB") reads them; PIL reads what torchvision.io cannot."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 4, 6, 7, generator=g), (48, 56))
+    pixels = (smooth[0] * 255).byte().permute(1, 2, 0).numpy()  # (48, 56, 4) smooth colours
+    files = {
+        "rgb.jpg": (Image.fromarray(pixels[..., :3]), "JPEG"),
+        "grey.jpg": (Image.fromarray(pixels[..., 0]), "JPEG"),
+        "cmyk.jpg": (Image.fromarray(pixels, "CMYK"), "JPEG"),
+        "png.jpg": (Image.fromarray(pixels[..., :3]), "PNG"),  # ImageNet has such files
+        "rgb.bmp": (Image.fromarray(pixels[..., :3]), "BMP"),  # not torchvision.io's: PIL
+    }
+    for name, (img, kind) in files.items():
+        img.save(tmp_path / name, format=kind)
+        pil = Image.open(tmp_path / name).convert("RGB")
+        ours = data.read_rgb(str(tmp_path / name))
+        assert torch.equal(v2.functional.pil_to_tensor(pil), v2.ToImage()(ours)), name
 
 
 def test_the_train_split_without_augmentation_reads_as_the_validation_does():

@@ -19,7 +19,7 @@ import eval as ev
 import train
 from augment import MEAN, STD
 from data import normalize, probe_images, probe_indices
-from m2ot import preference_sharpness, teacher_preference, teacher_preferences
+from m2ot import favourite_counts, preference_sharpness, teacher_preference, teacher_preferences
 from moe import build_model
 from report import fmt_table, for_display
 from router import capacity_for
@@ -369,6 +369,16 @@ def test_preference_sharpness_by_hand():
     assert preference_sharpness(torch.eye(3)) == 1.0  # every expert serves one teacher
 
 
+def test_favourite_counts_tell_one_teacher_from_a_split():
+    nan = float("nan")
+    same = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [nan, nan]])  # all lean to A
+    split = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.2, 0.8]])
+    assert preference_sharpness(same) == pytest.approx(preference_sharpness(split))  # 0.8 each
+    assert favourite_counts(same) == [3, 0]  # the expert without a token counts for none
+    assert favourite_counts(split) == [2, 2]
+    assert favourite_counts(torch.eye(3)[[0, 0, 2]]) == [2, 0, 1]
+
+
 def m2ot_student(**options):
     """An untrained M²oT student: micro, no classifier, E = 4, K = 2, MoE in blocks 2, 4, 6."""
     torch.manual_seed(0)
@@ -396,7 +406,7 @@ def test_teacher_preferences_sum_over_batches_and_restore_the_layers():
     for pi in routers:
         torch.nn.init.normal_(pi.weight)  # strong preferences, not π's near-uniform init
     images = torch.randn(6, 3, 32, 32)
-    got = teacher_preferences(model, routers, images, batch_size=4)
+    got, per_token = teacher_preferences(model, routers, images, batch_size=4)
     layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
     assert not any(layer.keep_expert_outputs for layer in layers)  # restored
     for layer in layers:
@@ -407,7 +417,19 @@ def test_teacher_preferences_sum_over_batches_and_restore_the_layers():
             teacher_preference(pi(r.inputs), r.experts, r.kept, 4)
             for pi, r in zip(routers, routings)
         ]
+        # per token: mean over the kept assignments (t, k) of max_i π(t, e_{t,k}, i)
+        want_token = []
+        for pi, r in zip(routers, routings):
+            mix = pi(r.inputs)  # (T, E, N_T)
+            peaks = [
+                float(mix[t, r.experts[t, k]].max())
+                for t in range(r.experts.shape[0])
+                for k in range(r.experts.shape[1])
+                if r.kept[t, k]
+            ]
+            want_token.append(sum(peaks) / len(peaks))
     torch.testing.assert_close(got, want, equal_nan=True)
+    assert per_token == pytest.approx(want_token, rel=1e-5)
     teacher_preferences(model, routers, images)
     assert all(layer.keep_expert_outputs for layer in layers)  # left as the caller set them
 
@@ -506,6 +528,13 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
         assert rows and all(sum(row) == pytest.approx(1, abs=1e-3) for row in rows)
         assert sharpness == pytest.approx(sum(map(max, rows)) / len(rows), abs=1e-3)
         assert 0.5 <= sharpness <= 1
+    assert len(res["token_sharpness"]) == 3 and all(0.5 <= x <= 1 for x in res["token_sharpness"])
+    for pref, counts, distinct in zip(
+        res["teacher_preference"], res["favourite_counts"], res["distinct_favourites"]
+    ):
+        favourites = [max(range(2), key=row.__getitem__) for row in pref if None not in row]
+        assert counts == [favourites.count(0), favourites.count(1)]
+        assert distinct == len(set(favourites))
     # the bank: TINY's 64 train images as generated (at 32 px the eval transform keeps them)
     model = m2ot_student()
     whole = lambda split, n: list(torch.utils.data.DataLoader(SyntheticImages(n, 10, 32, split), n))
@@ -515,6 +544,11 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
     assert printed.splitlines()[1] == f"k-NN top-1 {want:.2f}"  # and no top-1 before it
     assert "teacher preference, block 6" in printed
     assert "| expert | dino.pt | torchvision:clip |" in printed
+    head = next(line for line in printed.splitlines() if line.startswith("| MoE block"))
+    assert "per-token sharpness" in head and "experts per favourite" in head
+    row = next(line for line in printed.splitlines() if line.startswith("| 2 |"))
+    counts = "/".join(map(str, res["favourite_counts"][0]))
+    assert row.endswith(f"| {res['token_sharpness'][0]:.3f} | {counts} |")
 
 
 def test_an_m2ot_checkpoint_plots_the_teacher_preference(m2ot_run, tmp_path):

@@ -66,3 +66,11 @@ def test_the_recipe_line_is_built_from_its_parts():
 def test_usage_error_is_a_value_error():
     """One class for every user mistake; `run_cli` turns ValueError and OSError into a line."""
     assert issubclass(UsageError, ValueError)
+
+
+def test_teacher_layers_take_block_numbers_or_final(capsys):
+    parser = get_args_parser()
+    assert parser.parse_args(["--teacher-layers", "4", "final"]).teacher_layers == [4, "final"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--teacher-layers", "last"])
+    assert "a block number or final" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from losses import (
     routing_kl,
     switch_load_loss,
     tas_loss,
+    tas_map_loss,
     z_loss,
 )
 
@@ -124,6 +125,23 @@ def ref_tas(expert_out, probs, kept, mix, teacher_feats):
                 t_bar = sum(mix[t, k, i].item() * teacher_feats[i, t, c].item() for i in range(N_T))
                 l1 += abs(expert_out[t, k, c].item() - t_bar)
             total += probs[t, k].item() * l1 / D
+    return total / T
+
+
+def ref_tas_map(expert_out, probs, kept, mix, teacher_feats):
+    T, K, D = expert_out.shape
+    N_T = mix.shape[-1]
+    total = 0.0
+    for t in range(T):
+        for k in range(K):
+            if not kept[t, k]:
+                continue
+            for i in range(N_T):  # π outside the norm: one L1 distance per teacher
+                l1 = sum(
+                    abs(expert_out[t, k, c].item() - teacher_feats[i, t, c].item())
+                    for c in range(D)
+                )
+                total += probs[t, k].item() * mix[t, k, i].item() * l1 / D
     return total / T
 
 
@@ -309,19 +327,22 @@ def test_tas_loss_zero_when_each_expert_equals_its_mixture():
     assert off == pytest.approx(0.1 * probs.sum(dim=-1).mean().item(), rel=1e-5)
 
 
-def test_tas_loss_ignores_dropped_assignments():
+@pytest.mark.parametrize("tas", [tas_loss, tas_map_loss], ids=["eq8", "map"])
+def test_tas_losses_ignore_dropped_assignments_and_leave_teachers_alone(tas):
     expert_out, probs, kept, mix, teacher_feats = random_tas()
-    base = tas_loss(expert_out, probs, kept, mix, teacher_feats).item()
+    base = tas(expert_out, probs, kept, mix, teacher_feats).item()
     # whatever a dropped slot holds (garbage, even NaN) changes nothing and gets no gradient
     garbage = 100 * torch.randn_like(expert_out)
     garbage[0, 1, 0] = float("nan")  # kept[0, 1] is False
     changed = torch.where(kept.unsqueeze(-1), expert_out, garbage).requires_grad_()
     probs, mix = probs.clone().requires_grad_(), mix.clone().requires_grad_()
-    loss = tas_loss(changed, probs, kept, mix, teacher_feats)
+    feats = teacher_feats.clone().requires_grad_()
+    loss = tas(changed, probs, kept, mix, feats)
     assert loss.item() == pytest.approx(base, rel=1e-6)
     loss.backward()
     assert (changed.grad[~kept] == 0).all() and changed.grad[kept].abs().sum() > 0
     assert (probs.grad[~kept] == 0).all() and (mix.grad[~kept] == 0).all()
+    assert feats.grad is None  # frozen teachers
 
 
 def test_tas_loss_with_one_hot_mix_is_p_weighted_l1_to_that_teacher():
@@ -384,3 +405,38 @@ def test_tas_loss_mix_gradient_favours_the_nearer_teacher_and_teachers_get_none(
     assert teacher_feats.grad is None  # frozen teachers: detached inside the loss
     assert (probs.grad > 0).all()  # p keeps its gradient (a larger weight on a gap costs more)
     assert expert_out.grad.abs().sum() > 0
+
+
+def test_tas_map_loss_matches_reference():
+    args = random_tas()
+    assert tas_map_loss(*args).item() == pytest.approx(ref_tas_map(*args), rel=1e-6)
+
+
+def test_tas_map_loss_bounds_eq8_and_equals_it_for_one_hot_mix():
+    expert_out, probs, kept, mix, teacher_feats = random_tas()
+    # Σ_i π_i ‖φ − T_i‖₁ ≥ ‖φ − Σ_i π_i T_i‖₁: a mixture is never a harder target
+    args = (expert_out, probs, kept, mix, teacher_feats)
+    assert tas_map_loss(*args).item() >= tas_loss(*args).item()
+    one_hot = F.one_hot(torch.randint(3, mix.shape[:2]), 3).double()  # (T, K, N_T)
+    both = [
+        f(expert_out, probs, kept, one_hot, teacher_feats).item() for f in (tas_loss, tas_map_loss)
+    ]
+    assert both[0] == pytest.approx(both[1], rel=1e-9)
+
+
+def test_tas_map_loss_gradient_moves_pi_to_the_nearer_teacher():
+    """Eq. 8's gradient on π vanishes at φ = the teachers' mean; the MAP form's does not: it
+    raises the weight of whichever teacher φ is nearer, however slightly."""
+    t_a = torch.randn(4, 8)
+    teacher_feats = torch.stack([t_a, t_a + 3.0])  # (2, T, D)
+    offset = torch.tensor([-0.1, 0.1]).view(1, 2, 1)  # slot 0 a little nearer A, slot 1 B
+    phi = teacher_feats.mean(0).unsqueeze(1) + offset  # (T, 2, D)
+    kept, probs = torch.ones(4, 2, dtype=torch.bool), torch.full((4, 2), 0.5)
+    logits = torch.zeros(4, 2, 2, requires_grad=True)  # π uniform
+    tas_map_loss(phi, probs, kept, logits.softmax(-1), teacher_feats).backward()
+    assert (logits.grad[:, 0, 0] < logits.grad[:, 0, 1]).all()  # slot 0, nearer A: toward A
+    assert (logits.grad[:, 1, 1] < logits.grad[:, 1, 0]).all()  # slot 1, nearer B: toward B
+    logits.grad = None
+    at_mean = teacher_feats.mean(0).unsqueeze(1).expand(4, 2, 8)  # (T, 2, D) exactly the mean
+    tas_loss(at_mean, probs, kept, logits.softmax(-1), teacher_feats).backward()
+    assert logits.grad.abs().max() < 1e-6  # Eq. 8 at its minimum, 0: nothing moves π

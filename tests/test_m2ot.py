@@ -19,18 +19,24 @@ import torch.nn.functional as F
 import checkpoint
 import train
 from data import MEAN, STD
+from flags import UsageError
 from losses import feature_distill_loss, switch_load_loss
 from m2ot import (
     M2oT,
     RunningStandardiser,
+    TeacherAwareRouter,
     align_tokens,
     keep_expert_outputs,
+    layer_tas,
     load_mix_routers,
     m2ot_losses,
+    preference_sharpness,
     renormalise,
     semi_orthogonal,
+    teacher_preference,
+    teacher_source,
 )
-from moe import build_model
+from moe import MoEMLP, build_model
 
 
 class StubTeacher(nn.Module):
@@ -153,8 +159,9 @@ def test_distill_is_the_mean_over_teachers_of_cls_and_patch():
     torch.testing.assert_close(total, (want[0] + want[1]) / 2)
 
 
-def ref_tas(m, routings, targets):
-    """Eq. 8 token by token: π from the router's weight by hand, T̄ = Σ_i π_i Q_i T_i."""
+def ref_tas(m, routings, targets, form="mixture"):
+    """L_tas token by token: π from the router's weight by hand; mixture (Eq. 8): the gap to
+    T̄ = Σ_i π_i Q_i T_i; map: Σ_i π_i · the gap to Q_i T_i."""
     total = 0.0
     feats = []
     for i, (cls, patches) in enumerate(targets):
@@ -168,23 +175,140 @@ def ref_tas(m, routings, targets):
             for k in range(r.experts.shape[1]):
                 if not r.kept[t, k]:
                     continue
-                e = int(r.experts[t, k])
-                t_bar = sum(mix[e, i] * feats[i][t] for i in range(len(feats)))
-                gap = (r.expert_out[t, k].double() - t_bar).abs().mean()
+                e, phi = int(r.experts[t, k]), r.expert_out[t, k].double()
+                if form == "map":
+                    gaps = [mix[e, i] * (phi - feats[i][t]).abs().mean() for i in range(len(feats))]
+                    gap = sum(gaps)
+                else:
+                    t_bar = sum(mix[e, i] * feats[i][t] for i in range(len(feats)))
+                    gap = (phi - t_bar).abs().mean()
                 layer += r.probs[t, e].item() * gap.item()
         total += layer / T
     return total
 
 
-def test_tas_equals_a_token_by_token_loop():
-    m = M2oT([StubTeacher(96, 8), StubTeacher(192, 4)], 96, 8, 3, 4)
+@pytest.mark.parametrize("form", ["mixture", "map"])
+def test_tas_equals_a_token_by_token_loop(form):
+    m = M2oT([StubTeacher(96, 8), StubTeacher(192, 4)], 96, 8, 3, 4, tas_form=form)
     model = student()
     model.train()
     tokens, routings = model(torch.randn(2, 3, 32, 32), features=True)
     assert not all(r.kept.all() for r in routings)  # cf 1.05: some assignments dropped
     targets = m.targets(torch.randn(2, 3, 32, 32))
     got = m.tas(routings, m.teacher_tokens(targets)).detach()
-    assert got.item() == pytest.approx(ref_tas(m, routings, targets), rel=1e-5)
+    assert got.item() == pytest.approx(ref_tas(m, routings, targets, form), rel=1e-5)
+
+
+def test_dist_reduce_sum_is_eq2_as_written_and_mean_its_mean():
+    teachers = [StubTeacher(96, 8), StubTeacher(48, 4), StubTeacher(32, 2)]
+    tokens, images = torch.randn(2, 65, 96), torch.randn(2, 3, 32, 32)
+    mean, summed = (M2oT(teachers, 96, 8, dist_reduce=r) for r in ("mean", "sum"))
+    summed.load_state_dict(mean.state_dict())  # the same heads
+    (l_mean, parts), (l_sum, parts_sum) = (
+        m.distill(tokens, m.targets(images)) for m in (mean, summed)
+    )
+    torch.testing.assert_close(torch.stack(parts), torch.stack(parts_sum))
+    torch.testing.assert_close(l_sum, sum(parts))  # Eq. 2: Σ_i
+    torch.testing.assert_close(l_mean, sum(parts) / 3)  # N_T = 3 times smaller
+
+
+def test_tas_form_and_dist_reduce_flags_reach_the_objective():
+    parse = lambda *f: train.get_args_parser().parse_args([*TINY, "--method", "m2ot", *f])
+    build = lambda args: train.build_m2ot(args, student(), [StubTeacher(96, 8)], "cpu", 1)
+    m = build(parse("--teachers", "T"))
+    assert (m.tas_form, m.dist_reduce) == ("mixture", "mean")  # the defaults: Eq. 8, mean
+    m = build(parse("--teachers", "T", "--tas-form", "map", "--dist-reduce", "sum"))
+    assert (m.tas_form, m.dist_reduce) == ("map", "sum")
+
+
+def test_teacher_source_reads_an_at_size(tmp_path):
+    assert teacher_source("dinov2.pth@518", 224) == ("dinov2.pth", 518)
+    assert teacher_source("timm:aimv2_large_patch14_224=a/b.pth@448", 32) == (
+        "timm:aimv2_large_patch14_224=a/b.pth",
+        448,
+    )
+    assert teacher_source("torchvision:vit_b_16", 224) == ("torchvision:vit_b_16", 224)
+    odd = tmp_path / "run@3.pt"  # a file whose own name holds an @
+    odd.touch()
+    assert teacher_source(str(odd), 32) == (str(odd), 32)
+    for bad in ("a.pth@", "a.pth@big", "a.pth@0", "a.pth@-4", "a.pth@2.5"):
+        with pytest.raises(UsageError, match=r"is not a size in pixels \(SRC@SIZE") as err:
+            teacher_source(bad, 32)
+        assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- Eq. 8's fixed point
+def fit_one_layer(form, steps=200, seed=0, T=256, D=16, E=4):
+    """One MoE layer (K = 2, no drops, no noise) and its π trained jointly on L_tas alone
+    (Adam), from φ ≈ 0 and uniform π, toward two independent teachers: random GELU networks of
+    the tokens, standardised per channel. -> (teachers (2, T, D), the layer's Routing, π)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, T, D, generator=gen) + 1.0  # (1, T, D) not centred, as LN outputs
+
+    def teacher():  # T_i(x) = U GELU(V x + c), standardised
+        h = F.gelu(
+            x[0] @ torch.randn(D, 32, generator=gen) / D**0.5 + torch.randn(32, generator=gen)
+        )
+        f = h @ torch.randn(32, D, generator=gen)  # (T, D)
+        return (f - f.mean(0)) / f.std(0)
+
+    teachers = torch.stack([teacher(), teacher()])  # (2, T, D)
+    torch.manual_seed(seed)
+    layer = MoEMLP(D, 16, E, k=2, capacity_factor=float(E), noise_std=0.0, group_size=1)
+    layer.keep_expert_outputs = True
+    pi = TeacherAwareRouter(D, E, 2)
+    opt = torch.optim.Adam([*layer.parameters(), *pi.parameters()], lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (40x on a busy CPU)
+    try:
+        for _ in range(steps):
+            _, routing = layer(x)
+            loss = layer_tas(pi, routing, teachers, form=form)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        _, routing = layer(x)
+        return teachers, routing, pi(routing.inputs)  # π: (T, E, 2)
+
+
+def gaps_and_sharpness(teachers, r, mix):
+    """mean_c |φ − y| over the assignments for y = T_A, T_B, their mean; per-expert and
+    per-token sharpness; each expert's gap to its favourite teacher and to the mean."""
+    gap = lambda y, m=r.kept: (r.expert_out - y.unsqueeze(1)).abs().mean(-1)[m].mean().item()
+    pref = teacher_preference(mix, r.experts, r.kept, r.num_experts)  # (E, 2)
+    chosen = mix.gather(1, r.experts.unsqueeze(-1).expand(-1, -1, 2))  # (T, K, 2)
+    per_expert = [
+        (
+            gap(teachers[int(pref[e].argmax())], r.experts == e),
+            gap(teachers.mean(0), r.experts == e),
+        )
+        for e in range(r.num_experts)
+        if (r.experts == e).any()
+    ]
+    sharp = (preference_sharpness(pref), chosen.max(-1).values[r.kept].mean().item())
+    return [gap(teachers[0]), gap(teachers[1]), gap(teachers.mean(0))], sharp, per_expert
+
+
+def test_eq8_trained_jointly_settles_on_the_teachers_mean():
+    """Eq. 8 as written: ‖φ − Σ_i π_i T_i‖₁ ≤ Σ_i π_i ‖φ − T_i‖₁, so a mixture is the easier
+    target; from φ ≈ 0 the nearest mixture is the teachers' mean, where π has no pull. π stays
+    near 1/N_T and every expert ends near the mean (Prop. 1's compromise), not near a teacher."""
+    teachers, r, mix = fit_one_layer("mixture")
+    (to_a, to_b, to_mean), (per_expert, per_token), _ = gaps_and_sharpness(teachers, r, mix)
+    assert per_expert < 0.6 and per_token < 0.6  # 1/N_T = 0.5: no preference
+    assert to_mean < 0.5 * min(to_a, to_b)  # 0.24 vs 0.64, 0.56
+
+
+def test_map_form_makes_each_expert_follow_one_teacher():
+    """The MAP form (π outside the norm) from the same start: π goes one-hot and every expert
+    ends nearer its favourite teacher than the teachers' mean."""
+    teachers, r, mix = fit_one_layer("map")
+    _, (per_expert, per_token), experts = gaps_and_sharpness(teachers, r, mix)
+    assert per_expert > 0.95 and per_token > 0.95
+    assert all(to_favourite < to_mean for to_favourite, to_mean in experts)
 
 
 def test_switch_part_is_on_the_top1_choices_and_all_parts_are_logged():

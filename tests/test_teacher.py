@@ -245,6 +245,21 @@ def test_project_dense_checkpoint_equals_its_ln2(tmp_path, namespace):
     )
 
 
+def test_final_layer_is_the_last_block_after_the_final_norm(tmp_path):
+    """--teacher-layers final (the paper's last-layer ablation): the model's own final
+    features, after every block and the final norm, beside an LN2 output."""
+    model = save_micro(tmp_path / "checkpoint.pt")
+    teacher = load_teacher(tmp_path / "checkpoint.pt", [4, "final"], dtype="fp32")
+    assert teacher.final and teacher.layers == (4, 7)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, _ = model.forward_features(images)  # (2, 65, 96), after model.norm
+    refs = ln2_outputs(model, [model.blocks[3].norm2], images) + [final]
+    assert_same_features(teacher(images), refs)
+    plain = load_teacher(tmp_path / "checkpoint.pt", [4, 6], dtype="fp32")
+    assert not plain.final and isinstance(plain.vit.norm, nn.Identity)
+
+
 @pytest.fixture
 def micro_ckpt(tmp_path):
     save_micro(tmp_path / "dense.pt")
@@ -348,6 +363,8 @@ def test_bad_inputs_raise_one_clear_line(tmp_path, micro_ckpt):
         assert "\n" not in str(err.value)
     with pytest.raises(UsageError, match=r"block 7 does not exist: .* has 1\.\.6"):
         load_teacher(micro_ckpt, [4, 7])
+    with pytest.raises(UsageError, match=r"block 7 does not exist: .* has 1\.\.6"):
+        load_teacher(micro_ckpt, ["final", 7])  # "final" is depth + 1, not a block number
     with pytest.raises(UsageError, match="bf16 or fp32"):
         load_teacher(micro_ckpt, [4], dtype="fp16")
 
@@ -450,6 +467,20 @@ def test_project_checkpoint_final_features_at_its_own_and_another_grid(tmp_path)
     big.train()
     assert not big.training and not any(p.requires_grad for p in big.parameters())
     assert not any(v.is_meta for v in big.state_dict().values())  # .to(device) will work
+
+
+def test_final_teacher_at_its_own_size(micro_ckpt):
+    """--teachers SRC@SIZE: the teacher runs at SIZE px (positions resampled to its grid) on
+    the student's images resized to it; a bad SIZE is one line."""
+    teacher = load_final_teacher(f"{micro_ckpt}@48", img_size=32, dtype="fp32")
+    assert (teacher.grid, teacher.img_size, teacher.source) == (12, 48, str(micro_ckpt))
+    cls, patches = teacher(torch.randn(2, 3, 32, 32))  # the student's 32 px, resized to 48
+    assert cls.shape == (2, 96) and patches.shape == (2, 144, 96)
+    assert load_final_teacher(f"{micro_ckpt}@30", img_size=32).grid == 8  # round(30 / 4) = 8
+    for bad in ("", "big", "0", "2.5"):
+        with pytest.raises(UsageError, match=r"is not a size in pixels \(SRC@SIZE") as err:
+            load_final_teacher(f"{micro_ckpt}@{bad}", img_size=32)
+        assert "\n" not in str(err.value)
 
 
 @pytest.fixture

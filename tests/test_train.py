@@ -131,6 +131,32 @@ def test_distill_only_router_gradient_is_the_kl_gradient(teacher_ckpt, tmp_path)
         assert not torch.allclose(f, e, atol=1e-6)  # the task does reach the router normally
 
 
+def test_distill_tokens_cls_is_the_kl_of_the_cls_token_alone(teacher_ckpt, tmp_path):
+    """--distill-tokens cls (the summary's "targets the CLS token routing output"): the KL of
+    each layer over the CLS token (token 0 of every image), not over every token."""
+    args = args_for(tmp_path, "--method", "tgr", "--teacher", teacher_ckpt, *QUIET)
+    args.student_balance_coef = 0.0
+    torch.manual_seed(0)
+    train_set, classes = build_dataset(True, args)
+    model = train.build_student(args, classes).eval()  # no router noise: two equal forwards
+    teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
+    images = normalize(torch.stack([train_set[i][0] for i in range(8)]))  # (8, 3, 32, 32)
+    targets = torch.tensor([train_set[i][1] for i in range(8)])
+    guides = train.Guides(teacher, routers)
+    distill = {}
+    for tokens in ("all", "cls"):
+        args.distill_tokens = tokens
+        distill[tokens] = train.compute_losses(model, images, targets, args, guides)[2]["distill"]
+    _, routings = model(images)
+    t_logits = [R(h) for R, h in zip(routers, teacher(images))]  # (8, N, E) each
+    cls = [
+        routing_kl(r.student_logits.view(8, -1, t.shape[-1])[:, 0], t[:, 0], from_logits=True)
+        for r, t in zip(routings, t_logits)
+    ]
+    torch.testing.assert_close(distill["cls"], sum(cls), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(distill["all"], distill["cls"])
+
+
 # ----------------------------------------------------------------------------- the TGR schedule
 def count_teacher_calls(monkeypatch):
     calls = []
@@ -232,6 +258,7 @@ def test_log_and_checkpoint_layout(tmp_path, capsys):
         "utilisation",
         "consistency_prev",
         "dropped_frac",
+        "train_dropped",
         "distilling",
         "images_per_s",
         "train_top1",
@@ -241,6 +268,7 @@ def test_log_and_checkpoint_layout(tmp_path, capsys):
         assert key in record, key
     assert len(record["routing_entropy"]) == 2 and len(record["utilisation"][0]) == 4
     assert 0 <= record["train_top1"] <= 100  # on the un-mixed labels (MixUp/CutMix are on)
+    assert 0 < record["train_dropped"] < 1  # at the training cf 1.05, noisy routing drops some
     printed = capsys.readouterr().out
     assert "recipe: AdamW lr 6.25e-05" in printed  # 2e-3 · 16 / 512, resolved
     assert "capacity factor 1.05 train / 4.0 eval" in printed  # V-MoE's eval default
@@ -267,11 +295,13 @@ def test_finetune_replaces_the_head_and_logs_consistency(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch):
-    # everything random stays on: MixUp/CutMix, RandAugment, crop/flip, drop-path, router noise
+@pytest.mark.parametrize("aa_where", ["--no-aa-on-device", "--aa-on-device"])
+def test_resume_is_exact(teacher_ckpt, tmp_path, monkeypatch, aa_where):
+    # everything random stays on: MixUp/CutMix, RandAugment (in the loader, or on the device
+    # batch from a generator seeded by (seed, epoch, batch, rank)), crop/flip, drop-path, noise
     common = [
         *("--method", "tgr", "--teacher", teacher_ckpt, "--epochs", "4"),
-        *("--distill-until", "0.75"),
+        *("--distill-until", "0.75", aa_where),
     ]
     straight = run(tmp_path / "a", *common)["model"].state_dict()
 
