@@ -87,8 +87,8 @@ def m2ot_row(name, seed, out, seconds):
     """One student: k-NN top-1, the last epoch's losses, eval.py's preference sharpness."""
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     res = eval.main(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
-    sharp = " ".join(f"{x:.2f}" for x in res.get("preference_sharpness", [])) or "-"
-    token = " ".join(f"{x:.2f}" for x in res.get("token_sharpness", [])) or "-"
+    per_layer = lambda key: " ".join(f"{x:.2f}" for x in res.get(key, [])) or "-"
+    sharp, token = per_layer("preference_sharpness"), per_layer("token_sharpness")
     favourites = " ".join("/".join(map(str, f)) for f in res.get("favourite_counts", [])) or "-"
     loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
     dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"

@@ -190,10 +190,9 @@ def tas_map_loss(expert_out, probs, kept, pi, targets):
     # Σ_i π_i ‖φ − T_i‖₁ ≥ ‖φ − Σ_i π_i T_i‖₁ (the triangle inequality): unlike Eq. 8 it is
     # lowest where π sits on the teacher nearest φ and φ on that teacher, not on a mixture.
     targets = targets.detach().float()  # (N_T, T, D) frozen teachers, as in tas_loss
-    keep = kept.unsqueeze(-1)  # (T, K, 1)
+    phi, keep = expert_out.float(), kept.unsqueeze(-1)  # (T, K, D), (T, K, 1)
     gaps = [  # a teacher at a time (autograd still keeps N_T × (T, K, D): N_T× Eq. 8's memory)
-        torch.where(keep, expert_out.float() - t.unsqueeze(1), 0.0).abs().mean(dim=-1)
-        for t in targets
+        torch.where(keep, phi - t.unsqueeze(1), 0.0).abs().mean(dim=-1) for t in targets
     ]  # N_T × (T, K)
     per_teacher = torch.stack(gaps, dim=-1)  # (T, K, N_T)
     return (probs.float() * (pi.float() * per_teacher).sum(dim=-1)).sum(dim=-1).mean()
