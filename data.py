@@ -21,27 +21,22 @@ Letters: B images, S image side in pixels.
 Decisions where the papers are silent
 -------------------------------------
 * Images of <= 64 px get a reflect-padded random crop (CIFAR style), not RandomResizedCrop.
-* Evaluation of larger images resizes to S / `--eval-crop-ratio` and centre-crops S (DeiT's
-  0.875 by default; DeiT-III evaluates at 1.0).
-* Errors are ordinary exceptions (FileNotFoundError for a missing folder, ValueError for a
-  failed download); the command lines turn them into one line (`flags.run_cli`).
+* Larger images are evaluated resized to S / `--eval-crop-ratio`, centre-cropped to S
+  (DeiT's 0.875 by default; DeiT-III's 1.0). Dense labels (ADE20K, NYUd): probe.py.
 * `build_dataset(True, args, augment=False)` is the train split through the evaluation
   transform: the feature bank of a k-NN evaluation must not be augmented (DINO's protocol).
-* `with_train=False` callers (eval.py) build the validation split alone: no scan of
-  ImageNet's 1.28M training files and no download of a training split.
-* The workers decode files straight to uint8 tensors (`read_rgb`) and stop at uint8 (a quarter
-  of float32's bytes); `normalize`, `random_erasing` and MixUp/CutMix (augment.py) run on the
-  device batch (`device_batch`), as timm's PrefetchLoader does. Workers persist across epochs
-  and re-seed per epoch (`EpochSeeded`): exact resume holds.
-* `--aa-on-device` (default: on CUDA; on a CPU it would take the model's cores): the workers
-  stop after crop and flip and `device_batch` RandAugments the uint8 batch on the device
-  (`augment.rand_augment_batch`), seeded by (seed, epoch, batch, rank): a resumed run draws the
-  same. Absent from an old checkpoint's args: off.
+* eval.py reads the validation split alone (`with_train=False`): no scan of ImageNet's train.
+* The workers decode files to uint8 tensors (`read_rgb`) and stop at uint8; `normalize`,
+  `random_erasing` and MixUp/CutMix run on the device batch (`device_batch`), as timm's
+  PrefetchLoader. Workers persist and re-seed per epoch (`EpochSeeded`): exact resume holds.
+* `--aa-on-device` (default on CUDA): the workers stop after crop and flip and
+  `device_batch` RandAugments the uint8 batch (`augment.rand_augment_batch`), seeded by
+  (seed, epoch, batch, rank): a resumed run draws the same. Old checkpoints: off.
 * An ImageFolder's train/ and val/ must hold the same class folders (`check_data_path`):
   ImageFolder numbers classes in sorted order, so one missing folder shifts every later label.
-* The probe set (`probe_indices`: the validation images whose routing train.py follows from
-  epoch to epoch and eval.py --compare measures) is class-stratified and seeded, the same on
-  every run, rank and machine.
+  Errors are ordinary exceptions; the command lines make them one line (`flags.run_cli`).
+* The probe set (`probe_indices`: the validation images whose routing train.py follows and
+  eval.py --compare measures) is class-stratified and seeded, the same everywhere.
 """
 
 import functools
@@ -105,19 +100,29 @@ class SyntheticImages(torch.utils.data.Dataset):
             "diamond": a + b <= r,
         }[kind]
 
-    def __getitem__(self, index):
+    def render(self, index, far_to_near=False):
+        """Image i, float (3, S, S) in [0, 1], its class and its part instances as painted,
+        [(part type, radius, mask (S, S))]; far_to_near paints the same draws smallest first
+        (`probe.SyntheticScenes`), the default in the order of the draws (the images' own)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         rand = lambda *shape: torch.rand(shape, generator=g)
         S, label = self.img_size, index % self.num_classes
         img = 0.25 + 0.25 * rand(3, 1, 1) + 0.08 * torch.randn(3, S, S, generator=g)  # (3, S, S)
+        drawn = []  # (part, r, mask, colour)
         for part in self.pairs[label]:
             for _ in range(1 + int(rand(1) < 0.5)):
                 r = S * (0.12 + 0.1 * float(rand(1)))
                 cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
                 mask = self._mask(self.SHAPES[part % 6], self.yx[0] - cy, self.yx[1] - cx, r)
-                colour = self.colours[part] * (0.8 + 0.4 * float(rand(1)))  # (3,)
-                img = torch.where(mask, colour[:, None, None], img)  # (3, S, S)
+                drawn.append((part, r, mask, self.colours[part] * (0.8 + 0.4 * float(rand(1)))))
+        drawn.sort(key=lambda d: d[1] if far_to_near else 0)  # stable: draw order, or by size
+        for _, _, mask, colour in drawn:
+            img = torch.where(mask, colour[:, None, None], img)  # (3, S, S)
         img = (img + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)  # (3, S, S)
+        return img, label, [d[:3] for d in drawn]
+
+    def __getitem__(self, index):
+        img, label, _ = self.render(index)
         img = torchvision.tv_tensors.Image((img * 255).round().to(torch.uint8))  # (3, S, S)
         return (self.transform(img) if self.transform else img), label
 
@@ -303,12 +308,10 @@ def probe_images(dataset, n, seed=0):
 class RASampler(torch.utils.data.Sampler):
     """DeiT's repeated augmentation (Hoffer et al. 2020; DeiT's samplers.py, `--repeated-aug`).
 
-    Every epoch a seeded permutation of the data set, each image repeated 3 times in a row and
-    dealt round-robin to the processes: an image's copies land on different processes, where
-    each gets its own augmentation. Each process keeps len(data set) // world indices, so an
-    epoch stays the data set's length (and sees about a third of its images, 3 times each).
-    DeiT also rounds that length down to a multiple of 256 images; we keep every whole image,
-    since a small data set would otherwise get no epoch at all.
+    Every epoch a seeded permutation, each image repeated 3 times in a row and dealt
+    round-robin to the processes, where each copy gets its own augmentation. Each process keeps
+    len(data set) // world indices: an epoch sees about a third of the images, 3 times each.
+    DeiT also rounds that down to a multiple of 256; we keep every image (small data sets).
     """
 
     def __init__(self, dataset, world=1, rank=0, *, repeats=3, shuffle=True, seed=0):
@@ -334,13 +337,11 @@ class RASampler(torch.utils.data.Sampler):
 class EpochSeeded(torch.utils.data.Dataset):
     """A data set whose loader workers re-seed themselves at the start of every epoch.
 
-    Workers that live across epochs (`persistent_workers`, no restart cost) keep their random
-    streams running, so epoch e's augmentations would depend on every epoch before it and a
-    resumed run would draw different ones. Here worker w seeds `random` and torch with
-    (seed, epoch, w) at its first image of an epoch (`set_epoch` shares the epoch through
-    shared memory): the augmentations are a function of (seed, rank, epoch) again, as with
-    workers restarted every epoch. In-process loading (no workers) keeps the main process's
-    streams, which the checkpoint saves.
+    Persistent workers keep their random streams running, so epoch e's augmentations would
+    depend on every epoch before it and a resumed run would draw others. Here worker w seeds
+    `random` and torch with (seed, epoch, w) at its first image of an epoch (`set_epoch`
+    shares the epoch through shared memory), as if restarted every epoch. In-process loading
+    (no workers) keeps the main process's streams, which the checkpoint saves.
     """
 
     def __init__(self, dataset, seed):

@@ -21,7 +21,9 @@ MoE (`--method m2ot --tas-coef 0`), M²oT (Eq. 8) and M²oT with the MAP form of
 (`--tas-form map`). It prints the k-NN top-1 of each student's CLS embedding on the 40-class
 task, the last epoch's L_dist per teacher, L_tas and L_switch, and the expert -> teacher
 preference (`eval.py`'s, on the probe set): its sharpness per expert and per token, and how
-many experts favour each teacher.
+many experts favour each teacher; and, as M²oT's ADE20K and NYUd columns, the mIoU and RMSE of
+linear probes on each student's frozen patch tokens (`eval.py --seg-probe --depth-probe`, on
+the generated part masks and depth), with each teacher's own as the ceiling.
 
 It is a demonstration, not a claim: one seed, a few minutes of training on a toy data set,
 far from the paper's 300 ImageNet epochs. It shows the pipeline end to end and what to look
@@ -35,10 +37,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import eval
 import train
+from checkpoint import load_run
 from flags import VMOE_EVAL_CF
 from moe import METHODS
+from probe import dense_probes
 
 COMMON = (
     "--model micro --img-size 32 --patch-size 4 --data synthetic --nb-classes 40 --experts 8 "
@@ -86,16 +92,31 @@ def row(name, out, seconds):
 def m2ot_row(name, seed, out, seconds):
     """One student: k-NN top-1, the last epoch's losses, eval.py's preference sharpness."""
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    res = eval.main(eval.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt")]))
+    argv = ["--checkpoint", str(out / "checkpoint.pt"), "--seg-probe", "--depth-probe"]
+    res = eval.main(eval.get_args_parser().parse_args(argv))
     per_layer = lambda key: " ".join(f"{x:.2f}" for x in res.get(key, [])) or "-"
     sharp, token = per_layer("preference_sharpness"), per_layer("token_sharpness")
     favourites = " ".join("/".join(map(str, f)) for f in res.get("favourite_counts", [])) or "-"
     loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
     dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"
     return (
-        f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {dist} | {loss[0]} | {loss[1]} "
+        f"| {name} | {seed} | {last['val_knn_top1']:.1f} | {res['seg_miou']:.1f} | "
+        f"{res['depth_rmse']:.3f} | {dist} | {loss[0]} | {loss[1]} "
         f"| {sharp} | {token} | {favourites} | {seconds:.0f} s |"
     )
+
+
+def teacher_rows(teachers):
+    """Each teacher's linear probes on the students' scenes (teacher A's run, the 40-class
+    task): what the students distil from, the ceiling of their dense columns."""
+    cpu = torch.device("cpu")
+    students_data = load_run(teachers[0], cpu)[1]
+    lines = []
+    for name, path in zip("AB", teachers):
+        res = dense_probes(load_run(path, cpu)[0], students_data, cpu, ["seg", "depth"])
+        cells = f"{res['seg_miou']:.1f} | {res['depth_rmse']:.3f} |" + " |" * 7
+        lines.append(f"| teacher {name} | 0 | - | {cells}")
+    return lines
 
 
 def m2ot_rows(root, sizes, seeds):
@@ -113,9 +134,10 @@ def m2ot_rows(root, sizes, seeds):
         *("--teacher-dtype", "fp32"),
     ]
     lines = [
-        "| student | seed | k-NN top-1 | L_dist A, B | L_tas | L_switch | preference "
-        "sharpness L2 L4 L6 | per token | favourites A/B | wall |",
-        "|---|---:|---:|---|---:|---:|---|---|---|---:|",
+        "| student | seed | k-NN top-1 | seg mIoU | depth RMSE | L_dist A, B | L_tas | L_switch "
+        "| preference sharpness L2 L4 L6 | per token | favourites A/B | wall |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---|---|---:|",
+        *teacher_rows(teachers),
     ]
     for i, (name, flags) in enumerate(students.items()):
         for seed in seeds:
@@ -173,7 +195,9 @@ def main():
         print(
             "\nM²oT, two teachers (A: the micro teacher above; B: tiny, patch 8, another task)"
             "; students micro,\nE=8, K=2, h=H/2, MoE in blocks 2 4 6, no labels; k-NN (k=20, "
-            "T=0.07) on the 40-class task;\nlosses: last epoch's training means\n"
+            "T=0.07) on the 40-class task;\nseg mIoU (%), depth RMSE: linear probes on the "
+            "frozen patch tokens, the same task's part masks\nand pseudo-depth (probe.py); "
+            "losses: last epoch's training means\n"
         )
         print("\n".join(m2ot))
     # the routing of the TGR student, read by eval.py (figures only where matplotlib is installed)

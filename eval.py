@@ -14,11 +14,9 @@ re-running a router). Each metric is a plain function with its formula:
     consistency(A, B)  c   = (1/T) Σ_t 1[top1_A(t) = top1_B(t)]          (on a fixed probe set)
     agreement          a   = (1/T) Σ_t 1[argmax p_t = argmax p_t^teacher]
 
-and, for M²oT's label-free students (SPEC sec. 9), the embedding (the expert→teacher
-preference it also reports is M²oT's own measure: `m2ot.teacher_preferences`):
-
-    k-NN top-1         ŷ   = argmax_c Σ_{j ∈ k most similar} exp(cos(z, z_j) / T) 1[y_j = c]
-                             (CLS embedding z, DINO's k = 20, T = 0.07)
+and, for M²oT's label-free students (SPEC sec. 9), what the frozen features know (probe.py:
+the k-NN top-1 of the CLS token, linear segmentation and depth probes of the patch tokens)
+and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferences`).
 
 `evaluate` runs a model over a loader and returns top-1/top-5 and the per-layer metrics;
 train.py logs them every epoch, with the adjacent-epoch consistency of `probe_assignments`.
@@ -26,14 +24,18 @@ train.py logs them every epoch, with the adjacent-epoch consistency of `probe_as
 The command line reads a train.py checkpoint (SPEC sec. 12):
 
     python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
-                   [--data ... --data-path ...] [--knn] [--json] [--plots DIR]
+                   [--data ... --data-path ...] [--knn] [--seg-probe] [--depth-probe]
+                   [--json] [--plots DIR]
 
 `--route teacher` lets the run's teacher router choose the experts (TGR sec. 5.3, the upper
 bound that needs the teacher at inference); `--compare` measures consistency on the probe
-set train.py follows (`data.probe_indices`); `--knn` adds the k-NN top-1; an M²oT
-checkpoint with π adds the expert→teacher preference; the table and `--plots` are report's.
+set train.py follows (`data.probe_indices`); `--knn` adds the k-NN top-1, `--seg-probe` the
+mIoU and `--depth-probe` the RMSE of linear probes trained on the frozen model (on the
+synthetic data's part masks and depth, or `--data ade20k` / `nyud`: then the probes alone);
+an M²oT checkpoint with π adds the expert→teacher preference; the table and `--plots` are
+report's.
 
-Letters: T tokens (B·N), E experts, K choices per token, M k-NN bank images, V queries.
+Letters: T tokens (B·N), E experts, K choices per token.
 
 Decisions where the papers are silent
 -------------------------------------
@@ -56,7 +58,6 @@ Decisions where the papers are silent
   top-5 and no class check against the data; `--knn` measures it.
 """
 
-import contextlib
 import json
 import math
 import sys
@@ -65,12 +66,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from checkpoint import load_run
-from data import build_dataset, normalize, probe_images
+from data import DATASETS, build_dataset, normalize, probe_images
 from flags import ArgumentParser, UsageError, add_flag, run_cli, teacher_args_from_flags
 from m2ot import load_mix_routers, preference_report
+from probe import TASKS, autocast, check_probes, dense_probes, evaluating, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
 from teacher import build_teacher_routers, load_teacher, teacher_route
@@ -111,44 +112,7 @@ def teacher_agreement(student_logits, teacher_logits):
     return (s == t).float().mean()  # a 0-dim tensor: the training step logs it without a sync
 
 
-KNN_CHUNK = 1 << 26  # k-NN queries in chunks of KNN_CHUNK // M: (chunk, M) sims ≈ 256 MB
-
-
-def knn_top1(train_feats, train_labels, val_feats, val_labels, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN top-1 (%) of val embeddings (V, D) against a train bank (M, D): DINO's
-    protocol and constants (Caron et al. 2021, its eval_knn.py: k = 20, T = 0.07)."""
-    # > "k-NN classification using shared backbone" (M²oT sec. 5.1, its ImageNet-1k number)
-    # s_j = cos(z, z_j); score_c = Σ_{j ∈ k most similar} exp(s_j / T) 1[y_j = c]; ŷ = argmax_c
-    bank = F.normalize(train_feats.float(), dim=1)  # (M, D)
-    bank_labels, device = train_labels.to(bank.device), bank.device
-    k, rows = min(k, len(bank)), max(1, KNN_CHUNK // len(bank))
-    correct = 0
-    for z, y in zip(val_feats.split(rows), val_labels.split(rows)):
-        sim = F.normalize(z.float().to(device), dim=1) @ bank.T  # (V', M) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)  # (V', k) the k nearest train images
-        votes = torch.zeros(len(z), num_classes, device=device)  # (V', classes)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
-        correct += int((votes.argmax(dim=1) == y.to(device)).sum())
-    return 100 * correct / len(val_labels)
-
-
 # ----------------------------------------------------------------------------- model passes
-@contextlib.contextmanager
-def evaluating(model):
-    """model.eval() inside the block, its own training flag back after it (even on error)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def autocast(device, amp_dtype):
-    """Autocast to `amp_dtype` (bf16 on CUDA), or nothing when it is None."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype))
-
-
 @torch.no_grad()
 def probe_assignments(model, images, route_logits=None, batch_size=128):
     """Top-1 experts (clean p) of every token of `images`, one (T,) tensor per MoE layer.
@@ -219,37 +183,6 @@ def evaluate(model, loader, device, *, route_logits=None, route_by_teacher=False
     return out
 
 
-@torch.no_grad()
-def cls_embeddings(model, loader, device, amp_dtype=None):
-    """The CLS token of `forward_features` (after the final norm) of every image of `loader`:
-    features (n, D) float32 and labels (n,). Under DDP every rank gathers all the shards (equal
-    sizes: the DistributedSampler pads), so every rank holds the same embeddings."""
-    feats, labels = [], []
-    with evaluating(model):
-        for images, targets in loader:
-            images = normalize(images.to(device, non_blocking=True))  # uint8 -> (B, 3, S, S)
-            with autocast(device, amp_dtype):
-                tokens, _ = model.forward_features(images)  # (B, N, D)
-            feats.append(tokens[:, 0].float())  # (B, D) the CLS token
-            labels.append(targets.to(device))
-    out = [torch.cat(feats), torch.cat(labels)]  # (n, D), (n,)
-    if dist.is_available() and dist.is_initialized():
-        for i, t in enumerate(out):
-            shards = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-            dist.all_gather(shards, t)
-            out[i] = torch.cat(shards)  # (world·n, ...) every rank's images
-    return tuple(out)
-
-
-def knn_eval(model, train_loader, val_loader, device, k=20, temperature=0.07, amp_dtype=None):
-    """k-NN top-1 (%) of the CLS embedding: the bank from `train_loader` (read with the
-    evaluation transform: `build_dataset(True, args, augment=False)`), queries from val."""
-    bank, bank_labels = cls_embeddings(model, train_loader, device, amp_dtype)  # (M, D), (M,)
-    queries, labels = cls_embeddings(model, val_loader, device, amp_dtype)  # (V, D), (V,)
-    classes = int(max(bank_labels.max(), labels.max())) + 1
-    return knn_top1(bank, bank_labels, queries, labels, classes, k, temperature)
-
-
 def expert_maps(model, images, route_logits=None):
     """Top-1 expert of every patch per MoE layer: [((B, g, g) student, teacher's or None)]."""
     student = probe_assignments(model, images)  # per layer (B·N,), CLS first in every image
@@ -299,10 +232,13 @@ def route_of(model, ckpt, args, opts, device):
 
 def run_args(opts, args, model):
     """The run's flags with eval.py's overrides (--data, --data-path, --batch-size; None keeps
-    the run's), and its validation split, checked against the model's classes."""
+    the run's), and its validation split, checked against the model's classes (None for a
+    data set with dense labels only: ade20k, nyud)."""
     for name in ("data", "data_path", "batch_size"):
         if getattr(opts, name) is not None:
             setattr(args, name, getattr(opts, name))
+    if args.data in ("ade20k", "nyud"):
+        return args, None
     val_set, classes = build_dataset(False, args)  # the validation split only
     head = None if isinstance(model.head, nn.Identity) else model.head.out_features
     if head is not None and classes != head:
@@ -311,50 +247,57 @@ def run_args(opts, args, model):
     return args, val_set
 
 
+def measure(model, args, ckpt, opts, device, val_set):
+    """Accuracy, routing, k-NN, consistency, preference and figures on the validation split."""
+    route_logits = route_of(model, ckpt, args, opts, device)
+    cuda, amp_dtype = device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None
+    batches = lambda data: torch.utils.data.DataLoader(
+        data, batch_size=args.batch_size, pin_memory=cuda, num_workers=opts.num_workers
+    )
+    loader, by_teacher = batches(val_set), opts.route == "teacher"
+    res = dict(images=len(val_set), route=opts.route if model.moe_layers else None)
+    res.update(evaluate(model, loader, device, route_logits=route_logits, amp_dtype=amp_dtype,
+                        route_by_teacher=by_teacher))  # fmt: skip
+    if opts.knn:  # the bank: the train split through the evaluation transform
+        bank = batches(build_dataset(True, args, augment=False)[0])
+        k, temperature = opts.knn_k, opts.knn_temperature
+        res["knn_top1"] = knn_eval(model, bank, loader, device, k, temperature, amp_dtype)
+    probe = None  # train.py's probe set: decoded once, where something measures on it
+    if opts.compare or ckpt.get("m2ot"):
+        probe = probe_images(val_set, opts.probe_size).to(device)
+    if opts.compare:
+        other, _, _ = load_run(opts.compare, device, "--compare", opts.eval_capacity_factor)
+        res.update(
+            compare=str(opts.compare), consistency=compare(model, other, probe, opts.compare)
+        )
+    if (mix_routers := load_mix_routers(ckpt.get("m2ot") or {}, model.num_experts)) is not None:
+        res.update(preference_report(model, mix_routers, getattr(args, "teachers", []), probe))
+    return res, route_logits
+
+
 def main(opts):
     """Evaluate opts.checkpoint (parsed flags); returns the result dict (what --json prints)."""
     plt = require_matplotlib() if opts.plots else None  # fail before the slow part
     check_routing(1, 1, opts.eval_capacity_factor)  # one line for a capacity factor <= 0
     device, cf = torch.device(opts.device), opts.eval_capacity_factor
     model, args, ckpt = load_run(opts.checkpoint, device, eval_capacity_factor=cf)
+    tasks = [t for t in TASKS["synthetic"] if getattr(opts, f"{t}_probe")]
+    check_probes(opts.data or args.data, tasks, opts.probe_blocks, len(model.blocks))
     args, val_set = run_args(opts, args, model)
-    route_logits = route_of(model, ckpt, args, opts, device)
-    cuda, amp_dtype = device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None
-    batches = lambda data: torch.utils.data.DataLoader(
-        data, batch_size=args.batch_size, pin_memory=cuda, num_workers=opts.num_workers
-    )
-    loader, route = batches(val_set), opts.route if model.moe_layers else None
+    if val_set is None and not tasks:
+        raise UsageError(f"--data {args.data}: dense labels only; give --seg-probe/--depth-probe")
     res = dict(checkpoint=str(opts.checkpoint), model=args.model, method=args.method)
-    res.update(epoch=ckpt.get("epoch"), data=args.data, images=len(val_set), route=route)
-    by_teacher = opts.route == "teacher"
-    res.update(
-        evaluate(
-            model,
-            loader,
-            device,
-            route_logits=route_logits,
-            amp_dtype=amp_dtype,
-            route_by_teacher=by_teacher,
-        )
-    )
-    if opts.knn:  # the bank: the train split through the evaluation transform
-        bank = batches(build_dataset(True, args, augment=False)[0])
-        k, temperature = opts.knn_k, opts.knn_temperature
-        res["knn_top1"] = knn_eval(model, bank, loader, device, k, temperature, amp_dtype)
+    res.update(epoch=ckpt.get("epoch"), data=args.data)
+    if val_set is not None:  # a data set with classes: the image-level measurements
+        measured, route_logits = measure(model, args, ckpt, opts, device, val_set)
+        res.update(measured)
     res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
     if not model.moe_layers:
         res["note"] = "dense: no routing"
-    probe = None  # train.py's probe set: decoded once, where something measures on it
-    if opts.compare or ckpt.get("m2ot"):
-        probe = probe_images(val_set, opts.probe_size).to(device)
-    if opts.compare:
-        other, _, _ = load_run(opts.compare, device, "--compare", cf)
-        res.update(
-            compare=str(opts.compare), consistency=compare(model, other, probe, opts.compare)
-        )
-    if (mix_routers := load_mix_routers(ckpt.get("m2ot") or {}, model.num_experts)) is not None:
-        res.update(preference_report(model, mix_routers, getattr(args, "teachers", []), probe))
-    if plt is not None:
+    if tasks:  # linear probes on the frozen features (M²oT's ADE20K and NYUd columns)
+        kw = dict(epochs=opts.probe_epochs, lr=opts.probe_lr, blocks=opts.probe_blocks)
+        res.update(dense_probes(model, args, device, tasks, workers=opts.num_workers, **kw))
+    if plt is not None and val_set is not None:
         log = Path(opts.checkpoint).with_name("log.jsonl")
         history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
         images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
@@ -372,7 +315,8 @@ def get_args_parser():
     add_flag(p, "--json", action="store_true", help="print one JSON object")
     add_flag(p, "--plots", default="", help="folder for the PNG figures (needs matplotlib)")
     add_flag(p, "--teacher", help="the run's teacher, if it has moved")
-    add_flag(p, "--data", "--data-set", help="the data set (the run's)")
+    sets = [*DATASETS, "ade20k", "nyud"]
+    add_flag(p, "--data", "--data-set", choices=sets, help="the data set (the run's)")
     add_flag(p, "--data-path", help="the data root (the run's)")
     add_flag(p, "--batch-size", type=int, help="images per batch (the run's)")
     add_flag(p, "--eval-capacity-factor", type=float, help="capacity factor (the run's)")
@@ -380,6 +324,11 @@ def get_args_parser():
     add_flag(p, "--knn-k", type=int, default=20, help="neighbours that vote (DINO's)")
     add_flag(p, "--knn-temperature", type=float, default=0.07, help="T of exp(cos / T) (DINO's)")
     add_flag(p, "--probe-size", type=int, default=256, help="probe images: --compare, preference")
+    add_flag(p, "--seg-probe", action="store_true", help="mIoU of a linear segmentation probe")
+    add_flag(p, "--depth-probe", action="store_true", help="RMSE of a linear depth probe")
+    add_flag(p, "--probe-epochs", type=int, default=10, help="the probes' training epochs")
+    add_flag(p, "--probe-lr", type=float, default=1e-2, help="the probes' AdamW learning rate")
+    add_flag(p, "--probe-blocks", type=int, default=1, help="the last n blocks' patch tokens")
     add_flag(p, "--map-images", type=int, default=4, help="images in expert_maps.png")
     add_flag(p, "--num-workers", type=int, default=0, help="loader workers")
     add_flag(p, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="")

@@ -41,17 +41,20 @@ from moe import moe_num_params
 # ----------------------------------------------------------------------------- the table
 def fmt_table(res):
     """The readable form of `eval.main`'s result (what is printed without --json)."""
-    head = (
-        f"{res['checkpoint']}: {res['model']} {res['method']}, epoch {res['epoch']}; "
-        f"{res['data']} val, {res['images']} images"
-    )
-    lines = [head + (f"; route: {res['route']}" if res["route"] else "")]
+    head = f"{res['checkpoint']}: {res['model']} {res['method']}, epoch {res['epoch']}; "
+    head += f"{res['data']} val, {res['images']} images" if "images" in res else res["data"]
+    lines = [head + (f"; route: {res['route']}" if res.get("route") else "")]
     names = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}
-    scores = [f"{name} {res[key]:.2f}" for key, name in names.items() if key in res]
+    names.update(seg_miou="seg mIoU", depth_rmse="depth RMSE")  # probe.py's linear probes
+    scores = [
+        f"{name} {res[key]:.{3 if 'rmse' in key else 2}f}"
+        for key, name in names.items()
+        if key in res
+    ]
     lines.append("   ".join(scores) or "no classifier: no top-1 (--knn: the k-NN top-1)")
     lines += [f"wrote {path}" for path in res.get("plots", [])]  # --plots: where they are
-    if not res["moe_layers"]:
-        return "\n".join(lines + [res["note"]])
+    if not res["moe_layers"] or "utilisation" not in res:  # dense, or the probes alone
+        return "\n".join(lines + [res.get("note", "")]).rstrip()
     cols = {
         "routing entropy": res["routing_entropy"],
         "dropped": res["dropped_frac"],

@@ -63,11 +63,12 @@ import data
 import flags
 import schedule
 from augment import build_mixup
-from eval import evaluate, knn_eval, probe_assignments, routing_consistency, teacher_agreement
+from eval import evaluate, probe_assignments, routing_consistency, teacher_agreement
 from flags import UsageError, get_args_parser, run_cli
 from losses import importance_loss, load_loss, routing_kl, z_loss
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from moe import METHODS, MODELS, build_model, keep_freed_memory
+from probe import knn_eval
 from report import describe_params, epoch_line, progress_line
 from teacher import (
     build_teacher_routers,

@@ -76,3 +76,13 @@ def test_compiled_tgr_trains_through_the_switch(teacher_ckpt, tmp_path):
     log = res["history"]
     assert [r["distilling"] for r in log] == [True, False]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
+
+
+def test_dense_probes_on_the_gpu(teacher_ckpt):
+    """eval.py's linear probes with the backbone under bf16 autocast on the GPU: both heads
+    train and measure (the CPU tests pin their values; here, that the device path runs)."""
+    import eval
+
+    argv = ["--checkpoint", teacher_ckpt, "--seg-probe", "--depth-probe", "--probe-epochs", "2"]
+    res = eval.main(eval.get_args_parser().parse_args([*argv, "--device", "cuda"]))
+    assert 0 < res["seg_miou"] <= 100 and 0 < res["depth_rmse"] < 10

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import probe
 import train
 from augment import MEAN, STD
 from data import normalize, probe_images, probe_indices
@@ -332,17 +333,17 @@ def test_knn_top1_against_a_loop(k, monkeypatch):
     bank, queries = torch.randn(60, 8, generator=g), torch.randn(40, 8, generator=g)
     bank_labels, labels = torch.randint(0, 5, (60,), generator=g), torch.randint(0, 5, (40,))
     want = knn_by_hand(bank, bank_labels, queries, labels, 5, k, 0.07)  # k = 100: all 60 vote
-    assert ev.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
-    monkeypatch.setattr(ev, "KNN_CHUNK", 7 * 60)  # queries in chunks of 7: the same answer
-    assert ev.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
+    assert probe.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
+    monkeypatch.setattr(probe, "KNN_CHUNK", 7 * 60)  # queries in chunks of 7: the same answer
+    assert probe.knn_top1(bank, bank_labels, queries, labels, 5, k) == pytest.approx(want)
 
 
 def test_knn_top1_on_separated_clusters():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4).repeat(25)  # (100,) 4 classes
     feats = 10 * torch.eye(4, 16)[labels] + torch.randn(100, 16, generator=g)  # far apart
-    assert ev.knn_top1(feats[:80], labels[:80], feats[80:], labels[80:], 4) == 100.0
-    assert ev.knn_top1(feats[:80], labels[:80], feats[80:], (labels[80:] + 1) % 4, 4) == 0.0
+    assert probe.knn_top1(feats[:80], labels[:80], feats[80:], labels[80:], 4) == 100.0
+    assert probe.knn_top1(feats[:80], labels[:80], feats[80:], (labels[80:] + 1) % 4, 4) == 0.0
 
 
 def test_teacher_preference_against_a_loop():
@@ -442,21 +443,21 @@ def test_no_classifier_no_top1_and_the_knn_of_its_cls_token():
     cpu = torch.device("cpu")
     res = ev.evaluate(model, bank + queries, cpu)
     assert "top1" not in res and "top5" not in res and len(res["utilisation"]) == 3
-    feats, got_labels = ev.cls_embeddings(model, bank + queries, cpu)
+    feats, got_labels = probe.cls_embeddings(model, bank + queries, cpu)
     with torch.no_grad():
         batches = [model.forward_features(normalize(x))[0] for x, _ in bank + queries]
     want = torch.cat(batches)[:, 0]  # (12, D) the CLS token after the final norm
     torch.testing.assert_close(feats, want)
     assert torch.equal(got_labels, labels)
-    assert ev.knn_eval(model, bank, queries, cpu, k=3) == pytest.approx(
-        ev.knn_top1(want[:8], labels[:8], want[8:], labels[8:], 3, k=3)
+    assert probe.knn_eval(model, bank, queries, cpu, k=3) == pytest.approx(
+        probe.knn_top1(want[:8], labels[:8], want[8:], labels[8:], 3, k=3)
     )
 
 
 CLS_RANKS = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import eval as ev
+import probe
 from data import SyntheticImages
 from moe import build_model
 from torch.utils.data import DataLoader, DistributedSampler
@@ -465,7 +466,8 @@ torch.manual_seed(0)
 model = build_model("micro", "dense", num_classes=0, img_size=16, patch_size=4)
 data = SyntheticImages(11, 3, 16, "val")  # 11 images: the sampler pads rank 1 with image 0
 sampler = DistributedSampler(data, dist.get_world_size(), dist.get_rank(), shuffle=False)
-feats, labels = ev.cls_embeddings(model, DataLoader(data, 4, sampler=sampler), torch.device("cpu"))
+loader = DataLoader(data, 4, sampler=sampler)
+feats, labels = probe.cls_embeddings(model, loader, torch.device("cpu"))
 if dist.get_rank() == 0:
     torch.save((feats, labels), {out!r})
 dist.destroy_process_group()
@@ -486,7 +488,7 @@ def test_cls_embeddings_gather_every_rank(tmp_path):
     torch.manual_seed(0)
     model = build_model("micro", "dense", num_classes=0, img_size=16, patch_size=4)
     whole = list(torch.utils.data.DataLoader(SyntheticImages(11, 3, 16, "val"), 11))
-    want, want_labels = ev.cls_embeddings(model, whole, torch.device("cpu"))
+    want, want_labels = probe.cls_embeddings(model, whole, torch.device("cpu"))
     order = [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 0]  # DistributedSampler's shards, padded
     torch.testing.assert_close(feats, want[order], atol=1e-5, rtol=1e-5)
     assert labels.tolist() == want_labels[order].tolist()
@@ -538,7 +540,7 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
     # the bank: TINY's 64 train images as generated (at 32 px the eval transform keeps them)
     model = m2ot_student()
     whole = lambda split, n: list(torch.utils.data.DataLoader(SyntheticImages(n, 10, 32, split), n))
-    want = ev.knn_eval(model, whole("train", 64), whole("val", 32), torch.device("cpu"))
+    want = probe.knn_eval(model, whole("train", 64), whole("val", 32), torch.device("cpu"))
     assert res["knn_top1"] == pytest.approx(want)
     printed = fmt_table({**res, "checkpoint": "c.pt"})
     assert printed.splitlines()[1] == f"k-NN top-1 {want:.2f}"  # and no top-1 before it

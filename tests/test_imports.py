@@ -1,7 +1,7 @@
 """The repo's modules import one way, from the foundations up (SPEC sec. 1):
 
     router, losses, augment, vit -> moe, data -> flags, m2ot, schedule -> checkpoint, report
-        -> teacher -> eval -> train -> demo
+        -> teacher, probe -> eval -> train -> demo
 
 A module imports only modules to its left (or beside it, without a cycle), counting imports
 inside functions too. Read from the source, so a lazy import cannot hide a cycle.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {"router": 0, "losses": 0, "augment": 0, "vit": 0, "moe": 1, "data": 1}
-LEVEL.update(flags=2, m2ot=2, schedule=2, checkpoint=3, report=3, teacher=4, eval=5)
+LEVEL.update(flags=2, m2ot=2, schedule=2, checkpoint=3, report=3, teacher=4, probe=4, eval=5)
 LEVEL.update(train=6, demo=7)
 
 
