@@ -31,7 +31,8 @@ The command line reads a train.py checkpoint (SPEC sec. 12):
 bound that needs the teacher at inference); `--compare` measures consistency on the probe
 set train.py follows (`data.probe_indices`); `--knn` adds the k-NN top-1, `--seg-probe` the
 mIoU and `--depth-probe` the RMSE of linear probes trained on the frozen model (on the
-synthetic data's part masks and depth, or `--data ade20k` / `nyud`: then the probes alone);
+synthetic data's part masks and depth, or `--data ade20k` / `nyud`: then the probes alone;
+`--backbone FILE` probes another dense ViT, a teacher, on the run's data instead of its model);
 an M²oT checkpoint with π adds the expert→teacher preference; the table and `--plots` are
 report's.
 
@@ -67,14 +68,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import load_run
+from checkpoint import build_vit, load_run, vit_config, vit_weights
 from data import DATASETS, build_dataset, normalize, probe_images
 from flags import ArgumentParser, UsageError, add_flag, run_cli, teacher_args_from_flags
 from m2ot import load_mix_routers, preference_report
 from probe import TASKS, autocast, check_probes, dense_probes, evaluating, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
-from teacher import build_teacher_routers, load_teacher, teacher_route
+from teacher import CLASSIFIER, build_teacher_routers, load_teacher, teacher_route
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -247,6 +248,16 @@ def run_args(opts, args, model):
     return args, val_set
 
 
+def backbone_of(opts, args, device):
+    """--backbone: a dense ViT file (a teacher: DeiT-III, DINOv2, a timm-layout state dict,
+    torchvision:NAME, a dense run) as a frozen model at the run's image size (its positions
+    resampled where its own grid differs), for the probes alone."""
+    sd, flags_of_run, _, _ = vit_weights(opts.backbone, False, "--backbone")
+    cfg = vit_config(sd, flags_of_run, opts.backbone)
+    grid = args.img_size // cfg["patch_size"]  # the run's pixels in the backbone's patches
+    return build_vit(sd, cfg, opts.backbone, CLASSIFIER, grid).to(device).eval()
+
+
 def measure(model, args, ckpt, opts, device, val_set):
     """Accuracy, routing, k-NN, consistency, preference and figures on the validation split."""
     route_logits = route_of(model, ckpt, args, opts, device)
@@ -282,16 +293,24 @@ def main(opts):
     device, cf = torch.device(opts.device), opts.eval_capacity_factor
     model, args, ckpt = load_run(opts.checkpoint, device, eval_capacity_factor=cf)
     tasks = [t for t in TASKS["synthetic"] if getattr(opts, f"{t}_probe")]
-    check_probes(opts.data or args.data, tasks, opts.probe_blocks, len(model.blocks))
+    backbone = backbone_of(opts, args, device) if opts.backbone else None
+    depth = len((backbone or model).blocks)  # of the network the probes read
+    check_probes(opts.data or args.data, tasks, opts.probe_blocks, depth)
     args, val_set = run_args(opts, args, model)
-    if val_set is None and not tasks:
-        raise UsageError(f"--data {args.data}: dense labels only; give --seg-probe/--depth-probe")
+    if (val_set is None or opts.backbone) and not tasks:
+        why = f"--backbone {opts.backbone}" if opts.backbone else f"--data {args.data}"
+        raise UsageError(f"{why}: the probes alone; give --seg-probe/--depth-probe")
     res = dict(checkpoint=str(opts.checkpoint), model=args.model, method=args.method)
     res.update(epoch=ckpt.get("epoch"), data=args.data)
+    if opts.backbone:  # another network on this run's data (and flags): probed alone
+        model, val_set = backbone, None
+        on = f"a frozen backbone on the data of {opts.checkpoint}"
+        res.update(checkpoint=opts.backbone, model=f"ViT {model.embed_dim}", method=on)
     if val_set is not None:  # a data set with classes: the image-level measurements
         measured, route_logits = measure(model, args, ckpt, opts, device, val_set)
         res.update(measured)
-    res["moe_layers"], res["num_experts"] = list(model.moe_layers), model.num_experts
+    res["moe_layers"] = list(model.moe_layers)
+    res["num_experts"] = getattr(model, "num_experts", 0)  # a --backbone has none
     if not model.moe_layers:
         res["note"] = "dense: no routing"
     if tasks:  # linear probes on the frozen features (M²oT's ADE20K and NYUd columns)
@@ -329,6 +348,7 @@ def get_args_parser():
     add_flag(p, "--probe-epochs", type=int, default=10, help="the probes' training epochs")
     add_flag(p, "--probe-lr", type=float, default=1e-2, help="the probes' AdamW learning rate")
     add_flag(p, "--probe-blocks", type=int, default=1, help="the last n blocks' patch tokens")
+    add_flag(p, "--backbone", default="", help="probe this dense ViT file on the run's data")
     add_flag(p, "--map-images", type=int, default=4, help="images in expert_maps.png")
     add_flag(p, "--num-workers", type=int, default=0, help="loader workers")
     add_flag(p, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="")

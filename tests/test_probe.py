@@ -228,3 +228,38 @@ def test_a_missing_label_file_is_named(tmp_path, capsys):
     missing.unlink()
     with pytest.raises(FileNotFoundError, match=missing.name):
         probe.label_pairs("ade20k", tmp_path / "ade", False)
+
+
+def test_a_backbone_file_is_probed_on_the_runs_data(teacher, tmp_path, capsys):
+    """--backbone: a dense ViT file (here the run's own weights, read as a teacher file is)
+    probed on the run's data gives the run's own probe numbers; at a coarser patch grid it
+    runs with resampled positions."""
+    common = ["--checkpoint", str(teacher), "--seg-probe", "--depth-probe", "--probe-epochs", "1"]
+    own = ev.cli([*common, "--json"])
+    capsys.readouterr()
+    ckpt = torch.load(teacher, weights_only=False)
+    torch.save({"model": ckpt["model"]}, tmp_path / "weights.pth")  # a bare state dict
+    other = ev.cli([*common, "--backbone", str(tmp_path / "weights.pth")])
+    assert other["seg_miou"] == own["seg_miou"] and other["depth_rmse"] == own["depth_rmse"]
+    assert other["checkpoint"] == str(tmp_path / "weights.pth") and "top1" not in other
+    assert "a frozen backbone on the data of" in capsys.readouterr().out
+    torch.manual_seed(0)  # a tiny ViT at patch 8: a 4 x 4 grid on the run's 32 pixels
+    wide = build_model("tiny", "dense", num_classes=10, img_size=64, patch_size=8)
+    torch.save(wide.state_dict(), tmp_path / "wide.pth")
+    res = ev.cli([*common, "--backbone", str(tmp_path / "wide.pth"), "--json"])
+    assert 0 < res["seg_miou"] <= 100 and res["depth_rmse"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "the probes alone; give --seg-probe/--depth-probe"),
+        (["--seg-probe", "--probe-blocks", "13"], "the model has 12 blocks"),
+    ],
+)
+def test_bad_backbone_input_is_one_line(teacher, tmp_path, capsys, flags, message):
+    torch.save(build_model("tiny", "dense", num_classes=10).state_dict(), tmp_path / "t.pth")
+    with pytest.raises(SystemExit) as exit:
+        ev.cli(["--checkpoint", str(teacher), "--backbone", str(tmp_path / "t.pth"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code != 0 and len(err.splitlines()) == 1 and message in err, err
