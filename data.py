@@ -102,8 +102,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def render(self, index, far_to_near=False):
         """Image i, float (3, S, S) in [0, 1], its class and its part instances as painted,
-        [(part type, radius, mask (S, S))]; far_to_near paints the same draws smallest first
-        (`probe.SyntheticScenes`), the default in the order of the draws (the images' own)."""
+        [(part type, radius, mask (S, S))], in the order of the draws or `far_to_near`."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         rand = lambda *shape: torch.rand(shape, generator=g)
         S, label = self.img_size, index % self.num_classes
@@ -115,7 +114,8 @@ class SyntheticImages(torch.utils.data.Dataset):
                 cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
                 mask = self._mask(self.SHAPES[part % 6], self.yx[0] - cy, self.yx[1] - cx, r)
                 drawn.append((part, r, mask, self.colours[part] * (0.8 + 0.4 * float(rand(1)))))
-        drawn.sort(key=lambda d: d[1] if far_to_near else 0)  # stable: draw order, or by size
+        if far_to_near:  # probe.SyntheticScenes: smallest (farthest) first, ties as drawn
+            drawn.sort(key=lambda d: d[1])
         for _, _, mask, colour in drawn:
             img = torch.where(mask, colour[:, None, None], img)  # (3, S, S)
         img = (img + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)  # (3, S, S)

@@ -37,14 +37,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import eval
 import train
-from checkpoint import load_run
 from flags import VMOE_EVAL_CF
 from moe import METHODS
-from probe import dense_probes
 
 COMMON = (
     "--model micro --img-size 32 --patch-size 4 --data synthetic --nb-classes 40 --experts 8 "
@@ -108,12 +104,11 @@ def m2ot_row(name, seed, out, seconds):
 
 def teacher_rows(teachers):
     """Each teacher's linear probes on the students' scenes (teacher A's run, the 40-class
-    task): what the students distil from, the ceiling of their dense columns."""
-    cpu = torch.device("cpu")
-    students_data = load_run(teachers[0], cpu)[1]
+    task; `eval.py --backbone`): what the students distil from, the ceiling of their columns."""
     lines = []
     for name, path in zip("AB", teachers):
-        res = dense_probes(load_run(path, cpu)[0], students_data, cpu, ["seg", "depth"])
+        argv = ["--checkpoint", teachers[0], "--backbone", path, "--seg-probe", "--depth-probe"]
+        res = eval.main(eval.get_args_parser().parse_args(argv))
         cells = f"{res['seg_miou']:.1f} | {res['depth_rmse']:.3f} |" + " |" * 7
         lines.append(f"| teacher {name} | 0 | - | {cells}")
     return lines

@@ -77,6 +77,8 @@ from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
 from teacher import CLASSIFIER, build_teacher_routers, load_teacher, teacher_route
 
+DENSE_ONLY = tuple(d for d in TASKS if d not in DATASETS)  # ade20k, nyud: no classes
+
 
 # ----------------------------------------------------------------------------- metrics
 def top1_experts(routing):
@@ -233,12 +235,12 @@ def route_of(model, ckpt, args, opts, device):
 
 def run_args(opts, args, model):
     """The run's flags with eval.py's overrides (--data, --data-path, --batch-size; None keeps
-    the run's), and its validation split, checked against the model's classes (None for a
-    data set with dense labels only: ade20k, nyud)."""
+    the run's), and its validation split, checked against the model's classes (None where
+    only the probes run: a data set with dense labels alone, or a --backbone)."""
     for name in ("data", "data_path", "batch_size"):
         if getattr(opts, name) is not None:
             setattr(args, name, getattr(opts, name))
-    if args.data in ("ade20k", "nyud"):
+    if args.data in DENSE_ONLY or opts.backbone:
         return args, None
     val_set, classes = build_dataset(False, args)  # the validation split only
     head = None if isinstance(model.head, nn.Identity) else model.head.out_features
@@ -297,13 +299,13 @@ def main(opts):
     depth = len((backbone or model).blocks)  # of the network the probes read
     check_probes(opts.data or args.data, tasks, opts.probe_blocks, depth)
     args, val_set = run_args(opts, args, model)
-    if (val_set is None or opts.backbone) and not tasks:
+    if val_set is None and not tasks:
         why = f"--backbone {opts.backbone}" if opts.backbone else f"--data {args.data}"
         raise UsageError(f"{why}: the probes alone; give --seg-probe/--depth-probe")
     res = dict(checkpoint=str(opts.checkpoint), model=args.model, method=args.method)
     res.update(epoch=ckpt.get("epoch"), data=args.data)
     if opts.backbone:  # another network on this run's data (and flags): probed alone
-        model, val_set = backbone, None
+        model = backbone
         on = f"a frozen backbone on the data of {opts.checkpoint}"
         res.update(checkpoint=opts.backbone, model=f"ViT {model.embed_dim}", method=on)
     if val_set is not None:  # a data set with classes: the image-level measurements
@@ -334,7 +336,7 @@ def get_args_parser():
     add_flag(p, "--json", action="store_true", help="print one JSON object")
     add_flag(p, "--plots", default="", help="folder for the PNG figures (needs matplotlib)")
     add_flag(p, "--teacher", help="the run's teacher, if it has moved")
-    sets = [*DATASETS, "ade20k", "nyud"]
+    sets = [*DATASETS, *DENSE_ONLY]
     add_flag(p, "--data", "--data-set", choices=sets, help="the data set (the run's)")
     add_flag(p, "--data-path", help="the data root (the run's)")
     add_flag(p, "--batch-size", type=int, help="images per batch (the run's)")
