@@ -46,9 +46,10 @@ COMMON = (
     "--model micro --img-size 32 --patch-size 4 --data synthetic --nb-classes 40 --experts 8 "
     "--topk 1 --batch-size 64 --lr 8e-3 --warmup-epochs 1 --drop-path 0 --print-freq 100000 "
     "--num-workers 0 "  # lr 8e-3·64/512 = 1e-3 per step
-    "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-repeated-aug --no-model-ema"  # DeiT's
+    "--mixup 0 --cutmix 0 --aa none --reprob 0 --no-repeated-aug --no-model-ema "  # DeiT's
     # augmentations and EMA off for minute-long runs (repeated augmentation would show a third
     # of the images per epoch; an EMA of decay 0.99996 over 400 steps is the initial weights)
+    "--no-compile"  # on a GPU too: compiling each short run would take longer than the run
 ).split()
 M2OT_TEACHER = (  # the second teacher: wider, coarser patches, another generated task
     "--model tiny --patch-size 8 --synthetic-seed 1 --nb-classes 10 --method dense"

@@ -230,7 +230,7 @@ def _recipe_flags(parser):
     add_flag(g, "--repeated-aug", action=on_off, default=True, help="repeated augmentation ×3")
     add_flag(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
     add_flag(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
-    add_flag(g, "--compile", action="store_true", help="torch.compile the step (and teacher)")
+    add_flag(g, "--compile", action=on_off, help="torch.compile the step, teacher too (CUDA: on)")
     add_flag(g, "--model-ema", action=on_off, help="EMA of the weights (DeiT; off w/ --teachers)")
     add_flag(g, "--model-ema-decay", type=float, default=0.99996, help="EMA decay per step")
 
@@ -290,6 +290,8 @@ def resolve_defaults(args):
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.aa_on_device is None:  # on a GPU the workers are the bottleneck (docs/benchmarks.md)
         args.aa_on_device = args.device.startswith("cuda")
+    if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/benchmarks.md)
+        args.compile = args.device.startswith("cuda")
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
 
@@ -337,6 +339,8 @@ def describe_recipe(args):
     if METHODS[args.method] in ("top-k", "expert-choice"):
         cf = f"capacity factor {args.capacity_factor} train / {args.eval_capacity_factor} eval"
         parts.append(cf)
+    if args.compile:  # the first steps (and the TGR/StableMoE switch) wait for the compiler
+        parts.append("compiled (--no-compile: eager)")
     text = ", ".join(optimiser) + "; " + ", ".join(parts)
     if args.teachers:
         text += f"; {len(args.teachers)} teachers, no labels, λ_1 (tas) {args.tas_coef}, "

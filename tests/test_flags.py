@@ -38,6 +38,11 @@ def test_help_shows_the_defaults():
         ("--method expert-choice --capacity-factor 1.5", dict(eval_capacity_factor=1.5)),
         ("--method m2ot --teachers a.pt", dict(experts=8, topk=2, moe_layers=[2, 4, 6, 8, 10, 12])),
         ("--model micro --method m2ot --teachers a.pt", dict(expert_hidden=192, model_ema=False)),
+        # the device's: a GPU step is compiled and RandAugments its batch, a CPU's is not
+        ("--device cuda", dict(compile=True, aa_on_device=True)),
+        ("--device cuda:1 --no-compile --no-aa-on-device", dict(compile=False, aa_on_device=False)),
+        ("--device cpu", dict(compile=False, aa_on_device=False)),
+        ("--device cpu --compile --aa-on-device", dict(compile=True, aa_on_device=True)),
     ],
 )
 def test_defaults_that_depend_on_the_method(flags, want):
@@ -47,7 +52,7 @@ def test_defaults_that_depend_on_the_method(flags, want):
 
 
 def test_the_recipe_line_is_built_from_its_parts():
-    args = get_args_parser().parse_args("--method tgr".split())
+    args = get_args_parser().parse_args("--method tgr --device cpu".split())
     resolve_defaults(args)
     args.base_lr = 6.25e-5
     line = describe_recipe(args)
@@ -55,6 +60,8 @@ def test_the_recipe_line_is_built_from_its_parts():
     assert "; aa rand-m9-mstd0.5-inc1, reprob 0.25," in line
     assert "mixup 0.8, cutmix 1.0, smoothing 0.1" in line
     assert line.endswith("capacity factor 1.05 train / 4.0 eval")
+    args.compile = True  # a CUDA run's default: the first steps wait for the compiler
+    assert describe_recipe(args).endswith("4.0 eval, compiled (--no-compile: eager)")
     students = get_args_parser().parse_args("--method m2ot --teachers a.pt b.pt".split())
     resolve_defaults(students)
     students.base_lr = 6.25e-5

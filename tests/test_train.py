@@ -440,23 +440,28 @@ def test_cli_subprocess_reports_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- DDP
 DDP_HELPER = """
-import os, sys, torch
+import functools, os, sys, torch
 sys.path.insert(0, {root!r})
 import train
 from data import build_dataset
 from moe import METHODS as METHOD_KINDS
 from moe import build_model
+if "--compile" in sys.argv:  # dynamo and AOTAutograd through DDP, without inductor's C++ build
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
 result = train.main(train.get_args_parser().parse_args(sys.argv[1:]))
 state = {{"model": result["model"].state_dict(), "routers": result["routers"].state_dict()}}
+state["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # 0: never compiled
 torch.save(state, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
 """
 
 
-def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path, compiled):
     # TGR while distilling: the student (DDP) and the teacher routers (averaged by hand) both
     # train. The teacher router's importance loss is a CV² over the *local* batch, not linear
     # in the batch, so it is off here: then every loss is a mean and two ranks of 8 images
-    # must equal one process of 16.
+    # must equal one process of 16. Compiled (a GPU run's default), the ranks' step goes
+    # through dynamo's DDP graph splitting; the one process stays eager.
     common = [
         *QUIET,
         *("--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "1"),
@@ -466,10 +471,11 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path):
     helper.write_text(DDP_HELPER.format(root=ROOT, out=str(tmp_path)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, str(helper), *TINY, *common, "--batch-size", "8"]
-    cmd += ["--output-dir", str(tmp_path / "ddp")]
+    cmd += ["--output-dir", str(tmp_path / "ddp"), "--compile" if compiled else "--no-compile"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["graphs"] > 0) == compiled and ("compiled (" in proc.stdout) == compiled
     for part in ("model", "routers"):
         for key in r0[part]:  # DDP keeps ranks bit-identical
             assert torch.equal(r0[part][key], r1[part][key]), key
