@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check, prepared before a GPU is at hand: five parts, in two device calls of
-# under ~8 minutes each (estimated: parts 1-3 ~6 min, parts 4-5 ~6 min on one H100, most of it
-# compilation), on the same machine; each part's outputs stay in $GPU_CHECK_LOG
-# (runs/gpu_check) for the summaries of the later call.
+# under ~8 minutes each (estimated, not yet timed on a GPU: parts 1, 2, 5 ~7 min, parts 3, 4
+# ~5 min on one H100, most of it compilation). Issue 23's parts come first: with 15 minutes of
+# device time, start-up included, the second call may not fit. Each part's outputs stay in
+# $GPU_CHECK_LOG (runs/gpu_check); a later call on the same machine reads them for its summary.
 #
-#   bash benchmarks/gpu_check.sh 1 2 3        # on a GPU machine, from the repo root
-#   bash benchmarks/gpu_check.sh 4 5          # then: reads part 2's step tables
+#   bash benchmarks/gpu_check.sh 1 2 5        # on a GPU machine: CUDA tests, steps, MoE layer
+#   bash benchmarks/gpu_check.sh 3 4          # then: the loader and train.py end to end
 #   bash benchmarks/gpu_check.sh              # all five in one go
 #   bash benchmarks/gpu_check.sh --dry-run    # anywhere (CPU, tiny sizes): the script end to end
 #
@@ -61,7 +62,8 @@ else
   LOADER_WORKERS=$WORKERS
   JPEGS=(--images 4096 --classes 100)
   E2E_BATCH=256
-  E2E=(--model tiny --experts 16)
+  # eager: compiling (and recompiling at the switch) would take most of two short epochs
+  E2E=(--model tiny --experts 16 --no-compile)
   TEACHER=(small 224 16)  # DeiT-III-S-sized, random weights: train_step.py's teacher
 fi
 
@@ -194,16 +196,16 @@ for line in open(layer).read().splitlines() if os.path.exists(layer) else []:
               f"{row.get('ours compiled', '-')}{compiled}; aten ops fwd {row['ops fwd (work)']}, "
               f"fwd+bwd {row['ops fwd+bwd (work)']}, all {row['all ops fwd+bwd']} (on a CPU before "
               "issue 23: 71 (46), 118 (68), 314)")
-ips = {}
+ips, first = {}, {}
 for mode in ("eager", "compiled"):
     try:
         table = open(f"{log}/step-{batch}-{mode}.txt").read()
     except OSError:
         continue
     for v in ("dense", "vmoe", "tgr bf16 teacher"):
-        m = re.search(rf"^\| {v} \| ([\d.]+)", table, re.M)
+        m = re.search(rf"^\| {v} \| ([\d.]+) \|.*\| ([\d.]+) \|$", table, re.M)
         if m:
-            ips[mode, v] = float(m[1])
+            ips[mode, v], first[mode, v] = float(m[1]), float(m[2])
 for mode, target in (("eager", 0.90), ("compiled", 0.93)):
     if (mode, "vmoe") in ips and (mode, "dense") in ips:
         r = ips[mode, "vmoe"] / ips[mode, "dense"]
@@ -211,4 +213,8 @@ for mode, target in (("eager", 0.90), ("compiled", 0.93)):
 if ("compiled", "tgr bf16 teacher") in ips and ("compiled", "vmoe") in ips:
     r = ips["compiled", "vmoe"] / ips["compiled", "tgr bf16 teacher"]
     print(f"TGR step while distilling (bf16 teacher), compiled: {r:.2f}x a V-MoE step (target <= 1.15)")
+for mode in ("eager", "compiled"):  # item 3: what --compile (on by default on CUDA) costs at start
+    cells = [f"{v} {first[mode, v]:.0f} s" for v in ("dense", "vmoe", "tgr bf16 teacher") if (mode, v) in first]
+    if cells:
+        print(f"first step, {mode} (start-up: compiling, autotuning): {', '.join(cells)}")
 EOF

@@ -34,7 +34,9 @@ Decisions
 * A step is what train.py's step does: a uint8 batch already on the device is normalised
   (`data.normalize`), then `train.compute_losses` (or, with `--compile`, its torch.compile'd
   self, as `train.py --compile`: student, losses, teacher and routers in one program),
-  backward and AdamW. The untimed warm-up rounds take the compilation.
+  backward and AdamW. The untimed warm-up rounds take the compilation; the table's last
+  column is the first step's time, what `--compile` costs at start-up (once per variant
+  here; train.py compiles again at the TGR and StableMoE switch).
 """
 
 import argparse
@@ -149,14 +151,14 @@ def main(args):
         torch.save({"model": dense.state_dict(), "args": ckpt_args}, teacher_path)
         variants = [v for v in VARIANTS if v in {*args.variants, "dense", "vmoe"}]
         steps = {v: step_fn(v, args, device, teacher_path) for v in variants}
-    times = {v: [] for v in variants}
-    for r in range(args.warmup + args.repeats):
+    times = {v: [] for v in variants}  # round 0 is the first step: with --compile, compiling
+    for _ in range(args.warmup + args.repeats):
         for v in variants:
             start = time.perf_counter()
             steps[v]()
-            if r >= args.warmup:
-                times[v].append(time.perf_counter() - start)
-    med = {v: statistics.median(t) for v, t in times.items()}
+            times[v].append(time.perf_counter() - start)
+    first = {v: t[0] for v, t in times.items()}  # the start-up cost (compilation, autotuning)
+    med = {v: statistics.median(t[args.warmup :]) for v, t in times.items()}
 
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
@@ -167,11 +169,11 @@ def main(args):
         f"weights), {args.img_size}², batch {args.batch_size}, {where}, {mode}, median of "
         f"{args.repeats}\n"
     )
-    print("| step | images/s | time vs dense | time vs V-MoE |")
-    print("|---|---:|---:|---:|")
+    print("| step | images/s | time vs dense | time vs V-MoE | first step (s) |")
+    print("|---|---:|---:|---:|---:|")
     for v in variants:
-        ips = args.batch_size / med[v]
-        print(f"| {v} | {ips:.1f} | {med[v] / med['dense']:.2f}x | {med[v] / med['vmoe']:.2f}x |")
+        ips, vs = args.batch_size / med[v], f"{med[v] / med['dense']:.2f}x"
+        print(f"| {v} | {ips:.1f} | {vs} | {med[v] / med['vmoe']:.2f}x | {first[v]:.1f} |")
     if "tgr-after" in med:
         print("\nprojected whole-run training time of TGR relative to V-MoE (step time only):")
     for name in [v for v in ("tgr fp32 teacher", "tgr bf16 teacher") if v in med]:
