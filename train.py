@@ -36,8 +36,8 @@ Each is written where it is taken: in the helper's docstring (the step's in `com
 and `train_one_epoch`, the inputs' in `read_inputs`, DDP's in `average_grads`), in
 schedule.py, checkpoint.py and flags.py. Two shape the whole file: the step hands nothing to
 Python (losses and metrics stay on the device until a progress line reads them; a nan/inf
-loss stops the run there, naming the first bad step), and `--compile` compiles the step's
-whole forward (`compute_losses`) with its backward, once more at the switch, never per step.
+loss stops the run there, naming the first bad step), and `--compile` (CUDA's default) compiles
+the step's whole forward (`compute_losses`) with its backward, again at the switch only.
 Besides log.jsonl, consistency_final.json holds every epoch's per-layer consistency with the
 last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve.
 """
