@@ -14,6 +14,7 @@ Some defaults depend on other flags, and are written into `args` (and so saved) 
     --experts / --topk          16 / 1 (V-MoE); 8 / 2 with --teachers (M²oT sec. 5)
     --student-balance-coef      0.005 (V-MoE); 0 for tgr (TGR-MoE sec. 3: no balance loss)
     --eval-capacity-factor      4.0 for top-K (V-MoE's eval config); else the training cf
+    --compile, --aa-on-device   on for CUDA (compile: where Triton is installed); off on a CPU
 
 Every user mistake, here or in any module, ends as one `error: ...` line and exit status 2
 (`run_cli`, SPEC sec. 10): a `UsageError` (ValueError) or an OSError, never a traceback.
@@ -31,6 +32,7 @@ import argparse
 import sys
 
 import torch
+from torch.utils._triton import has_triton_package  # private, but in torch 2.1 to 2.14
 
 from augment import parse_aa
 from data import DATASETS
@@ -127,10 +129,7 @@ def _model_flags(parser):
     add_flag(g, "--expert-hidden", type=int, help="each expert's hidden width (H; m2ot H/K)")
     add_flag(g, "--capacity-factor", type=float, default=1.05, help="train capacity factor")
     add_flag(
-        g,
-        "--eval-capacity-factor",
-        type=float,
-        help=f"eval cf ({VMOE_EVAL_CF} for top-K, V-MoE's; else the train cf)",
+        g, "--eval-capacity-factor", type=float, help=f"eval cf ({VMOE_EVAL_CF} top-K, else train)"
     )
     add_flag(g, "--noise-std", type=float, default=1.0, help="router noise σ (added as σ/E)")
     add_flag(g, "--moe-group-size", type=int, default=8, help="images per routing group")
@@ -290,8 +289,9 @@ def resolve_defaults(args):
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.aa_on_device is None:  # on a GPU the workers are the bottleneck (docs/benchmarks.md)
         args.aa_on_device = args.device.startswith("cuda")
-    if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/benchmarks.md)
-        args.compile = args.device.startswith("cuda")
+    if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/training.md);
+        # inductor needs Triton on a GPU (an import check: no CUDA context before set_device)
+        args.compile = args.device.startswith("cuda") and has_triton_package()
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
 
