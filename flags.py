@@ -29,16 +29,17 @@ Decisions where the papers are silent
 """
 
 import argparse
+import importlib.util
 import sys
 
 import torch
-from torch.utils._triton import has_triton_package  # private, but in torch 2.1 to 2.14
 
 from augment import parse_aa
 from data import DATASETS
 from moe import METHODS, MODELS
 from router import check_routing
 
+TRITON = importlib.util.find_spec("triton") is not None  # installed? (no import, no CUDA init)
 VMOE_EVAL_CF = 4.0  # V-MoE's evaluation capacity factor for top-K routers (see resolve_defaults)
 
 
@@ -289,9 +290,8 @@ def resolve_defaults(args):
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.aa_on_device is None:  # on a GPU the workers are the bottleneck (docs/benchmarks.md)
         args.aa_on_device = args.device.startswith("cuda")
-    if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/training.md);
-        # inductor needs Triton on a GPU (an import check: no CUDA context before set_device)
-        args.compile = args.device.startswith("cuda") and has_triton_package()
+    if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/training.md)
+        args.compile = args.device.startswith("cuda") and TRITON  # inductor's GPU kernels
     if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
         args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
 

@@ -46,7 +46,7 @@ def test_help_shows_the_defaults():
     ],
 )
 def test_defaults_that_depend_on_the_method(flags, want, monkeypatch):
-    monkeypatch.setattr("flags.has_triton_package", lambda: True)  # as torch's CUDA wheels
+    monkeypatch.setattr("flags.TRITON", True)  # as torch's CUDA wheels
     args = get_args_parser().parse_args(flags.split())
     resolve_defaults(args)
     assert {k: getattr(args, k) for k in want} == want
@@ -55,7 +55,7 @@ def test_defaults_that_depend_on_the_method(flags, want, monkeypatch):
 def test_a_gpu_without_triton_runs_eagerly_unless_asked(monkeypatch):
     """inductor compiles GPU code with Triton: without it the default is eager (no crash at
     the first step), and an explicit --compile is left to torch's own message."""
-    monkeypatch.setattr("flags.has_triton_package", lambda: False)
+    monkeypatch.setattr("flags.TRITON", False)
     for argv, want in (("--device cuda", False), ("--device cuda --compile", True)):
         args = get_args_parser().parse_args(argv.split())
         resolve_defaults(args)
