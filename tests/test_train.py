@@ -461,7 +461,8 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path, compiled):
     # train. The teacher router's importance loss is a CV² over the *local* batch, not linear
     # in the batch, so it is off here: then every loss is a mean and two ranks of 8 images
     # must equal one process of 16. Compiled (a GPU run's default), the ranks' step goes
-    # through dynamo's DDP graph splitting; the one process stays eager.
+    # through dynamo's DDP graph splitting, and each rank accumulates 2 batches of 4 (DDP's
+    # no_sync inside a compiled step); the one process stays eager.
     common = [
         *QUIET,
         *("--method", "tgr", "--teacher", teacher_ckpt, "--distill-until", "1"),
@@ -470,7 +471,8 @@ def test_ddp_two_ranks_equal_one_process(teacher_ckpt, tmp_path, compiled):
     helper = tmp_path / "helper.py"
     helper.write_text(DDP_HELPER.format(root=ROOT, out=str(tmp_path)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [*torchrun, str(helper), *TINY, *common, "--batch-size", "8"]
+    batches = ["--batch-size", "4", "--accum-iter", "2"] if compiled else ["--batch-size", "8"]
+    cmd = [*torchrun, str(helper), *TINY, *common, *batches]
     cmd += ["--output-dir", str(tmp_path / "ddp"), "--compile" if compiled else "--no-compile"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
