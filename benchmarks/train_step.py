@@ -172,8 +172,8 @@ def main(args):
     print("| step | images/s | time vs dense | time vs V-MoE | first step (s) |")
     print("|---|---:|---:|---:|---:|")
     for v in variants:
-        ips, vs = args.batch_size / med[v], f"{med[v] / med['dense']:.2f}x"
-        print(f"| {v} | {ips:.1f} | {vs} | {med[v] / med['vmoe']:.2f}x | {first[v]:.1f} |")
+        ips, dense, vmoe = args.batch_size / med[v], med[v] / med["dense"], med[v] / med["vmoe"]
+        print(f"| {v} | {ips:.1f} | {dense:.2f}x | {vmoe:.2f}x | {first[v]:.1f} |")
     if "tgr-after" in med:
         print("\nprojected whole-run training time of TGR relative to V-MoE (step time only):")
     for name in [v for v in ("tgr fp32 teacher", "tgr bf16 teacher") if v in med]:
