@@ -217,16 +217,17 @@ def load_pretrained(model, sd, path):
 def training_state(model, optimizer, args, epoch, step, *, switch, model_ema, m2ot, **ours):
     """The checkpoint of an epoch's end: DeiT's layout {model, optimizer, lr_scheduler, epoch,
     scaler, args}, then ours: everything `restore` needs for an exact resume (the step, every
-    rank's RNG `rng`, the `schedule.Switch`, the probe's last routing `probe_prev`, the
-    pre-trained one `ref_assign`), the teacher router (eval.py --route teacher), the EMA,
-    M²oT's heads and π, and the arguments that rebuild model and teacher without the trainer
-    (`model_args`, `teacher_args`). Modules are stored as their state dicts."""
+    rank's RNG `rng`, the `schedule.Switch`, the probe's last routing `probe_prev` and its
+    distributions `probe_prev_routing`, the pre-trained one `ref_assign`), the teacher router
+    (eval.py --route teacher), the EMA, M²oT's heads and π, and the arguments that rebuild
+    model and teacher without the trainer (`model_args`, `teacher_args`). Modules are stored
+    as their state dicts."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     state.update(lr_scheduler={"step": step, "base_lr": args.base_lr}, epoch=epoch, scaler=None)
     state.update(args=vars(args), step=step, switch=asdict(switch), model_args=model.model_args)
     state["model_ema"] = model_ema.module.state_dict() if model_ema is not None else None
     state["m2ot"] = m2ot.state_dict() if m2ot is not None else None
-    return {**state, **ours}  # rng, probe_prev, ref_assign, teacher_router, teacher_args
+    return {**state, **ours}  # rng, probe_prev(_routing), ref_assign, teacher_router, teacher_args
 
 
 def load_run(path, device, what="--checkpoint", eval_capacity_factor=None):

@@ -21,6 +21,17 @@ and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferen
 `evaluate` runs a model over a loader and returns top-1/top-5 and the per-layer metrics;
 train.py logs them every epoch, with the adjacent-epoch consistency of `probe_assignments`.
 
+Hard consistency counts argmax flips, so a router that never decided (two experts a hair
+apart, a flip on the slightest change) looks unstable only because it is unconfident. Four
+measures hold confidence apart (`routing_stability`, logged by train.py each epoch; the study
+in experiments/tgr_claims.py reads them):
+
+    soft consistency   1 − (1/T) Σ_t ½ Σ_e |p_A(t, e) − p_B(t, e)|       (1 − total variation)
+    by margin          the hard consistency within bins of the earlier check's top-2 logit gap
+    token entropy      (1/T) Σ_t H(p_t) / log E     (confidence; the entropy above is balance)
+    last fluctuation   F(i) = share of tokens whose expert still changes after check i
+                       (StableMoE, Dai et al. 2022; from train.py --probe-every's checks)
+
 The command line reads a train.py checkpoint (SPEC sec. 12):
 
     python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
@@ -82,7 +93,11 @@ DENSE_ONLY = tuple(d for d in TASKS if d not in DATASETS)  # ade20k, nyud: no cl
 
 # ----------------------------------------------------------------------------- metrics
 def top1_experts(routing):
-    """argmax_e p_{t,e} of the clean router probabilities: (T,) long."""
+    """argmax_e p_{t,e} of the clean router probabilities: (T,) long.
+
+    With a selection bias b (`--method lossfree`) the router's choice is argmax_e (p + b)."""
+    if routing.selection_bias is not None:
+        return (routing.probs + routing.selection_bias).argmax(dim=-1)  # (T,)
     return routing.probs.argmax(dim=-1)  # (T,)
 
 
@@ -108,6 +123,79 @@ def routing_consistency(top1_a, top1_b):
     return float((top1_a == top1_b).float().mean())
 
 
+# ----------------------------------------------------------------------------- stability, read
+# so that an unconfident router cannot look unstable only because it is unconfident: a token
+# whose two best experts are a hair apart flips its top-1 on the slightest change (and, while
+# training, on the router noise σ/E), so the hard consistency above mixes "the routing moved"
+# with "the routing never decided". These split the two.
+MARGIN_BINS = (0.1, 0.5, 2.0)  # edges of the top-2 logit-gap bins (V-MoE's noise σ/E: 0.0625-0.125)
+
+
+def top2_gap(logits):
+    # m_t = logit of the best expert − logit of the second best   (0: undecided)
+    best_two = logits.float().topk(2, dim=-1).values  # (T, 2)
+    return best_two[:, 0] - best_two[:, 1]  # (T,)
+
+
+def soft_consistency(p_a, p_b):
+    # c_soft = 1 − (1/T) Σ_t TV(p_A(t), p_B(t)),   TV = ½ Σ_e |p_A(t, e) − p_B(t, e)|
+    # 1 when every token keeps its whole distribution; a near-uniform router that stays
+    # near-uniform scores near 1 even where its argmax flips
+    return float(1.0 - 0.5 * (p_a.float() - p_b.float()).abs().sum(dim=-1).mean())
+
+
+def consistency_by_margin(top1_a, top1_b, gap_a, edges=MARGIN_BINS):
+    """The hard consistency within bins of the *earlier* check's top-2 gap: [[c, share], ...],
+    one pair per bin (edges split [0, ∞) into len(edges) + 1 bins; c is None for an empty bin).
+    """
+    # c_b = (1/|T_b|) Σ_{t∈T_b} 1[top1_A(t) = top1_B(t)],  T_b = {t : m_A(t) in bin b}
+    bins = torch.bucketize(gap_a, torch.tensor(edges, dtype=gap_a.dtype))  # (T,) bin of each
+    out = []
+    for b in range(len(edges) + 1):
+        in_bin = bins == b  # (T,)
+        n = int(in_bin.sum())
+        same = float((top1_a[in_bin] == top1_b[in_bin]).float().mean()) if n else None
+        out.append([same, n / max(1, gap_a.numel())])
+    return out
+
+
+def token_entropy(p):
+    # H_tok = (1/T) Σ_t −Σ_e p_{t,e} log p_{t,e} / log E    ∈ [0, 1]: 1 = every token undecided
+    # (the routing entropy above is of the *utilisation*: balance, not confidence)
+    p = p.float()
+    return float(-torch.special.xlogy(p, p).sum(dim=-1).mean() / math.log(p.shape[-1]))
+
+
+def last_fluctuation(assignments):
+    """StableMoE's last-fluctuation curve (Dai et al. 2022, Fig. 1): for each check i of a list
+    of (T,) top-1 assignments taken in order, the share of tokens whose expert still changes
+    at some later check. 0 at the last check; a router that has settled by check i has 0 there.
+    """
+    # F(i) = (1/T) Σ_t 1[∃ j > i: top1_j(t) ≠ top1_{j−1}(t)]
+    a = torch.stack([x.long() for x in assignments])  # (checks, T)
+    changed = a[1:] != a[:-1]  # (checks − 1, T): True where check j+1 differs from check j
+    # index of each token's last change (j+1), or 0 if it never changed
+    where = torch.arange(1, a.shape[0]).unsqueeze(-1) * changed  # (checks − 1, T)
+    last = where.max(dim=0).values if changed.numel() else torch.zeros(a.shape[1])  # (T,)
+    return [float((last > i).float().mean()) for i in range(a.shape[0])]
+
+
+def routing_stability(now, before):
+    """The epoch's stability metrics for train.py's log, per MoE layer, from two `probe_routing`
+    passes over the same probe set (`before` None: only the metrics of `now`)."""
+    record = {
+        "probe_token_entropy": [token_entropy(p) for _, p, _ in now],
+        "probe_gap_median": [float(gap.median()) for _, _, gap in now],
+    }
+    if before is not None:
+        pairs = list(zip(now, before))
+        record["consistency_soft_prev"] = [soft_consistency(n[1], b[1]) for n, b in pairs]
+        record["consistency_by_margin_prev"] = [
+            consistency_by_margin(b[0], n[0], b[2]) for n, b in pairs
+        ]
+    return record
+
+
 def teacher_agreement(student_logits, teacher_logits):
     # a = (1/T) Σ_t 1[argmax p_t = argmax p_t^teacher]  (softmax keeps the argmax of the logits)
     s = student_logits.reshape(-1, student_logits.shape[-1]).argmax(-1)  # (T,)
@@ -129,6 +217,19 @@ def probe_assignments(model, images, route_logits=None, batch_size=128):
             _, routings = model(chunk, route=route_logits(chunk) if route_logits else None)
             per_layer.append([top1_experts(r).cpu() for r in routings])
     return [torch.cat(layer) for layer in zip(*per_layer)]  # per layer: (T,)
+
+
+@torch.no_grad()
+def probe_routing(model, images, batch_size=128):
+    """Per MoE layer: (top-1 experts (T,), clean p (T, E), top-2 logit gap (T,)), on the CPU:
+    what `routing_stability` compares between two checks."""
+    per_layer = []
+    with evaluating(model):
+        for chunk in images.split(batch_size):
+            _, routings = model(chunk)
+            rows = [(top1_experts(r), r.probs.float(), top2_gap(r.logits)) for r in routings]
+            per_layer.append([tuple(x.cpu() for x in row) for row in rows])
+    return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*per_layer)]
 
 
 @torch.no_grad()

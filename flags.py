@@ -13,6 +13,7 @@ Some defaults depend on other flags, and are written into `args` (and so saved) 
 
     --experts / --topk          16 / 1 (V-MoE); 8 / 2 with --teachers (M²oT sec. 5)
     --student-balance-coef      0.005 (V-MoE); 0 for tgr (TGR-MoE sec. 3: no balance loss)
+                                and lossfree (its selection bias balances instead)
     --eval-capacity-factor      4.0 for top-K (V-MoE's eval config); else the training cf
     --compile, --aa-on-device   on for CUDA (compile: where Triton is installed); off on a CPU
 
@@ -146,9 +147,30 @@ def _method_flags(parser):
     g = parser.add_argument_group("method: losses and the distillation schedule")
     add_flag(g, "--student-balance-coef", type=float, help="importance+load (0.005; tgr 0)")
     add_flag(g, "--zloss-coef", type=float, default=1e-3, help="z-loss weight (--method zloss)")
+    add_flag(
+        g,
+        "--student-entropy-coef",
+        type=float,
+        default=0.0,
+        help="weight of an entropy loss on the student router's p (confidence without a teacher)",
+    )
+    add_flag(
+        g,
+        "--bias-update-rate",
+        type=float,
+        default=1e-3,
+        help="lossfree: step u of each expert's selection bias per batch (DeepSeek-V3's 0.001)",
+    )
     add_flag(g, "--distill-coef", type=float, default=5.0, help="λ_distill")
     add_flag(g, "--teacher-load-coef", type=float, default=0.005, help="λ_load (teacher router)")
     add_flag(g, "--teacher-ent-coef", type=float, default=0.005, help="λ_ent (teacher router)")
+    add_flag(
+        g,
+        "--teacher-balance",
+        default="batch",
+        choices=["batch", "group"],
+        help="teacher router's L_imp over the whole batch, or per routing group as the student's",
+    )
     add_flag(
         g,
         "--distill-until",
@@ -178,6 +200,14 @@ def _method_flags(parser):
     add_flag(g, "--teacher-dtype", default="bf16", choices=["bf16", "fp32"], help="autocast")
     add_flag(g, "--teacher-random", action="store_true", help="allow random torchvision weights")
     add_flag(g, "--teacher-resample", action="store_true", help="resample another token grid")
+    add_flag(
+        g,
+        "--teacher-reinit",
+        type=int,
+        metavar="SEED",
+        help="replace the teacher's weights by a random initialisation from SEED (a control: "
+        "the same architecture without its knowledge)",
+    )
     add_flag(g, "--fresh-teacher-router", action="store_true", help="tgr --finetune: new R_t")
 
 
@@ -253,6 +283,13 @@ def _run_flags(parser):
     add_flag(g, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     add_flag(g, "--print-freq", type=int, default=50, help="a progress line every N steps")
     add_flag(g, "--probe-size", type=int, default=256, help="validation images of the probe set")
+    add_flag(
+        g,
+        "--probe-every",
+        type=int,
+        default=0,
+        help="also route the probe set every N optimizer steps into probe_steps.pt (0: off)",
+    )
 
 
 def get_args_parser(add_help=True):
@@ -292,8 +329,9 @@ def resolve_defaults(args):
         args.aa_on_device = args.device.startswith("cuda")
     if args.compile is None:  # GPU: 1.23-1.51x the eager step's images/s (docs/training.md)
         args.compile = args.device.startswith("cuda") and TRITON  # inductor's GPU kernels
-    if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss
-        args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
+    if args.student_balance_coef is None:  # TGR (sec. 3): the student has no balance loss;
+        # lossfree balances with its selection bias instead of a loss
+        args.student_balance_coef = 0.0 if args.method in ("tgr", "lossfree") else 0.005
 
 
 def check_args(args):
@@ -307,6 +345,10 @@ def check_args(args):
         raise UsageError("--method m2ot needs --teachers SRC [SRC ...] (dense checkpoints, ...)")
     if args.teachers and args.method not in ("m2ot", "dense", "softmoe"):
         raise UsageError(f"--teachers: the students are m2ot, dense and softmoe, not {args.method}")
+    if min(args.student_entropy_coef, args.bias_update_rate, args.probe_every) < 0:
+        raise UsageError(
+            "--student-entropy-coef, --bias-update-rate and --probe-every must be >= 0"
+        )
     if min(args.tas_coef, args.switch_coef) < 0 or args.knn_every < 0:
         raise UsageError("--tas-coef, --switch-coef and --knn-every must be >= 0")
     if args.upcycle and args.finetune:
@@ -376,6 +418,8 @@ def model_args_from_flags(flags, num_classes):
             batch_priority=f["batch_priority"],
             eval_capacity_factor=f["eval_capacity_factor"],
         )
+    if f["method"] == "lossfree":  # the selection bias's step (older runs have no such method)
+        margs["bias_update_rate"] = f["bias_update_rate"]
     return margs
 
 
@@ -397,4 +441,5 @@ def teacher_args_from_flags(flags, moe_layers):
         random_ok=f["teacher_random"],
         resample=f["teacher_resample"],
         student_grid=f["img_size"] // f["patch_size"],
+        reinit=f.get("teacher_reinit"),
     )

@@ -24,6 +24,8 @@ weight takes part in every step (DDP needs no `find_unused_parameters`).
 Variants, one `--method` each (all share the stacked experts):
 * `vmoe` (and `tgr`, `stablemoe`, `zloss`, `teacher-route`, which differ only in training):
   noisy top-K token choice with capacity, `MoEMLP`.
+* `lossfree`: the same router without a balance loss; a per-expert bias added to the scores
+  for the choice only keeps the load even (auxiliary-loss-free balancing, DeepSeek-V3).
 * `expert-choice`: each expert takes its top-C tokens, `MoEMLP(router="expert-choice")`.
 * `softmoe`: Soft MoE (Puigcerver et al. 2024), `SoftMoEMLP`: every slot is a softmax-weighted
   average of all tokens, so nothing is discrete and nothing is dropped.
@@ -48,6 +50,10 @@ Decisions where the papers are silent
   before the combine weight, as `Routing.expert_out` (T, K, D), 0 where dropped, in the graph
   (M²oT's TAS loss trains the experts through it), and the layer's input x_t as
   `Routing.inputs` (T, D) (M²oT's teacher-aware router reads it). Off, nothing more is kept.
+* `lossfree`'s bias steps by u = `bias_update_rate` (DeepSeek-V3's 0.001) after every
+  training *batch* (with --accum-iter, every batch of a step), from the choices before capacity;
+  the loads are this process's (under DDP, DDP broadcasts rank 0's buffers at each forward, so
+  the bias follows rank 0's batches). Evaluation uses b and never moves it.
 * Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
   expert of block i starts from block i's MLP, routers stay fresh (see `upcycle` for h < H).
 * Few, large ops (issue 23): on a GPU every small op is a kernel launch, so the routing and
@@ -92,6 +98,7 @@ METHODS = {
     "teacher-route": "top-k",
     "expert-choice": "expert-choice",
     "softmoe": "soft",
+    "lossfree": "top-k",  # V-MoE's router balanced by a selection bias, no auxiliary loss
     "m2ot": "top-k",  # M²oT's student: top-K token choice; its teachers live in m2ot.py
 }
 
@@ -132,6 +139,7 @@ class MoEMLP(StackedExperts):
         batch_priority=False,
         eval_capacity_factor=None,
         router="top-k",
+        bias_update_rate=0.0,
     ):
         super().__init__(dim, hidden, num_experts)
         check_routing(num_experts, k, capacity_factor, eval_capacity_factor)  # one line if not
@@ -143,6 +151,14 @@ class MoEMLP(StackedExperts):
         self.batch_priority, self.router_type = batch_priority, router
         self.router = nn.Linear(dim, num_experts, bias=False)  # W_r: (D -> E)
         self.keep_expert_outputs = False  # True: routing.expert_out = φ (M²oT's TAS loss)
+        # auxiliary-loss-free balancing (`--method lossfree`): a per-expert bias b that only
+        # chooses, nudged by u after every training batch (`update_expert_bias`); a buffer, so
+        # it is saved, resumed and used at evaluation, but never trained by a gradient
+        self.bias_update_rate = bias_update_rate
+        if bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))  # (E,) b
+        else:
+            self.expert_bias = None
 
     def forward(self, x, route_logits=None):
         B, N, D = x.shape
@@ -157,10 +173,14 @@ class MoEMLP(StackedExperts):
             chooser = logits if route_logits is None else route_logits.reshape(B * N, -1)
             noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
             options = dict(logit_noise_std=noise, batch_priority=self.batch_priority)
+            if route_logits is None:  # the bias belongs to our own router's scores
+                options["selection_bias"] = self.expert_bias
             routing = top_k_routing(
                 chooser, k=self.k, capacity_factor=cf, num_groups=groups, **options
             )
             routing.student_logits = logits
+            if self.training and self.expert_bias is not None:
+                self.update_expert_bias(routing.experts)
         slot = self.slots(routing)  # (T, K) each assignment's row of the expert buffer
         token_of_slot, weight_of_slot = self.slot_contents(slot, routing)  # (E·G·C,) each
         out = self.run_experts(self.dispatch(tokens, token_of_slot))  # (E, G·C, D)
@@ -169,6 +189,21 @@ class MoEMLP(StackedExperts):
             routing.expert_out = self.expert_outputs(out, slot, routing.kept)  # (T, K, D)
             routing.inputs = tokens  # (T, D), already in memory: a reference, no copy
         return rearrange(y, "(b n) d -> b n d", b=B), routing
+
+    @torch.no_grad()
+    def update_expert_bias(self, experts):
+        """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 sec. 2.1.2), per batch.
+
+        experts: (T, K) this batch's choices, before capacity. An overloaded expert's bias
+        falls and an underloaded one's rises by a fixed step u, whatever the size of the error:
+
+            c_e = #{(t, k): e_{t,k} = e},     b_e ← b_e + u · sign(mean_e' c_e' − c_e)
+
+        In place and on the device (no host sync), outside autograd: no loss, no gradient.
+        """
+        ones = torch.ones(experts.numel(), device=experts.device)  # (T·K,)
+        counts = torch.zeros_like(self.expert_bias).index_add_(0, experts.reshape(-1), ones)  # (E,)
+        self.expert_bias.add_(torch.sign(counts.mean() - counts), alpha=self.bias_update_rate)
 
     def slots(self, routing):
         """Row of every assignment in the (E·G·C) buffer: (T, K) long, meaningful where kept."""
@@ -266,7 +301,7 @@ def build_model(
 
     expert_hidden: every expert's hidden width h (None: the dense MLP's H; M²oT: H // K).
     options: drop_path_rate, capacity_factor, eval_capacity_factor, noise_std, group_size,
-    batch_priority (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
+    batch_priority, bias_update_rate (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
     The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
     store them, so `build_model(**ckpt["model_args"])` rebuilds a model without the trainer.
     """

@@ -29,6 +29,13 @@ and the token goes to its K best experts. Two things make this more than an argm
   batch-priority routing (BPR, Riquelme et al. sec. 4), in decreasing order of their top-1
   weight, so the tokens the router is surest about are the last ones dropped.
 
+**Auxiliary-loss-free balancing** (Wang et al. 2024, used by DeepSeek-V3 sec. 2.1.2) keeps the
+load even without a balance loss: a per-expert bias b is added to the scores *for the choice
+only*, e = top-K(q + b), while the combine weights stay q; after every training batch each
+overloaded expert's b falls and each underloaded one's rises by a fixed step (moe.py's
+`update_expert_bias`). No gradient is involved, so the bias cannot pull the router's logits
+the way an auxiliary loss does.
+
 Expert choice (Zhou et al. 2022) turns the choice around: each expert takes its top-C tokens
 by p, so no expert overflows and no balance loss is needed, but a token may get 0 or many
 experts.
@@ -50,6 +57,9 @@ Decisions where the papers are silent
 * If the batch does not split into groups of `group_size` images (a last, smaller batch),
   the group shrinks to the largest divisor of B not above `group_size`; capacity is computed
   for that group size.
+* The selection bias is added to the gate probabilities q (V-MoE's softmax scores), as
+  DeepSeek-V3 adds it to its sigmoid affinities, and stays in the choice at evaluation (it is
+  part of how the router routes); metrics read argmax (p + b) for such a router.
 * When the outside caller supplies the routing logits (teacher-route mode, TGR sec. 5.3),
   they replace the layer's own logits for the choice; the layer's own logits are still
   recorded in `student_logits` so that the distillation KL can pull them along.
@@ -81,6 +91,7 @@ class Routing:
     student_logits: torch.Tensor | None = None  # (T, E) the layer's own router logits
     expert_out: torch.Tensor | None = None  # (T, K, D) φ, pre-weight; only if the layer keeps it
     inputs: torch.Tensor | None = None  # (T, D) the layer's input x_t; kept with expert_out
+    selection_bias: torch.Tensor | None = None  # (E,) b added to the scores to choose (lossfree)
 
     @property
     def num_experts(self) -> int:
@@ -175,11 +186,14 @@ def top_k_routing(
     num_groups: int,
     logit_noise_std: float = 0.0,
     batch_priority: bool = False,
+    selection_bias: torch.Tensor | None = None,
 ) -> Routing:
     """Noisy top-K token choice with capacity, V-MoE semantics.
 
     logits: (T, E) clean router logits, T = num_groups · S tokens, groups contiguous.
     logit_noise_std: std of the noise added to the logits, σ/E (0 = deterministic, e.g. eval).
+    selection_bias: (E,) b, auxiliary-loss-free balancing (DeepSeek-V3 sec. 2.1.2): the experts
+    are the top-K of q + b, their combine weights q alone (b chooses, it never weighs).
     """
     T, E = logits.shape
     check_routing(E, k, capacity_factor)
@@ -194,7 +208,12 @@ def top_k_routing(
         gates = noisy_logits.softmax(dim=-1)  # (T, E) q
     else:
         gates = probs
-    combine, experts = gates.topk(k, dim=-1)  # (T, K), (T, K)
+    if selection_bias is None:
+        combine, experts = gates.topk(k, dim=-1)  # (T, K), (T, K)
+    else:
+        # e_t = top-K_e (q_{t,e} + b_e),  g_{t,k} = q_{t,e_k}: the bias moves the choice only
+        experts = (gates + selection_bias).topk(k, dim=-1).indices  # (T, K)
+        combine = gates.gather(1, experts)  # (T, K)
 
     # --- capacity: position of every assignment in its expert's queue, per group ---
     capacity = capacity_for(S, E, k, capacity_factor)
@@ -215,6 +234,7 @@ def top_k_routing(
         capacity=capacity,
         num_groups=G,
         student_logits=logits,
+        selection_bias=selection_bias,
     )
 
 

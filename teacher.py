@@ -56,6 +56,12 @@ Decisions where the papers are silent
   student's and resizes input images (bilinear) to grid × teacher patch, so teacher patch
   (r, c) covers the same pixels as student patch (r, c).
 * The teacher router is a bias-free linear map, the same form as the student's router.
+* The teacher router's L_imp is taken over the whole batch by default (the paper gives no
+  groups, and the teacher router has no capacity); `groups` (`--teacher-balance group`) takes it
+  per routing group of images, as the student's V-MoE losses are: a control of the study in
+  experiments/tgr_claims.py (docs/evidence.md says what it changes).
+* `reinit` (`--teacher-reinit SEED`) keeps the source's architecture and draws the weights a
+  dense run of that seed starts from: the control for "does the teacher's *knowledge* matter?"
 * Registers (DINOv2-reg) are dropped from every output: a teacher's tokens are CLS and
   patches, as the student's.
 * Final teachers (M²oT) run at the student's pixel size unless "SRC@SIZE" names another: round
@@ -85,6 +91,7 @@ from checkpoint import build_vit, check_keys, read_state_dict, vit_config, vit_w
 from flags import ArgumentParser, UsageError, add_flag, run_cli
 from losses import entropy_loss, importance_loss
 from m2ot import teacher_source
+from vit import VisionTransformer
 
 CLASSIFIER = ("head.", "fc_norm.")  # never run, ignored
 NEVER_RUN = ("norm.", *CLASSIFIER)  # TGR's teacher also stops before the final norm
@@ -157,13 +164,21 @@ class Teacher(_Frozen):
 
 
 def load_teacher(
-    source, layers, *, dtype="bf16", random_ok=False, resample=False, student_grid=None
+    source,
+    layers,
+    *,
+    dtype="bf16",
+    random_ok=False,
+    resample=False,
+    student_grid=None,
+    reinit=None,
 ):
     """Build a frozen `Teacher` from a checkpoint path or "torchvision:NAME".
 
     layers: 1-indexed teacher blocks, one per student MoE layer (repeats allowed).
     student_grid: the student's patch-grid side; a different teacher grid is an error
     unless `resample`. random_ok: torchvision weights may be random if not cached.
+    reinit: a seed: the source's architecture with fresh random weights (`random_twin`).
     """
     if dtype not in ("bf16", "fp32"):
         raise UsageError(f"teacher dtype {dtype!r}: use bf16 or fp32")
@@ -185,7 +200,20 @@ def load_teacher(
         )
     skip = NEVER_RUN if max(layers) <= cfg["depth"] else CLASSIFIER  # "final" runs the norm
     vit = build_vit(sd, cfg, source, skip, student_grid)  # the head: dropped by Teacher
+    if reinit is not None:
+        vit, kind = random_twin(vit, cfg, reinit), f"{kind}, re-initialised (seed {reinit})"
     return Teacher(vit, layers, dtype=dtype, resample=resample, kind=kind, pretrained=pretrained)
+
+
+def random_twin(vit, cfg, seed):
+    """The teacher's architecture with the random weights a dense run starts from (`--teacher-
+    reinit SEED`): the control that asks whether TGR needs the teacher's *knowledge*, or only a
+    fixed network to anchor the routing to. Drawn from a forked RNG, so the run's own random
+    stream (student initialisation, data order) is the same as with the trained teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        twin = VisionTransformer(**{**cfg, "img_size": vit.grid * cfg["patch_size"]})
+    return twin
 
 
 # ----------------------------------------------------------------------------- final features
@@ -344,8 +372,11 @@ def teacher_route(teacher, routers):
     return lambda images: [R(h) for R, h in zip(routers, teacher(images))]  # (B, N, E) each
 
 
-def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005):
+def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005, groups=1):
     """L_teacher over the MoE layers; returns (total, {"importance", "ent"} unweighted sums).
+
+    groups: L_imp per routing group of images, averaged (the student's V-MoE losses are taken
+    that way, `--teacher-balance group`), or 1: over the whole batch (the default).
 
     No task loss: the router's only aims are balanced and confident routing. The paper calls
     the balance part its "load" loss (λ_load); what it computes is V-MoE's importance loss,
@@ -357,7 +388,7 @@ def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005):
     imp = ent = 0.0
     for logits in teacher_logits:
         p_t = logits.float().softmax(dim=-1)  # (B, N, E)
-        imp = imp + importance_loss(p_t)
+        imp = imp + importance_loss(p_t, groups)  # groups of whole images: (B, N) in order
         ent = ent + entropy_loss(p_t)
     # L_teacher = Σ_i λ_load·L_imp(p_t^(i)) + λ_ent·L_ent(p_t^(i))
     total = load_coef * imp + ent_coef * ent

@@ -39,7 +39,13 @@ Python (losses and metrics stay on the device until a progress line reads them; 
 loss stops the run there, naming the first bad step), and `--compile` (CUDA's default) compiles
 the step's whole forward (`compute_losses`) with its backward, again at the switch only.
 Besides log.jsonl, consistency_final.json holds every epoch's per-layer consistency with the
-last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve.
+last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve; the
+log also carries the soft and by-margin consistency, token entropy and top-2 gap of the probe
+set (eval.routing_stability), and `--probe-every N` saves the probe's routing after every
+N-th step (probe_steps.pt, StableMoE's last-fluctuation curve).
+Controls beyond the paper (experiments/tgr_claims.py): `--student-entropy-coef` (an entropy
+loss on the student's own router, no teacher), `--teacher-reinit` (a random-weight teacher),
+`--teacher-balance group`, and `--method lossfree` (balance by a selection bias, moe.py).
 """
 
 import contextlib
@@ -63,9 +69,16 @@ import data
 import flags
 import schedule
 from augment import build_mixup
-from eval import evaluate, probe_assignments, routing_consistency, teacher_agreement
+from eval import (
+    evaluate,
+    probe_assignments,
+    probe_routing,
+    routing_consistency,
+    routing_stability,
+    teacher_agreement,
+)
 from flags import UsageError, get_args_parser, run_cli
-from losses import importance_loss, load_loss, routing_kl, z_loss
+from losses import entropy_loss, importance_loss, load_loss, routing_kl, z_loss
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from moe import METHODS, MODELS, build_model, keep_freed_memory
 from probe import knn_eval
@@ -283,6 +296,12 @@ def compute_losses(model, images, targets, args, guides, labels=None):
     if args.method == "zloss":
         parts["zloss"] = sum(z_loss(r.logits) for r in routings)  # L_z = mean_t logsumexp²
         loss = loss + args.zloss_coef * parts["zloss"]
+    if args.student_entropy_coef > 0 and METHODS[args.method] == "top-k":
+        # L_ent = Σ_i −mean_t Σ_e p log p on the student's own p: the confidence the teacher
+        # router is trained for, asked of the student directly, without a teacher
+        probs = [r.student_logits.float().softmax(dim=-1) for r in routings]  # (T, E) each
+        parts["student_ent"] = sum(entropy_loss(p) for p in probs)
+        loss = loss + args.student_entropy_coef * parts["student_ent"]
     teacher_loss = 0.0
     if t_logits is not None:
         # L_distill = KL(sg(p_t) ‖ p) = Σ_e p_t,e (log p_t,e − log p_e); sg = .detach(): the KL
@@ -297,7 +316,9 @@ def compute_losses(model, images, targets, args, guides, labels=None):
         loss = loss + args.distill_coef / scale * parts["distill"]
         if args.method == "tgr":  # the teacher router sees no task loss, only balance + entropy
             coefs = args.teacher_load_coef, args.teacher_ent_coef
-            teacher_loss, t_parts = teacher_objective(t_logits, *coefs)
+            # --teacher-balance group: L_imp per routing group of images, as the student's
+            groups = routings[0].num_groups if args.teacher_balance == "group" else 1
+            teacher_loss, t_parts = teacher_objective(t_logits, *coefs, groups=groups)
             parts.update(teacher_importance=t_parts["importance"], teacher_ent=t_parts["ent"])
         if args.router_grad == "distill-only" and args.method == "tgr":
             for r in routings:  # g's gradient is the task loss's only way into the router
@@ -322,8 +343,47 @@ def check_finite(bad_step, bad_value, epoch, out):
         raise UsageError(f"loss is {float(bad_value)} at step {step} (epoch {epoch}); {kept}")
 
 
+@dataclass
+class StepProbe:
+    """--probe-every N: the probe set's top-1 experts after every N-th optimizer step (rank 0),
+    for StableMoE's last-fluctuation curve (`eval.last_fluctuation`); train.py saves `history`
+    as probe_steps.pt at each epoch's end, beside the checkpoint, and a resume reads it back.
+    The check routes the probe set in eval mode and waits for the device: off by default."""
+
+    every: int
+    images: torch.Tensor
+    history: dict  # optimizer step -> [(T,) uint8 top-1 expert per MoE layer]
+
+    def after_step(self, model, step):
+        if self.every and step % self.every == 0:
+            assign = probe_assignments(getattr(model, "module", model), self.images)
+            self.history[step] = [a.to(torch.uint8) for a in assign]  # E <= 256
+
+
+def load_step_probe(args, out, probe, step, rank):
+    """The run's `StepProbe` (None without --probe-every, or off rank 0): a resumed run keeps
+    the checks of the steps it had already trained, up to the checkpoint's step."""
+    if not args.probe_every or rank != 0:
+        return None
+    history = {}
+    if step > 0 and (out / "probe_steps.pt").exists():
+        saved = torch.load(out / "probe_steps.pt", weights_only=True)
+        history = {s: a for s, a in saved.items() if s <= step}
+    return StepProbe(args.probe_every, probe, history)
+
+
 def train_one_epoch(
-    model, guides, optimizer, loader, mix, args, epoch, step, ema=None, losses_fn=compute_losses
+    model,
+    guides,
+    optimizer,
+    loader,
+    mix,
+    args,
+    epoch,
+    step,
+    ema=None,
+    losses_fn=compute_losses,
+    step_probe=None,
 ):
     """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
 
@@ -332,7 +392,8 @@ def train_one_epoch(
     non-finite loss is noted on the device and checked at each progress line.
     --accum-iter N: one optimizer step per N batches, each loss divided by N, DDP's all-reduce
     only on the N-th (`no_sync` before it); a last incomplete group of batches is left out.
-    losses_fn: `compute_losses` or its torch.compile'd self (--compile)."""
+    losses_fn: `compute_losses` or its torch.compile'd self (--compile).
+    step_probe: a `StepProbe` (--probe-every) or None."""
     device, accum = next(model.parameters()).device, args.accum_iter
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = len(loader) // accum * accum
@@ -370,6 +431,8 @@ def train_one_epoch(
             if ema is not None:
                 ema.update(model)
             step += 1
+            if step_probe is not None:
+                step_probe.after_step(model, step)
         seen += images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -384,11 +447,14 @@ def train_one_epoch(
 
 
 # ============================================================================ epoch's end
-def save_epoch(out, state, record, assign, probe_history):
-    """Rank 0, end of an epoch: log line, checkpoint, and the consistency-with-final file."""
+def save_epoch(out, state, record, assign, probe_history, step_probe=None):
+    """Rank 0, end of an epoch: log line, checkpoint, the consistency-with-final file and
+    (--probe-every) the probe's routing after every N-th step."""
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     checkpoint.save_checkpoint(out / "checkpoint.pt", state)
+    if step_probe is not None:
+        checkpoint.save_checkpoint(out / "probe_steps.pt", step_probe.history)
     if assign:  # consistency with the final routing (TGR Fig. 1), rewritten each epoch
         probe_history[record["epoch"]] = [a.to(torch.uint8) for a in assign]  # E <= 256
         checkpoint.save_checkpoint(out / "probe_routing.pt", probe_history)
@@ -518,6 +584,13 @@ def train(args, rank, world, device):
         print0(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     if prev_assign is None:  # routing at initialisation: epoch 0's "previous epoch"
         prev_assign = probe_assignments(model_without_ddp, probe)
+    # the probe's distributions at the last check, for the soft and by-margin consistency
+    # (a checkpoint from before they were logged has none: that epoch logs them without)
+    if ckpt is None:
+        prev_probed = probe_routing(model_without_ddp, probe)
+    else:
+        prev_probed = ckpt.get("probe_prev_routing")
+    step_probe = load_step_probe(args, out, probe, step, rank)
     del ckpt, pretrained, teacher
     params = describe_params(model_without_ddp, guides.routers, guides.m2ot)
     where = f"{len(train_set)} images, {world} process(es) on {device}"
@@ -534,7 +607,17 @@ def train(args, rank, world, device):
         data.set_epoch(train_loader, epoch)  # the permutation and the workers' seeds
         distilling, t0 = bool(guides.trainable()), time.time()
         step, sums, seen, lr = train_one_epoch(
-            model, guides, optimizer, train_loader, mix, args, epoch, step, ema, losses_fn
+            model,
+            guides,
+            optimizer,
+            train_loader,
+            mix,
+            args,
+            epoch,
+            step,
+            ema,
+            losses_fn,
+            step_probe,
         )
         train_time = time.time() - t0
         means = epoch_means(sums, world, steps_per_epoch * args.accum_iter, device)
@@ -544,16 +627,19 @@ def train(args, rank, world, device):
         knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
         knn = knn_loader if knn_due else None  # the k-NN top-1: every --knn-every epochs, last
         val = validate(args, model_without_ddp, val_loader, guides, ema, knn)
-        assign = probe_assignments(model_without_ddp, probe)
+        probed = probe_routing(model_without_ddp, probe)  # per layer: top-1, p, top-2 logit gap
+        assign = [top1 for top1, _, _ in probed]
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling}
         record.update({f"train_{k}": v for k, v in means.items()})  # train_loss and its parts
         record.update(val, consistency_prev=consistency, images_per_s=seen / train_time)
+        if model_without_ddp.moe_layers:  # soft and by-margin consistency, confidence
+            record.update(routing_stability(probed, prev_probed))
         record["epoch_time_s"] = train_time
         if ref_assign is not None:  # the same tokens, before and after fine-tuning
             pairs = zip(assign, ref_assign)
             record["consistency_pretrained"] = [routing_consistency(a, b) for a, b in pairs]
-        prev_assign = assign
+        prev_assign, prev_probed = assign, probed
         if args.method == "stablemoe":  # during this epoch
             record["router_frozen"] = switch.done
         due, why = schedule.decide_switch(args, switch, epoch, consistency, world, device)
@@ -579,10 +665,11 @@ def train(args, rank, world, device):
             routers = guides.routers.state_dict() if guides.routers is not None else router_state
             ours = dict(rng=rngs, switch=switch, model_ema=ema, m2ot=guides.m2ot)
             ours.update(probe_prev=prev_assign, ref_assign=ref_assign, teacher_router=routers)
+            ours.update(probe_prev_routing=prev_probed)  # (top-1, p, gap) per layer: exact resume
             state = checkpoint.training_state(
                 model_without_ddp, optimizer, args, epoch, step, teacher_args=t_args, **ours
             )
-            save_epoch(out, state, record, assign, probe_history)
+            save_epoch(out, state, record, assign, probe_history, step_probe)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce
             dist.barrier()
     result = dict(model=model_without_ddp, routers=guides.routers, m2ot=guides.m2ot)

@@ -27,6 +27,7 @@ from router import capacity_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E, N = 8, 65  # experts, tokens per 32x32 image with 4x4 patches (+ CLS)
+MICRO_KW = dict(num_classes=10, img_size=32, patch_size=4)
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 8 --batch-size 16 --nb-classes 10 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --warmup-epochs 0 --lr 2e-3 "
@@ -48,6 +49,53 @@ def test_metric_functions_against_hand_values():
     student = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0]])  # argmax 0, 1, 0
     teacher = torch.tensor([[9.0, 1.0], [3.0, 1.0], [0.0, 1.0]])  # argmax 0, 0, 1
     assert float(ev.teacher_agreement(student, teacher)) == pytest.approx(1 / 3)
+
+
+def test_stability_metrics_against_loops():
+    """Soft consistency, consistency by margin, token entropy and the last-fluctuation curve
+    against the obvious loops: the study's confidence-proof measures (experiments/)."""
+    torch.manual_seed(0)
+    logits_a, logits_b = torch.randn(50, 4), torch.randn(50, 4)
+    p_a, p_b = logits_a.softmax(-1), logits_b.softmax(-1)
+    tv = sum(0.5 * sum(abs(p_a[t, e] - p_b[t, e]) for e in range(4)) for t in range(50)) / 50
+    assert ev.soft_consistency(p_a, p_b) == pytest.approx(1 - float(tv), rel=1e-5)
+    assert ev.soft_consistency(p_a, p_a) == pytest.approx(1.0)
+    gap = ev.top2_gap(logits_a)
+    for t in range(50):
+        best = sorted(logits_a[t].tolist(), reverse=True)
+        assert float(gap[t]) == pytest.approx(best[0] - best[1], abs=1e-6)
+    top_a, top_b = p_a.argmax(-1), p_b.argmax(-1)
+    bins = ev.consistency_by_margin(top_a, top_b, gap, edges=(0.3, 1.0))
+    for b, (lo, hi) in enumerate([(0, 0.3), (0.3, 1.0), (1.0, math.inf)]):
+        members = [t for t in range(50) if lo <= gap[t] < hi]
+        same = sum(int(top_a[t] == top_b[t]) for t in members)
+        assert bins[b][1] == pytest.approx(len(members) / 50)
+        assert bins[b][0] == (pytest.approx(same / len(members)) if members else None)
+    ent = sum(-sum(p * math.log(p) for p in row.tolist()) for row in p_a) / 50 / math.log(4)
+    assert ev.token_entropy(p_a) == pytest.approx(ent, rel=1e-5)
+    assert ev.token_entropy(torch.full((3, 4), 0.25)) == pytest.approx(1.0)
+    # four checks of three tokens: token 0 never changes, token 1 changes last between checks
+    # 2 and 3, token 2 only between checks 0 and 1
+    checks = [torch.tensor(x) for x in ([0, 1, 2], [0, 1, 3], [0, 1, 3], [0, 2, 3])]
+    curve = ev.last_fluctuation(checks)
+    want = []
+    for i in range(4):  # tokens whose expert changes between some later pair of checks
+        later = [
+            t for t in range(3) if any(checks[j][t] != checks[j - 1][t] for j in range(i + 1, 4))
+        ]
+        want.append(len(later) / 3)
+    assert curve == pytest.approx(want) and curve == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0])
+
+
+def test_lossfree_routes_by_its_bias_in_the_metrics():
+    """With a selection bias (--method lossfree) the top-1 a metric reads is the router's
+    choice, argmax (p + b), not argmax p."""
+    model = build_model("micro", "lossfree", num_experts=4, bias_update_rate=0.01, **MICRO_KW)
+    layer = model.blocks[model.moe_layers[0] - 1].mlp
+    layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # expert 2 takes every token
+    _, routings = model.eval()(torch.randn(2, 3, 32, 32))
+    assert ev.top1_experts(routings[0]).eq(2).all()
+    assert not routings[0].probs.argmax(-1).eq(2).all()
 
 
 def test_patch_map_and_display():

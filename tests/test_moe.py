@@ -446,3 +446,48 @@ def test_loss_falls_on_a_fixed_batch(method):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], f"{method}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+# --- auxiliary-loss-free balancing (--method lossfree) --------------------------------------
+
+
+def test_a_selection_bias_chooses_and_never_weighs():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 4)
+    bias = torch.tensor([0.0, 0.5, -0.5, 0.0])
+    r = top_k_routing(logits, k=2, capacity_factor=4.0, num_groups=1, selection_bias=bias)
+    q = logits.softmax(-1)
+    for t in range(12):  # the obvious way: rank experts by q + b, weigh by q
+        order = sorted(range(4), key=lambda e: -(q[t, e] + bias[e]).item())[:2]
+        assert r.experts[t].tolist() == order
+        torch.testing.assert_close(r.weights[t], q[t, order])
+    plain = top_k_routing(logits, k=2, capacity_factor=4.0, num_groups=1)
+    assert not torch.equal(plain.experts, r.experts)
+
+
+def test_the_expert_bias_follows_the_sign_of_each_experts_load_error():
+    layer = MoEMLP(8, 16, 4, k=1, capacity_factor=4.0, bias_update_rate=0.01).train()
+    experts = torch.tensor([[0], [0], [0], [1], [1], [2], [3], [3]])  # loads 3, 2, 1, 2
+    layer.update_expert_bias(experts)
+    # mean load 2: expert 0 over (bias falls), expert 2 under (rises), 1 and 3 on it (stay)
+    torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.01, 0.0, 0.01, 0.0]))
+    before = layer.expert_bias.clone()
+    layer.eval()(torch.randn(2, 5, 8))
+    assert torch.equal(layer.expert_bias, before)  # evaluation uses b, never moves it
+    layer.train()(torch.randn(2, 5, 8))
+    assert not torch.equal(layer.expert_bias, before) and not layer.expert_bias.requires_grad
+    assert "expert_bias" in layer.state_dict()
+    assert "expert_bias" not in MoEMLP(8, 16, 4).state_dict()  # V-MoE's layer has none
+
+
+def test_lossfree_evens_the_load_a_skewed_router_gives():
+    torch.manual_seed(0)
+    layer = MoEMLP(8, 16, 4, k=1, capacity_factor=4.0, noise_std=0.0, bias_update_rate=0.02)
+    with torch.no_grad():
+        layer.router.weight[0] += 0.5  # expert 0 scores higher for most tokens
+    x = torch.randn(4, 16, 8) + 1.0
+    share = lambda: layer(x)[1].experts[:, 0].eq(0).float().mean()
+    first = float(share())
+    for _ in range(50):
+        share()
+    assert first > 0.5 and float(share()) < first - 0.2

@@ -60,17 +60,17 @@ def count_syncs(monkeypatch, fn):
     return calls
 
 
-@pytest.mark.parametrize("method", ["vmoe", "tgr", "zloss"])
+@pytest.mark.parametrize("method", ["vmoe", "tgr", "zloss", "lossfree"])
 def test_a_step_hands_nothing_to_python(method, teacher_ckpt, tmp_path, monkeypatch):
     """2 steps and 6 steps make the same Python reads: those of the one progress line at the
     end of the epoch. Router noise, balance losses, the teacher, the KL, the EMA and the
-    non-finite check add none per step."""
+    non-finite check add none per step; nor does lossfree's selection-bias update."""
     args = args_for(
         tmp_path,
         *("--method", method, "--teacher", teacher_ckpt),
         *"--mixup 0 --cutmix 0 --reprob 0.5".split(),
     )
-    args.student_balance_coef = 0.0 if method == "tgr" else 0.005
+    args.student_balance_coef = 0.0 if method in ("tgr", "lossfree") else 0.005
     args.base_lr = 1e-3
     model = train.build_student(args, 10)
     teacher = routers = None
@@ -138,7 +138,7 @@ def test_compile_takes_the_whole_m2ot_step_as_one_graph(teacher_ckpt, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "method", ["dense", "vmoe", "zloss", "expert-choice", "softmoe", "teacher-route"]
+    "method", ["dense", "vmoe", "zloss", "expert-choice", "softmoe", "teacher-route", "lossfree"]
 )
 def test_every_other_method_compiles_to_one_graph(method, teacher_ckpt, tmp_path, monkeypatch):
     """--compile is a GPU run's default: a graph break in any method's step would cost every

@@ -551,3 +551,41 @@ def test_final_teacher_bad_inputs_raise_one_clear_line(
     with pytest.raises(UsageError, match=r"^timm:test_vit needs timm: pip install timm$"):
         load_final_teacher("timm:test_vit=x.pth", img_size=32)
     assert load_final_teacher(micro_ckpt, img_size=32).dim == 96  # ViT sources need no timm
+
+
+# --- controls: a random-weight twin, the balance loss per routing group ------------------------
+
+
+def test_a_random_twin_has_the_architecture_and_none_of_the_weights(micro_ckpt):
+    """--teacher-reinit SEED: the teacher's shapes and blocks with the random weights a dense
+    run starts from, the same for the same seed, drawn without touching the run's RNG."""
+    trained = load_teacher(micro_ckpt, [4, 6], dtype="fp32")
+    state = torch.get_rng_state()
+    twin = load_teacher(micro_ckpt, [4, 6], dtype="fp32", reinit=7)
+    assert torch.equal(state, torch.get_rng_state())
+    again = load_teacher(micro_ckpt, [4, 6], dtype="fp32", reinit=7)
+    other = load_teacher(micro_ckpt, [4, 6], dtype="fp32", reinit=8)
+    a, b = trained.state_dict(), twin.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not torch.equal(a["vit.blocks.0.attn.qkv.weight"], b["vit.blocks.0.attn.qkv.weight"])
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, b[k]), k
+    assert not torch.equal(other.state_dict()["vit.pos_embed"], b["vit.pos_embed"])
+    torch.manual_seed(7)  # what a dense run of seed 7 starts from
+    fresh = build_model("micro", "dense", **{**MICRO, "num_classes": 0}).state_dict()
+    torch.testing.assert_close(b["vit.blocks.3.mlp.fc1.weight"], fresh["blocks.3.mlp.fc1.weight"])
+    assert "re-initialised (seed 7)" in twin.kind
+    images = torch.randn(2, 3, 32, 32)
+    assert [f.shape for f in twin(images)] == [f.shape for f in trained(images)]
+
+
+def test_teacher_balance_per_group_is_the_mean_of_each_groups_cv2():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 5, 3)]  # 4 images of 5 tokens; 2 groups of 2 images
+    _, parts = teacher_objective(logits, groups=2)
+    p = logits[0].softmax(-1)
+    cv2 = lambda q: (q.mean(0).std(unbiased=False) / q.mean(0).mean()) ** 2
+    want = (cv2(p[:2].reshape(-1, 3)) + cv2(p[2:].reshape(-1, 3))) / 2
+    torch.testing.assert_close(parts["importance"], want)
+    _, whole = teacher_objective(logits)
+    assert not torch.allclose(whole["importance"], want)

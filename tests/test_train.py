@@ -57,7 +57,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- every method
-METHODS = ["dense", "vmoe", "tgr", "expert-choice", "softmoe", "stablemoe", "zloss"]
+METHODS = ["dense", "vmoe", "tgr", "expert-choice", "softmoe", "stablemoe", "zloss", "lossfree"]
 METHODS += ["teacher-route", "tgr-distill-only"]
 
 
@@ -70,7 +70,7 @@ def test_every_method_lowers_its_loss_on_a_fixed_batch(method, teacher_ckpt, tmp
         *("--drop-path", "0", *extra),
     )
     check_args(args)
-    args.student_balance_coef = 0.0 if args.method == "tgr" else 0.005
+    args.student_balance_coef = 0.0 if args.method in ("tgr", "lossfree") else 0.005
     torch.manual_seed(0)
     train_set, classes = build_dataset(True, args)
     model = train.build_student(args, classes)
@@ -673,3 +673,92 @@ def test_vmoe_balance_losses_are_taken_per_routing_group(tmp_path):
     assert parts["importance"] == pytest.approx(float(want), rel=1e-5)
     batch_level = sum(float(importance_loss(r.probs)) for r in routings)
     assert parts["importance"] != pytest.approx(batch_level, rel=1e-3)  # the grouping matters
+
+
+# ----------------------------------------------------------------------------- the study's controls
+def test_student_entropy_coef_adds_the_entropy_of_the_students_own_router(tmp_path):
+    """--student-entropy-coef c: L = L_task + L_balance + c · Σ_i L_ent(p^(i)), p the clean
+    softmax of each MoE layer's own router: the teacher router's confidence, without a teacher."""
+    args = args_for(tmp_path, "--noise-std", "0", *QUIET)
+    args.student_balance_coef = 0.005
+    model = train.build_student(args, 10).eval()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    base, _, _ = train.compute_losses(model, images, labels, args, train.Guides())
+    args.student_entropy_coef = 0.3
+    loss, _, parts = train.compute_losses(model, images, labels, args, train.Guides())
+    with torch.no_grad():
+        _, routings = model(images)
+    ent = sum(-(r.probs * r.probs.log()).sum(-1).mean() for r in routings)
+    assert parts["student_ent"] == pytest.approx(float(ent), rel=1e-5)
+    assert float((loss - base).detach()) == pytest.approx(0.3 * float(ent), rel=1e-4)
+
+
+def test_study_flags_reach_the_teacher_and_its_objective(teacher_ckpt, tmp_path):
+    """--teacher-reinit reaches load_teacher (a random twin, saved in teacher_args so eval.py
+    rebuilds the same one); --teacher-balance group takes the teacher's L_imp per group."""
+    args = args_for(
+        tmp_path,
+        *("--method", "tgr", "--teacher", teacher_ckpt, "--teacher-reinit", "5"),
+        *("--teacher-balance", "group", "--moe-group-size", "2", *QUIET),
+    )
+    check_args(args)
+    args.student_balance_coef = 0.0
+    model = train.build_student(args, 10)
+    teacher, routers = train.build_teacher(args, model, torch.device("cpu"), 1)
+    assert "re-initialised (seed 5)" in teacher.kind
+    assert train.flags.teacher_args_from_flags(args, model.moe_layers)["reinit"] == 5
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _, _, parts = train.compute_losses(model, images, labels, args, train.Guides(teacher, routers))
+    t_logits = [R(h) for R, h in zip(routers, teacher(images))]
+    want = sum(importance_loss(t.softmax(-1), 4) for t in t_logits)  # 4 groups of 2 images
+    assert parts["teacher_importance"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_probe_every_and_the_stability_log_survive_a_resume(tmp_path, monkeypatch):
+    """--probe-every N writes the probe's top-1 after every N-th step (probe_steps.pt); the log
+    carries the soft and by-margin consistency, token entropy and top-2 gap; a killed run
+    resumes to the same files as a straight one."""
+    common = ["--method", "lossfree", "--epochs", "3", "--probe-every", "2", *QUIET]
+    run(tmp_path / "a", *common)
+    steps = torch.load(tmp_path / "a" / "probe_steps.pt", weights_only=True)
+    assert sorted(steps) == [2, 4, 6, 8, 10, 12] and len(steps[2]) == 2  # 4 steps per epoch
+    assert steps[2][0].dtype == torch.uint8 and steps[2][0].numel() == 16 * 65
+    record = log(tmp_path / "a")[-1]
+    for key in ("consistency_soft_prev", "consistency_by_margin_prev", "probe_token_entropy"):
+        assert len(record[key]) == 2, key
+    assert len(record["consistency_by_margin_prev"][0]) == 4  # eval.MARGIN_BINS: 4 bins
+    assert sum(share for _, share in record["consistency_by_margin_prev"][0]) == pytest.approx(1)
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    rebuilt = build_model(**ckpt["model_args"])
+    rebuilt.load_state_dict(ckpt["model"])  # the selection biases are part of the weights
+    assert not torch.equal(rebuilt.blocks[3].mlp.expert_bias, torch.zeros(4))
+
+    saves, real_save = [], checkpoint.save_checkpoint
+
+    def crash_after_one(path, state):
+        real_save(path, state)
+        saves.append(path.name)
+        if saves.count("checkpoint.pt") == 1 and path.name == "probe_steps.pt":
+            raise KeyboardInterrupt  # killed after epoch 0's files
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", *common)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run(tmp_path / "b", *common, "--resume", "auto")
+    resumed = torch.load(tmp_path / "b" / "probe_steps.pt", weights_only=True)
+    assert sorted(resumed) == sorted(steps)
+    assert all(torch.equal(resumed[s][i], steps[s][i]) for s in steps for i in range(2))
+    drop = ("images_per_s", "epoch_time_s", "eval_time_s")
+    a, b = log(tmp_path / "a"), log(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
+@pytest.mark.parametrize("flag", ["--student-entropy-coef", "--bias-update-rate", "--probe-every"])
+def test_negative_study_flags_are_one_line(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.cli([*TINY, "--output-dir", str(tmp_path), flag, "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be >= 0" in err[0]
