@@ -13,6 +13,8 @@ seeds, in three settings, and writes what it measured into docs/evidence.md:
     python experiments/tgr_claims.py --settings fast --seeds 10
     python experiments/tgr_claims.py --report-only        # tables from the finished runs
     python experiments/tgr_claims.py --quick              # seconds: the plumbing (the tests)
+    python experiments/tgr_claims.py --runs RUN [RUN ...] # the same numbers for any train.py runs
+                                                          # (e.g. ImageNet runs on GPUs)
 
 Each run is `train.main` on generated images (no download), one run at a time in this process
 with `--threads` CPU threads (two torch processes on two cores run far slower than half speed
@@ -344,7 +346,8 @@ def collect(root):
 def paired(runs, arm, base, key):
     """(mean, 95% half-width, n) of arm − base over the seeds both have (paired by seed)."""
     a, b = runs.get(arm, {}), runs.get(base, {})
-    return interval([a[s][key] - b[s][key] for s in a if s in b and a[s].get(key) is not None])
+    both = [s for s in a if s in b and None not in (a[s].get(key), b[s].get(key))]
+    return interval([a[s][key] - b[s][key] for s in both])
 
 
 # ----------------------------------------------------------------------------- the report
@@ -539,10 +542,25 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the one run at a time")
     p.add_argument("--report-only", action="store_true", help="tables from the finished runs")
     p.add_argument("--quick", action="store_true", help="seconds: a few arms, 2 seeds, 2 epochs")
+    p.add_argument("--runs", nargs="+", help="only print the measurements of these run folders")
     return p
 
 
+def print_runs(folders):
+    """`--runs`: one line of measurements per train.py run folder (finished or not)."""
+    keys = ["top1", "auc", "early_loss", "adj", "adj_2nd", "final_half", "soft", "entropy"]
+    keys += ["dropped", "still_changing_50"]
+    print("| run | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for folder in folders:
+        s = summarise(Path(folder))
+        cells = ["–" if s.get(k) is None else f"{s[k]:.3f}" for k in keys]
+        print(f"| {folder} | " + " | ".join(cells) + " |")
+
+
 def main(args):
+    if args.runs:
+        return print_runs(args.runs)
     root = Path(args.out)
     if not args.report_only:
         run_study(args.settings, root, args.threads, args.seeds, args.quick)

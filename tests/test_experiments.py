@@ -56,3 +56,7 @@ def test_quick_study_writes_tables_json_and_resumes(tmp_path, capsys):
 
     tgr_claims.main(tgr_claims.get_args_parser().parse_args(argv))  # every run is cached
     assert "seed" not in capsys.readouterr().out
+    run = tmp_path / "runs/fast/tgr/seed0"
+    tgr_claims.main(tgr_claims.get_args_parser().parse_args(["--runs", str(run)]))
+    line = capsys.readouterr().out.splitlines()[-1]  # any train.py run, read the same way
+    assert line.startswith(f"| {run} | {summary['top1']:.3f} |")
