@@ -10,8 +10,8 @@ from one epoch to the next, averaged over epochs 1..end) from each run's log.jso
 trains M²oT's second teacher (runs/demo/m2ot-teacher: `tiny`, patch 8, another generated task),
 so that the README's M²oT command runs right after `make demo`.
 `--all` also trains every other method on the same data and schedule (expert choice, Soft MoE,
-StableMoE, z-loss, and the teacher-route upper bound with the same teacher) for the README's
-table of our numbers.
+StableMoE, z-loss, auxiliary-loss-free balancing, and the teacher-route upper bound with the
+same teacher) for the README's table of our numbers.
 
 `--m2ot` (also in `--all`) runs the second paper's comparison offline: two dense teachers of
 different shapes trained on different generated tasks (the micro teacher above, patch 4 on

@@ -511,7 +511,8 @@ def plot(results, path):
             for arm in shown:
                 values = results[name]["curves"].get(arm, {}).get(key)
                 if values:
-                    ax.plot(range(len(values)), values, label=arm)
+                    color = f"C{shown.index(arm)}"  # one colour per arm in every row
+                    ax.plot(range(len(values)), values, label=arm, color=color)
             xlabel = "probe check (every --probe-every steps)" if key == "fluct_curve" else "epoch"
             ax.set(title=f"{name}: {title}", xlabel=xlabel)
             ax.grid(alpha=0.3)

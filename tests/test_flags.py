@@ -35,6 +35,7 @@ def test_help_shows_the_defaults():
     [
         ("", dict(experts=16, topk=1, student_balance_coef=0.005, eval_capacity_factor=4.0)),
         ("--method tgr", dict(student_balance_coef=0.0, eval_capacity_factor=4.0)),
+        ("--method lossfree", dict(student_balance_coef=0.0, eval_capacity_factor=4.0)),
         ("--method expert-choice --capacity-factor 1.5", dict(eval_capacity_factor=1.5)),
         ("--method m2ot --teachers a.pt", dict(experts=8, topk=2, moe_layers=[2, 4, 6, 8, 10, 12])),
         ("--model micro --method m2ot --teachers a.pt", dict(expert_hidden=192, model_ema=False)),
