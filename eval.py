@@ -137,6 +137,15 @@ def top2_gap(logits):
     return best_two[:, 0] - best_two[:, 1]  # (T,)
 
 
+def gap_scores(routing):
+    """The scores whose top-2 gap measures a router's confidence: its logits, or, for a record
+    without logits (Soft MoE's, whose p is each expert's share of a token's output), log p,
+    which differs from softmax logits by a per-token constant and so has the same gaps."""
+    if routing.logits is not None:
+        return routing.logits  # (T, E)
+    return routing.probs.float().clamp_min(1e-12).log()  # (T, E)
+
+
 def soft_consistency(p_a, p_b):
     # c_soft = 1 − (1/T) Σ_t TV(p_A(t), p_B(t)),   TV = ½ Σ_e |p_A(t, e) − p_B(t, e)|
     # 1 when every token keeps its whole distribution; a near-uniform router that stays
@@ -227,7 +236,7 @@ def probe_routing(model, images, batch_size=128):
     with evaluating(model):
         for chunk in images.split(batch_size):
             _, routings = model(chunk)
-            rows = [(top1_experts(r), r.probs.float(), top2_gap(r.logits)) for r in routings]
+            rows = [(top1_experts(r), r.probs.float(), top2_gap(gap_scores(r))) for r in routings]
             per_layer.append([tuple(x.cpu() for x in row) for row in rows])
     return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*per_layer)]
 

@@ -87,6 +87,22 @@ def test_stability_metrics_against_loops():
     assert curve == pytest.approx(want) and curve == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0])
 
 
+def test_probe_routing_reads_every_router_kind():
+    """Soft MoE's record has no logits: its top-2 gap comes from log p, the same gaps a
+    softmax router's logits give (tested on V-MoE's record, where both exist)."""
+    images = torch.randn(2, 3, 32, 32)
+    for method in ("vmoe", "expert-choice", "softmoe"):
+        model = build_model("micro", method, num_experts=4, **MICRO_KW)
+        (top1, p, gap), _ = ev.probe_routing(model, images)
+        assert top1.shape == gap.shape == (2 * 65,) and p.shape == (2 * 65, 4)
+        assert (gap >= 0).all()
+    vmoe = build_model("micro", "vmoe", num_experts=4, **MICRO_KW).eval()
+    r = vmoe(images)[1][0]
+    from_logits = ev.top2_gap(r.logits)
+    r.logits = None
+    torch.testing.assert_close(ev.top2_gap(ev.gap_scores(r)), from_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_lossfree_routes_by_its_bias_in_the_metrics():
     """With a selection bias (--method lossfree) the top-1 a metric reads is the router's
     choice, argmax (p + b), not argmax p."""
