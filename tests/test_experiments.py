@@ -40,9 +40,12 @@ def test_quick_study_writes_tables_json_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("fast vmoe seed") == 2 and "fast tgr-random seed 1" in printed
     arms = results["fast"]["arms"]
-    assert set(arms) == {"vmoe", "tgr", "tgr-random", "vmoe-ent-0.1", "lossfree"}
+    assert set(arms) == {"vmoe", "tgr", "tgr-random", "vmoe-ent-match", "lossfree"}
     assert arms["tgr"]["top1"]["n"] == 2 and arms["tgr"]["adj"]["mean"] is not None
     assert "tgr - tgr-random" in results["fast"]["diffs"]
+    assert "tgr - vmoe-ent-match" in results["fast"]["diffs"]
+    flags = json.loads((tmp_path / "runs/fast/vmoe-ent-match/seed0/args.json").read_text())
+    assert flags["student_entropy_coef"] == tgr_claims.SETTINGS["fast"]["entropy_match"]
     assert json.loads((tmp_path / "r.json").read_text())["fast"]["teachers"].keys() == {
         "teacher",
         "strong",
