@@ -30,8 +30,18 @@ Decisions where the papers are silent
   its bias starts at log 5 m, mid-range (SILog moves an overall scale slowly).
 * The model's own image size S (no position-embedding interpolation): the shorter side is
   resized to S (labels: nearest), then a centre crop, or a random crop and a flip while the
-  probe trains; every metric is measured on the S × S crop. Valid depth: 0.001 to 10 m
-  (DINOv2's NYUd range), no Eigen crop. ADE20K's 0 ("other") is ignored, v ↦ v − 1.
+  probe trains; every metric is measured on the S × S crop. Valid depth: 0.001 < d < 10 m
+  (DINOv2's NYUd range), no Eigen crop; the upper bound is strict, as in the evaluation code
+  of BTS, AdaBins and the Monocular-Depth-Estimation-Toolbox that DINOv2's depth evaluation
+  builds on (`gt > min_depth` and `gt < max_depth`). One mask serves the loss and the metric
+  (DINOv2's SigLoss alone keeps d ≤ max_depth).
+* ADE20K's labels as mmseg's reduce_zero_label: 0 ("other") is ignored, v ↦ v − 1, and a raw
+  255 stays ignored. A label past the classes is ignored as IGNORE is, by the loss and the
+  confusion matrix (mmseg drops it from the label areas too, but still counts the pixel's
+  prediction, which a (C, C) matrix has no cell for).
+* A training batch without a single label (no valid depth, every pixel ignored) is skipped:
+  no optimizer step, where a mean over no pixel would be NaN. Each loss is ≈ 0, with a zero
+  gradient, when its own labels are empty (a batch may hold depth and no segmentation).
 * Features: the last block's tokens after the final norm; `--probe-blocks n` concatenates
   the last n blocks' patch tokens, each through the final norm (DINOv2's multi-layer probe).
   Computed once per batch under `torch.no_grad()`, shared by both heads.
@@ -55,7 +65,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from data import SyntheticImages, normalize, read_rgb
-from flags import UsageError
+from errors import UsageError
 
 IGNORE = 255  # label value that no loss or metric counts
 MAX_DEPTH = 10.0  # metres: DINOv2's NYUd range; farther (or 0) is not a measurement
@@ -87,8 +97,10 @@ def knn_top1(train_feats, train_labels, val_feats, val_labels, num_classes, k=20
     # > "k-NN classification using shared backbone" (M²oT sec. 5.1, its ImageNet-1k number)
     # s_j = cos(z, z_j); score_c = Σ_{j ∈ k most similar} exp(s_j / T) 1[y_j = c]; ŷ = argmax_c
     bank = F.normalize(train_feats.float(), dim=1)  # (M, D)
-    bank_labels, device = train_labels.to(bank.device), bank.device
-    k, rows = min(k, len(bank)), max(1, KNN_CHUNK // len(bank))
+    device = bank.device
+    bank_labels = train_labels.to(device)  # (M,)
+    k = min(k, len(bank))
+    rows = max(1, KNN_CHUNK // len(bank))  # queries per chunk: a (rows, M) similarity at most
     correct = 0
     for z, y in zip(val_feats.split(rows), val_labels.split(rows)):
         sim = F.normalize(z.float().to(device), dim=1) @ bank.T  # (V', M) cosine similarities
@@ -104,7 +116,8 @@ def cls_embeddings(model, loader, device, amp_dtype=None):
     """The CLS token of `forward_features` (after the final norm) of every image of `loader`:
     features (n, D) float32 and labels (n,). Under DDP every rank gathers all the shards (equal
     sizes: the DistributedSampler pads), so every rank holds the same embeddings."""
-    feats, labels = [], []
+    feats = []
+    labels = []
     with evaluating(model):
         for images, targets in loader:
             images = normalize(images.to(device, non_blocking=True))  # uint8 -> (B, 3, S, S)
@@ -145,7 +158,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, transform):
-        self.images, self.transform = images, transform
+        self.images = images
+        self.transform = transform
         self.num_classes = len(images.colours) + 1  # the part types and the background
 
     def __len__(self):
@@ -153,11 +167,13 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         img, label, parts = self.images.render(index, far_to_near=True)  # (3, S, S) in [0, 1]
-        S, z = img.shape[-1], 0.7 + 0.7 * (label * 0.618034 % 1.0)  # the scene's depth scale
+        S = img.shape[-1]
+        z = 0.7 + 0.7 * (label * 0.618034 % 1.0)  # the scene's depth scale
         seg = torch.zeros(S, S, dtype=torch.long)  # (S, S) background
         depth = z * (7 - 3 * self.images.yx[0] / S)  # (S, S) the floor: 7 z at the top
         for part, r, mask in parts:  # far to near: the nearest instance is written last
-            seg[mask], depth[mask] = part + 1, z * 0.45 * S / r
+            seg[mask] = part + 1
+            depth[mask] = z * 0.45 * S / r
         img = tv_tensors.Image((img * 255).round().to(torch.uint8))
         img, seg, depth = self.transform(img, tv_tensors.Mask(seg), tv_tensors.Mask(depth))
         return {"image": img, "seg": seg, "depth": depth}
@@ -170,7 +186,9 @@ class PairedFolder(torch.utils.data.Dataset):
     (uint16 PNG in millimetres -> metres)."""
 
     def __init__(self, pairs, task, transform):
-        self.pairs, self.task, self.transform = pairs, task, transform
+        self.pairs = pairs
+        self.task = task
+        self.transform = transform
 
     def __len__(self):
         return len(self.pairs)
@@ -179,8 +197,10 @@ class PairedFolder(torch.utils.data.Dataset):
         rgb, label = self.pairs[index]
         io = torchvision.io
         raw = io.decode_image(io.read_file(str(label)), mode=io.ImageReadMode.UNCHANGED)[0]
-        if self.task == "seg":  # mmseg's reduce_zero_label: 0 ("other") -> ignore, v -> v - 1
-            label = torch.where(raw == 0, IGNORE, raw.long() - 1)  # (H, W)
+        if self.task == "seg":
+            # mmseg's reduce_zero_label: 0 ("other") -> IGNORE, v -> v - 1, 255 stays IGNORE
+            unlabelled = (raw == 0) | (raw == IGNORE)
+            label = torch.where(unlabelled, IGNORE, raw.long() - 1)  # (H, W)
         else:
             label = raw.int().float() / 1000  # (H, W) millimetres -> metres; 0: not measured
         img, label = self.transform(tv_tensors.Image(read_rgb(rgb)), tv_tensors.Mask(label))
@@ -221,7 +241,8 @@ def build_dense_dataset(is_train, args):
     Every item is a dict: "image" uint8 (3, S, S), and "seg" (S, S) long or "depth" (S, S)."""
     transform = dense_transform(is_train, args.img_size)
     if args.data == "synthetic":
-        split, C = ("train" if is_train else "val"), args.nb_classes or 10
+        split = "train" if is_train else "val"
+        C = args.nb_classes or 10
         size = args.synthetic_train_size if is_train else args.synthetic_val_size
         images = SyntheticImages(size, C, args.img_size, split, seed=args.synthetic_seed)
         scenes = SyntheticScenes(images, transform)
@@ -235,9 +256,18 @@ def build_dense_dataset(is_train, args):
 
 # ----------------------------------------------------------------------------- metrics
 def confusion_matrix(pred, label, num_classes):
-    """(C, C) counts n[label, prediction] over the pixels whose label is not IGNORE."""
-    keep = label != IGNORE
-    pairs = label[keep] * num_classes + pred[keep]  # (pixels,) one index per (label, pred)
+    """(C, C) counts n[label, prediction] over the pixels labelled with one of the C classes:
+    IGNORE and any label past the classes are not counted, nor a prediction past them."""
+    # int64 first: label · C + pred overflows the uint8 of a label image
+    pred = pred.long()
+    label = label.long()
+
+    # the pixels that count: a class label and a class predicted
+    keep = (label != IGNORE) & (label >= 0) & (label < num_classes)
+    keep &= (pred >= 0) & (pred < num_classes)
+
+    # n[y, ŷ]: one bincount over the index y · C + ŷ of each pixel's pair
+    pairs = label[keep] * num_classes + pred[keep]  # (pixels,)
     return torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)
 
 
@@ -250,8 +280,9 @@ def mean_iou(confusion):
 
 
 def valid_depth(depth):
-    """The pixels that hold a measurement: 0.001 to MAX_DEPTH metres, (B, S, S) bool."""
-    return (depth > 1e-3) & (depth <= MAX_DEPTH)
+    """The pixels that hold a measurement: 0.001 < d < MAX_DEPTH metres, (B, S, S) bool (the
+    NYUd evaluation code's bounds, both strict)."""
+    return (depth > 1e-3) & (depth < MAX_DEPTH)
 
 
 def rmse_per_image(pred, depth):
@@ -263,10 +294,19 @@ def rmse_per_image(pred, depth):
 
 
 def silog_loss(log_pred, depth, lam=0.85):
-    """The scale-invariant log loss sqrt(mean g² − λ (mean g)²), g = log d̂ − log d (valid)."""
-    valid = valid_depth(depth)
-    g = log_pred[valid] - depth[valid].log()  # (pixels,)
-    return (g.pow(2).mean() - lam * g.mean() ** 2).clamp_min(1e-12).sqrt()
+    """The scale-invariant log loss sqrt(mean g² − λ (mean g)²), g = log d̂ − log d over the
+    valid pixels. Without a valid pixel it is ~0 with a zero gradient, not NaN (a mean over
+    nothing), and needs no host sync to find out."""
+    valid = valid_depth(depth)  # (B, S, S)
+    count = valid.sum().clamp_min(1)  # 1 when none is valid: the sums below are then 0
+
+    # g on the valid pixels, 0 elsewhere (d clamped: no log 0 = −inf in the unused branch)
+    g = torch.where(valid, log_pred - depth.clamp_min(1e-3).log(), 0)  # (B, S, S)
+    mean_g = g.sum() / count
+    mean_g2 = g.pow(2).sum() / count
+
+    # L = sqrt(mean g² − λ (mean g)²); the clamp passes no gradient at 0 (nothing valid)
+    return (mean_g2 - lam * mean_g**2).clamp_min(1e-12).sqrt()
 
 
 # ----------------------------------------------------------------------------- the probes
@@ -309,11 +349,34 @@ def patch_features(model, images, blocks=1):
     return rearrange(patches, "b (h w) d -> b d h w", h=model.grid), tokens[-1][:, 0]
 
 
-def probe_losses(heads, feats, batch):
-    """The sum of the heads' losses on one batch: cross-entropy (ignoring IGNORE), SILog."""
-    size, loss = batch["image"].shape[-2:], 0
+def seg_target(labels, num_classes):
+    """The labels a head of `num_classes` learns: IGNORE for a label past the classes."""
+    return torch.where(labels < num_classes, labels, IGNORE)
+
+
+def has_labels(heads, batch):
+    """Whether a batch holds one pixel that a head learns from: a class label or a valid
+    depth. Read on the loader's CPU tensors, before they move: no host sync."""
+    labelled = False
     if "seg" in heads:
-        loss = loss + F.cross_entropy(heads["seg"](feats, size), batch["seg"], ignore_index=IGNORE)
+        target = seg_target(batch["seg"], heads["seg"].conv.out_channels)  # (B, S, S)
+        labelled |= bool((target != IGNORE).any())
+    if "depth" in heads:
+        labelled |= bool(valid_depth(batch["depth"]).any())
+    return labelled
+
+
+def probe_losses(heads, feats, batch):
+    """The sum of the heads' losses on one batch: cross-entropy (ignoring IGNORE), SILog;
+    each 0, with a zero gradient, when the batch has none of its labels."""
+    size = batch["image"].shape[-2:]
+    loss = 0
+    if "seg" in heads:
+        # CE = Σ_labelled −log p_y / #labelled, the sum over none is 0 (the mean would be NaN)
+        logits = heads["seg"](feats, size)  # (B, C, S, S)
+        target = seg_target(batch["seg"], logits.shape[1])  # (B, S, S)
+        total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+        loss = loss + total / (target != IGNORE).sum().clamp_min(1)
     if "depth" in heads:
         loss = loss + silog_loss(heads["depth"](feats, size)[:, 0], batch["depth"])
     return loss
@@ -333,6 +396,10 @@ def train_probes(model, heads, loader, device, epochs, lr, blocks=1, amp_dtype=N
     heads.train()
     for _ in range(epochs):
         for batch in loader:
+            # nothing to learn from (no valid depth, every pixel ignored): no step at all
+            if not has_labels(heads, batch):
+                continue
+
             batch = on_device(batch, device)
             with autocast(device, amp_dtype):
                 feats = patch_features(model, batch["image"], blocks)  # patches, CLS
@@ -346,7 +413,9 @@ def train_probes(model, heads, loader, device, epochs, lr, blocks=1, amp_dtype=N
 @torch.no_grad()
 def eval_probes(model, heads, loader, device, num_classes, blocks=1, amp_dtype=None):
     """{"seg_miou": %, "depth_rmse": metres} of the heads on `loader` (one per head)."""
-    confusion, rmse, out = 0, [], {}
+    confusion = 0  # (C, C) counts, summed over the batches
+    rmse = []  # per image
+    out = {}
     heads.eval()
     for batch in loader:
         batch = on_device(batch, device)
@@ -380,12 +449,17 @@ def dense_probes(model, args, device, tasks, *, epochs=10, lr=1e-2, blocks=1, wo
     """Train linear probes for `tasks` ("seg", "depth") on the frozen `model` over the train
     split of `args.data` (its dense labels) and measure them on its validation split."""
     check_probes(args.data, tasks, blocks, len(model.blocks))
-    (train_set, classes), (val_set, _) = (build_dense_dataset(s, args) for s in (True, False))
+    train_set, classes = build_dense_dataset(True, args)
+    val_set, _ = build_dense_dataset(False, args)
     cuda = device.type == "cuda"
     batches = lambda data, train: torch.utils.data.DataLoader(
-        data, args.batch_size, shuffle=train, num_workers=workers, pin_memory=cuda,
+        data,
+        args.batch_size,
+        shuffle=train,
+        num_workers=workers,
+        pin_memory=cuda,
         drop_last=train and len(data) > args.batch_size,  # BatchNorm: no batch of one
-    )  # fmt: skip
+    )
     amp_dtype = torch.bfloat16 if cuda else None
     with torch.random.fork_rng(devices=[]):  # seeded heads and crops; the caller's RNG kept
         torch.manual_seed(args.seed)

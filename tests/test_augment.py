@@ -104,3 +104,98 @@ def test_random_erasing_probability_and_count():
     augment.random_erasing(upto3, 1.0, "const", count=3)  # 1, 2 or 3 rectangles: 2 on average
     ratio = (upto3 == 0).float().mean() / (one == 0).float().mean()
     assert 1.4 < ratio < 2.1  # less than 2: rectangles overlap
+
+
+# ------------------------------------------------------------------------ the batched op parameters
+def one_op_params(name, m, sign=1.0, height=32, width=32):
+    """The parameter row (13,) that the batched path builds for one image drawing `name`."""
+    op = torch.tensor([list(augment.RAND_OPS).index(name)])
+    as_f64 = lambda v: torch.tensor([v], dtype=torch.float64)
+    return augment._op_params(op, as_f64(m), as_f64(sign), height, width)[0]
+
+
+def test_the_parameter_columns_are_named_and_hold_timms_arguments():
+    """The named columns tile the 13 columns once each, and each holds its op's argument as
+    timm's level-to-argument functions give it."""
+    named = [
+        augment.FACTOR,
+        augment.POSTERIZE_MASK,
+        augment.SOLARIZE_THRESHOLD,
+        augment.SOLARIZE_ADD,
+        augment.AFFINE,
+        augment.FILL_COLOUR,
+    ]
+    columns = [c for cols in named for c in range(augment.NUM_PARAMS)[cols]]
+    assert columns == list(range(augment.NUM_PARAMS))
+
+    for m in (0.0, 4.5, 9.0, 10.0):
+        factor = one_op_params("BrightnessIncreasing", m)[augment.FACTOR]
+        assert factor.item() == pytest.approx(max(timm_aa._enhance_increasing_level_to_arg(m, {})))
+        bits = timm_aa._posterize_increasing_level_to_arg(m, {})[0]  # the high bits kept
+        mask = one_op_params("PosterizeIncreasing", m)[augment.POSTERIZE_MASK]
+        assert mask.item() == 256 - 2 ** (8 - bits)
+        threshold = one_op_params("SolarizeIncreasing", m)[augment.SOLARIZE_THRESHOLD]
+        assert threshold.item() == timm_aa._solarize_increasing_level_to_arg(m, {})[0]
+        add = one_op_params("SolarizeAdd", m)[augment.SOLARIZE_ADD]
+        assert add.item() == timm_aa._solarize_add_level_to_arg(m, {})[0]
+        assert one_op_params("Rotate", m)[augment.FILL_COLOUR].tolist() == augment.FILL
+
+        # a shift by t pixels: source x − t, in affine_grid's units (±1 the edges) −2t / W
+        t = timm_aa._translate_rel_level_to_arg(m, {"translate_pct": 0.45})[0] * 32
+        theta = one_op_params("TranslateXRel", m)[augment.AFFINE].view(2, 3)
+        want = torch.tensor([[1.0, 0.0, -2 * abs(t) / 32], [0.0, 1.0, 0.0]], dtype=torch.float64)
+        assert torch.allclose(theta, want)
+
+
+# ----------------------------------------------------------------------------- the fill at the seam
+def warped_both_ways(x, name, m, sign, monkeypatch):
+    """RAND_OPS[name] image by image (its random sign forced to `sign`) and the batched path
+    (`_op_params`, `apply_sorted`) on the same uint8 images: two results (B, 3, H, W)."""
+    monkeypatch.setattr(random, "random", lambda: 0.0 if sign > 0 else 0.9)  # _signed
+    per_image = [augment.RAND_OPS[name](tv_tensors.Image(i), m, augment.FILL) for i in x]
+
+    B, _, H, W = x.shape
+    ops = torch.full((B,), list(augment.RAND_OPS).index(name))
+    full = lambda v: torch.full((B,), v, dtype=torch.float64)
+    params = augment._op_params(ops, full(m), full(sign), H, W).float()  # (B, 13)
+    counts = augment._SORT_KEY[ops].bincount(minlength=len(augment.OP_ORDER)).tolist()
+    batched = augment.apply_sorted(x.clone(), params, counts)  # (B, 3, H, W)
+    return torch.stack(per_image), batched
+
+
+@pytest.mark.parametrize("name", augment.GEOMETRIC)
+@pytest.mark.parametrize("shape", [(32, 32), (24, 40)])
+def test_an_image_of_the_fill_colour_stays_that_colour_under_every_warp(name, shape, monkeypatch):
+    """A bilinear tap outside the image reads the fill colour, so an image of that very colour
+    comes out of any rotation, shear or shift unchanged, the seam where it meets the fill
+    included (a blend that weighs the image twice there darkens the seam)."""
+    fill = torch.tensor(augment.FILL, dtype=torch.uint8).view(1, 3, 1, 1)
+    x = fill.expand(2, 3, *shape).clone()  # (2, 3, H, W)
+    for m in (0.2, 3.125, 7.31, 9.0):
+        for sign in (1.0, -1.0):
+            for out in warped_both_ways(x, name, m, sign, monkeypatch):
+                assert torch.equal(out, x), (name, m, sign, (out.int() - x).abs().max())
+
+
+@pytest.mark.parametrize("m", [3.125, 9.0])  # shifts of 4.5 and 12.96 rows
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_shift_is_the_image_padded_with_the_fill_interpolated_by_hand(m, sign, monkeypatch):
+    """TranslateYRel by t = ±0.45·m/10·H rows against a loop: output row y reads source row
+    s = y − t of the image padded with the fill colour P, (1 − f)·P[k] + f·P[k + 1] with
+    k = ⌊s⌋, f = s − k. Both paths agree within a grey level (their float rounding)."""
+    H, W = 32, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g)
+    fill = torch.tensor(augment.FILL, dtype=torch.float64).view(1, 3, 1).expand(2, 3, W)
+    padded = lambda j: x[:, :, j].double() if 0 <= j < H else fill  # (2, 3, W) row j of P
+
+    t = sign * 0.45 * m / 10 * H
+    rows = []
+    for y in range(H):
+        k = math.floor(y - t)
+        f = y - t - k
+        rows.append((1 - f) * padded(k) + f * padded(k + 1))  # (2, 3, W)
+    want = torch.stack(rows, 2).round()  # (2, 3, H, W)
+
+    for out in warped_both_ways(x, "TranslateYRel", m, sign, monkeypatch):
+        assert (out.double() - want).abs().max() <= 1, (m, sign)

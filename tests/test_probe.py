@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
@@ -54,20 +55,85 @@ def test_rmse_and_silog_against_plain_formulas():
     depth[0, :2] = 0  # not measured
     depth[1] = 0  # an image without a measurement: left out
     depth[2, 0, 0] = 20  # past 10 m: not counted
+    depth[2, 0, 1] = 10  # at 10 m: not counted either (NYUd's evaluation code: d < 10)
     pred = 0.5 + 9 * torch.rand(4, 6, 6, generator=g)
     want = []
     for p, d in zip(pred, depth):
         err = [
-            (a - b) ** 2 for a, b in zip(p.flatten().tolist(), d.flatten().tolist()) if 0 < b <= 10
+            (a - b) ** 2 for a, b in zip(p.flatten().tolist(), d.flatten().tolist()) if 0 < b < 10
         ]
         if err:
             want.append(math.sqrt(sum(err) / len(err)))
     assert probe.rmse_per_image(pred, depth).tolist() == pytest.approx(want, rel=1e-5)
-    keep = (depth > 0) & (depth <= 10)
+    keep = (depth > 0) & (depth < 10)
     g_log = (pred.log() - depth.clamp_min(1e-6).log())[keep]
     silog = math.sqrt(float((g_log**2).mean() - 0.85 * g_log.mean() ** 2))
     assert float(probe.silog_loss(pred.log(), depth)) == pytest.approx(silog, rel=1e-5)
     assert float(probe.silog_loss(depth.clamp_min(1).log(), depth.clamp_min(1))) < 1e-5
+
+
+def test_confusion_matrix_reads_uint8_labels_without_overflow():
+    """ADE20K's label images are uint8: label · C + pred must not wrap around at 256."""
+    g = torch.Generator().manual_seed(2)
+    C = 150
+    label = torch.randint(0, C, (2, 16, 16), generator=g)
+    pred = torch.randint(0, C, (2, 16, 16), generator=g)
+    want = probe.confusion_matrix(pred, label, C)  # int64 labels
+    assert want.sum() == 2 * 16 * 16
+    assert torch.equal(probe.confusion_matrix(pred, label.to(torch.uint8), C), want)
+    assert torch.equal(probe.confusion_matrix(pred.to(torch.uint8), label.byte(), C), want)
+
+
+def test_confusion_matrix_ignores_labels_and_predictions_past_the_classes():
+    """A label ≥ C that is not IGNORE (a stray value in a label file) is no class of ours: its
+    pixel is not counted, as an IGNORE pixel, and neither is a prediction ≥ C."""
+    C = 4
+    label = torch.tensor([[0, 1, 2, 3, 7, 200, probe.IGNORE, 1]])
+    pred = torch.tensor([[0, 2, 2, 1, 3, 0, 3, 9]])
+    counts = [[0] * C for _ in range(C)]
+    for y, p in [(0, 0), (1, 2), (2, 2), (3, 1)]:  # the pixels with a class and a prediction
+        counts[y][p] += 1
+    assert probe.confusion_matrix(pred, label, C).tolist() == counts
+    assert probe.confusion_matrix(pred, label.byte(), C).tolist() == counts
+
+
+def test_depth_at_max_depth_is_not_a_measurement():
+    """Valid depth is 0.001 < d < MAX_DEPTH, both strict (BTS's and AdaBins' evaluation)."""
+    depth = torch.tensor([0.0, 1e-3, 0.0011, 5.0, probe.MAX_DEPTH - 1e-3, probe.MAX_DEPTH, 12.0])
+    assert probe.valid_depth(depth).tolist() == [False, False, True, True, True, False, False]
+
+
+def test_silog_without_a_valid_pixel_is_finite_with_a_zero_gradient():
+    """A batch with no valid depth (all 0, or all past MAX_DEPTH) gives a loss ≈ 0 and a
+    zero gradient, not the NaN of a mean over no pixel."""
+    for depth in (torch.zeros(2, 4, 4), torch.full((2, 4, 4), 2 * probe.MAX_DEPTH)):
+        log_pred = torch.randn(2, 4, 4, requires_grad=True)
+        loss = probe.silog_loss(log_pred, depth)
+        loss.backward()
+        assert torch.isfinite(loss.detach()) and loss.item() < 1e-5
+        assert torch.equal(log_pred.grad, torch.zeros(2, 4, 4))
+
+
+def test_the_seg_loss_ignores_labels_past_the_classes_and_empty_batches():
+    """Cross-entropy over the labelled pixels: a label ≥ C counts as IGNORE (no index error),
+    and a batch with every pixel ignored gives 0 with a zero gradient, not NaN."""
+    torch.manual_seed(0)
+    head = probe.LinearHead(8, 3)
+    feats = (torch.randn(2, 8, 2, 2), torch.randn(2, 8))  # patches (B, D, g, g), CLS (B, D)
+    image = torch.zeros(2, 3, 4, 4)
+    seg = torch.randint(0, 3, (2, 4, 4))
+    seg[0, 0] = 7  # past the 3 classes
+    seg[1, 1] = probe.IGNORE
+    loss = probe.probe_losses({"seg": head}, feats, {"image": image, "seg": seg})
+    logits = head(feats, (4, 4)).permute(0, 2, 3, 1)  # (2, 4, 4, 3) a row per pixel
+    want = F.cross_entropy(logits[seg < 3], seg[seg < 3])  # the labelled pixels alone
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+    empty = torch.full((2, 4, 4), probe.IGNORE)
+    loss = probe.probe_losses({"seg": head}, feats, {"image": image, "seg": empty})
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in head.parameters())
 
 
 # ----------------------------------------------------------------------------- the generated scenes
@@ -118,6 +184,27 @@ def test_patch_features_are_the_model_tokens_and_the_backbone_stays_frozen():
     assert all(p.grad is None for p in model.parameters())  # no gradient ever reached it
     again = probe.dense_probes(model, args, torch.device("cpu"), ["seg", "depth"], epochs=1)
     assert again == res  # seeded
+
+
+def test_a_batch_without_a_label_makes_no_step():
+    """train_probes skips a batch with no valid depth: the heads come out as if it were not in
+    the loader (and finite), where its NaN loss used to reach every weight."""
+    torch.manual_seed(0)
+    model = build_model("micro", "dense", num_classes=10, img_size=16, patch_size=4)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    measured = {"image": image, "depth": 1 + 8 * torch.rand(4, 16, 16, generator=g)}
+    unmeasured = {"image": image, "depth": torch.zeros(4, 16, 16)}  # no valid pixel
+    trained = []
+    for loader in ([unmeasured, measured], [measured]):
+        torch.manual_seed(2)
+        D = model.embed_dim
+        heads = torch.nn.ModuleDict({"depth": probe.LinearHead(D, 1, with_cls_dim=D)})
+        probe.train_probes(model, heads, loader, torch.device("cpu"), epochs=1, lr=1e-2)
+        trained.append(heads.state_dict())
+    skipped, alone = trained
+    assert all(torch.isfinite(v.float()).all() for v in skipped.values())
+    assert all(torch.equal(skipped[k], alone[k]) for k in alone)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +272,18 @@ def test_ade20k_and_nyud_readers(tmp_path):
     assert classes is None and len(train_set) == 3 and train_set[0]["depth"].shape == (16, 16)
     full = probe.PairedFolder(train_set.pairs, "depth", lambda *x: x)[2]["depth"]
     assert torch.allclose(full, torch.arange(48 * 40).reshape(40, 48) * 7 / 1000)
+
+
+def test_ade20k_labels_reduce_zero_and_keep_255_ignored(tmp_path):
+    """mmseg's reduce_zero_label: 0 ("other") -> IGNORE, v -> v − 1, and a raw 255 stays
+    IGNORE (not 254, a class index past ADE20K's 150)."""
+    raw = torch.tensor([[0, 1, 2, 150], [151, 254, 255, 0]], dtype=torch.uint8)  # (2, 4)
+    Image.fromarray(raw.numpy()).save(tmp_path / "label.png")
+    Image.new("RGB", (4, 2)).save(tmp_path / "image.jpg")
+    pairs = [(tmp_path / "image.jpg", tmp_path / "label.png")]
+    seg = probe.PairedFolder(pairs, "seg", lambda *x: x)[0]["seg"]  # no resize: every pixel
+    ignore = probe.IGNORE
+    assert seg.tolist() == [[ignore, 0, 1, 149], [150, 253, ignore, ignore]]
 
 
 def test_eval_probes_ade20k_and_nyud_folders(teacher, tmp_path, capsys):
