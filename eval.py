@@ -14,7 +14,7 @@ re-running a router). Each metric is a plain function with its formula:
     consistency(A, B)  c   = (1/T) Σ_t 1[top1_A(t) = top1_B(t)]          (on a fixed probe set)
     agreement          a   = (1/T) Σ_t 1[argmax p_t = argmax p_t^teacher]
 
-and, for M²oT's label-free students (SPEC sec. 9), what the frozen features know (probe.py:
+and, for M²oT's label-free students, what the frozen features know (probe.py:
 the k-NN top-1 of the CLS token, linear segmentation and depth probes of the patch tokens)
 and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferences`).
 
@@ -32,7 +32,7 @@ in experiments/tgr_claims.py reads them):
     last fluctuation   F(i) = share of tokens whose expert still changes after check i
                        (StableMoE, Dai et al. 2022; from train.py --probe-every's checks)
 
-The command line reads a train.py checkpoint (SPEC sec. 12):
+The command line reads a train.py checkpoint:
 
     python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
                    [--data ... --data-path ...] [--knn] [--seg-probe] [--depth-probe]
@@ -81,7 +81,8 @@ import torch.nn as nn
 
 from checkpoint import build_vit, load_run, vit_config, vit_weights
 from data import DATASETS, build_dataset, normalize, probe_images
-from flags import ArgumentParser, UsageError, add_flag, run_cli, teacher_args_from_flags
+from errors import ArgumentParser, UsageError, run_cli
+from flags import add_flag, teacher_args_from_flags
 from m2ot import load_mix_routers, preference_report
 from probe import TASKS, autocast, check_probes, dense_probes, evaluating, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
@@ -373,17 +374,27 @@ def backbone_of(opts, args, device):
 def measure(model, args, ckpt, opts, device, val_set):
     """Accuracy, routing, k-NN, consistency, preference and figures on the validation split."""
     route_logits = route_of(model, ckpt, args, opts, device)
-    cuda, amp_dtype = device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda else None
     batches = lambda data: torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, pin_memory=cuda, num_workers=opts.num_workers
     )
-    loader, by_teacher = batches(val_set), opts.route == "teacher"
+    loader = batches(val_set)
+    by_teacher = opts.route == "teacher"
     res = dict(images=len(val_set), route=opts.route if model.moe_layers else None)
-    res.update(evaluate(model, loader, device, route_logits=route_logits, amp_dtype=amp_dtype,
-                        route_by_teacher=by_teacher))  # fmt: skip
+    accuracy_and_routing = evaluate(
+        model,
+        loader,
+        device,
+        route_logits=route_logits,
+        amp_dtype=amp_dtype,
+        route_by_teacher=by_teacher,
+    )
+    res.update(accuracy_and_routing)
     if opts.knn:  # the bank: the train split through the evaluation transform
         bank = batches(build_dataset(True, args, augment=False)[0])
-        k, temperature = opts.knn_k, opts.knn_temperature
+        k = opts.knn_k
+        temperature = opts.knn_temperature
         res["knn_top1"] = knn_eval(model, bank, loader, device, k, temperature, amp_dtype)
     probe = None  # train.py's probe set: decoded once, where something measures on it
     if opts.compare or ckpt.get("m2ot"):
@@ -402,7 +413,8 @@ def main(opts):
     """Evaluate opts.checkpoint (parsed flags); returns the result dict (what --json prints)."""
     plt = require_matplotlib() if opts.plots else None  # fail before the slow part
     check_routing(1, 1, opts.eval_capacity_factor)  # one line for a capacity factor <= 0
-    device, cf = torch.device(opts.device), opts.eval_capacity_factor
+    device = torch.device(opts.device)
+    cf = opts.eval_capacity_factor
     model, args, ckpt = load_run(opts.checkpoint, device, eval_capacity_factor=cf)
     tasks = [t for t in TASKS["synthetic"] if getattr(opts, f"{t}_probe")]
     backbone = backbone_of(opts, args, device) if opts.backbone else None
@@ -438,32 +450,179 @@ def main(opts):
 
 
 def get_args_parser():
+    """eval.py's parser: what to read, what to measure, on which data (None: the run's)."""
     p = ArgumentParser("eval.py", description="accuracy and routing analytics of a train.py run")
-    add_flag(p, "--checkpoint", required=True, help="RUN/checkpoint.pt")
-    who = "who chooses the experts (teacher: tgr / teacher-route runs)"
-    add_flag(p, "--route", choices=["student", "teacher"], default="student", help=who)
-    add_flag(p, "--compare", default="", help="another checkpoint of the same architecture")
-    add_flag(p, "--json", action="store_true", help="print one JSON object")
-    add_flag(p, "--plots", default="", help="folder for the PNG figures (needs matplotlib)")
-    add_flag(p, "--teacher", help="the run's teacher, if it has moved")
-    sets = [*DATASETS, *DENSE_ONLY]
-    add_flag(p, "--data", "--data-set", choices=sets, help="the data set (the run's)")
-    add_flag(p, "--data-path", help="the data root (the run's)")
-    add_flag(p, "--batch-size", type=int, help="images per batch (the run's)")
-    add_flag(p, "--eval-capacity-factor", type=float, help="capacity factor (the run's)")
-    add_flag(p, "--knn", action="store_true", help="k-NN top-1 of the CLS embedding (train split)")
-    add_flag(p, "--knn-k", type=int, default=20, help="neighbours that vote (DINO's)")
-    add_flag(p, "--knn-temperature", type=float, default=0.07, help="T of exp(cos / T) (DINO's)")
-    add_flag(p, "--probe-size", type=int, default=256, help="probe images: --compare, preference")
-    add_flag(p, "--seg-probe", action="store_true", help="mIoU of a linear segmentation probe")
-    add_flag(p, "--depth-probe", action="store_true", help="RMSE of a linear depth probe")
-    add_flag(p, "--probe-epochs", type=int, default=10, help="the probes' training epochs")
-    add_flag(p, "--probe-lr", type=float, default=1e-2, help="the probes' AdamW learning rate")
-    add_flag(p, "--probe-blocks", type=int, default=1, help="the last n blocks' patch tokens")
-    add_flag(p, "--backbone", default="", help="probe this dense ViT file on the run's data")
-    add_flag(p, "--map-images", type=int, default=4, help="images in expert_maps.png")
-    add_flag(p, "--num-workers", type=int, default=0, help="loader workers")
-    add_flag(p, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="")
+
+    # the run, who routes it, and how the results are shown
+    add_flag(
+        p,
+        "--checkpoint",
+        required=True,
+        help="the train.py checkpoint to evaluate (RUN/checkpoint.pt); its model and teacher "
+        "are rebuilt from it",
+    )
+    add_flag(
+        p,
+        "--route",
+        choices=["student", "teacher"],
+        default="student",
+        help="who chooses the experts: student (the model's own routers) or teacher (the run's "
+        "frozen teacher and saved teacher router, TGR sec. 5.3; tgr and teacher-route runs)",
+    )
+    add_flag(
+        p,
+        "--compare",
+        default="",
+        help="another checkpoint of the same architecture: the per-layer routing consistency "
+        "with it (share of the probe set's tokens given the same top-1 expert)",
+    )
+    add_flag(
+        p,
+        "--json",
+        action="store_true",
+        help="print the results as one JSON object instead of a table",
+    )
+    add_flag(
+        p,
+        "--plots",
+        default="",
+        help="a folder to write the PNG figures into: utilisation, training curves, expert "
+        "maps, an M²oT run's teacher preference (needs matplotlib)",
+    )
+    add_flag(
+        p,
+        "--teacher",
+        help="tgr and teacher-route runs: the teacher's file (or torchvision:NAME) if it has "
+        "moved since training (when not given: the path saved in the checkpoint)",
+    )
+
+    # the data and the routing settings (when not given: the run's)
+    add_flag(
+        p,
+        "--data",
+        "--data-set",
+        choices=[*DATASETS, *DENSE_ONLY],
+        help="the data set to evaluate on (when not given: the run's); ade20k and nyud have "
+        "dense labels only, for --seg-probe and --depth-probe",
+    )
+    add_flag(
+        p,
+        "--data-path",
+        help="the data root, as train.py's --data-path (when not given: the run's)",
+    )
+    add_flag(
+        p,
+        "--batch-size",
+        type=int,
+        help="images per evaluation batch, the probes' too (when not given: the run's)",
+    )
+    add_flag(
+        p,
+        "--eval-capacity-factor",
+        type=float,
+        help="top-K and expert-choice runs: the capacity factor at evaluation (when not given: "
+        "the run's --eval-capacity-factor)",
+    )
+
+    # the k-NN top-1 of the CLS embedding (M²oT's measure, DINO's protocol)
+    add_flag(
+        p,
+        "--knn",
+        action="store_true",
+        help="also measure the weighted k-NN top-1 of the CLS embedding (bank: the train split "
+        "without augmentation; queries: the validation split)",
+    )
+    add_flag(
+        p,
+        "--knn-k",
+        type=int,
+        default=20,
+        help="--knn: the number of nearest neighbours that vote (DINO's)",
+    )
+    add_flag(
+        p,
+        "--knn-temperature",
+        type=float,
+        default=0.07,
+        help="--knn: the temperature T of each vote's weight exp(cos / T) (DINO's)",
+    )
+
+    # the probe set whose routing is compared
+    add_flag(
+        p,
+        "--probe-size",
+        type=int,
+        default=256,
+        help="validation images in the probe set of --compare and of an M²oT run's "
+        "expert→teacher preference (train.py's --probe-size picks the same images)",
+    )
+
+    # linear probes on the frozen features (M²oT's segmentation and depth columns)
+    add_flag(
+        p,
+        "--seg-probe",
+        action="store_true",
+        help="train a linear segmentation probe on the frozen patch tokens and report its mIoU "
+        "(--data synthetic or ade20k)",
+    )
+    add_flag(
+        p,
+        "--depth-probe",
+        action="store_true",
+        help="train a linear depth probe on the frozen patch tokens and report its RMSE "
+        "(--data synthetic or nyud)",
+    )
+    add_flag(
+        p,
+        "--probe-epochs",
+        type=int,
+        default=10,
+        help="--seg-probe / --depth-probe: epochs the linear probes train for",
+    )
+    add_flag(
+        p,
+        "--probe-lr",
+        type=float,
+        default=1e-2,
+        help="--seg-probe / --depth-probe: the probes' AdamW learning rate (cosine to 0)",
+    )
+    add_flag(
+        p,
+        "--probe-blocks",
+        type=int,
+        default=1,
+        help="--seg-probe / --depth-probe: read the patch tokens of the last n blocks, "
+        "concatenated (DINOv2's multi-layer probe)",
+    )
+    add_flag(
+        p,
+        "--backbone",
+        default="",
+        help="probe this dense ViT file instead of the run's model, on the run's data (a "
+        "teacher: DeiT-III, DINOv2, torchvision:NAME, a dense run); the probes only",
+    )
+
+    # figures and machinery
+    add_flag(
+        p,
+        "--map-images",
+        type=int,
+        default=4,
+        help="--plots: validation images shown in expert_maps.png",
+    )
+    add_flag(
+        p,
+        "--num-workers",
+        type=int,
+        default=0,
+        help="data-loader worker processes (0: load in the main process)",
+    )
+    add_flag(
+        p,
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to evaluate: cuda, cuda:N or cpu",
+    )
     return p
 
 

@@ -18,12 +18,13 @@ Some defaults depend on other flags, and are written into `args` (and so saved) 
     --compile, --aa-on-device   on for CUDA (compile: where Triton is installed); off on a CPU
 
 Every user mistake, here or in any module, ends as one `error: ...` line and exit status 2
-(`run_cli`, SPEC sec. 10): a `UsageError` (ValueError) or an OSError, never a traceback.
+(errors.py's `run_cli`): a `UsageError` (ValueError) or an OSError, never a traceback.
 
 Decisions where the papers are silent
 -------------------------------------
-* One `UsageError` for every user mistake the command lines raise; the lower modules (router,
-  moe, data) raise plain ValueError / FileNotFoundError, which `run_cli` prints the same way.
+* One `UsageError` (errors.py) for every user mistake the command lines raise; the lower
+  modules (router, moe, data) raise plain ValueError / FileNotFoundError, which `run_cli`
+  prints the same way.
 * `--help` shows every default; the usage line stays short (the groups list the flags).
 * `model_args_from_flags` / `teacher_args_from_flags` turn saved flags into `build_model` /
   `load_teacher` arguments; checkpoints store the results, and these read older checkpoints.
@@ -31,55 +32,17 @@ Decisions where the papers are silent
 
 import argparse
 import importlib.util
-import sys
 
 import torch
 
 from augment import parse_aa
 from data import DATASETS
+from errors import ArgumentParser, UsageError
 from moe import METHODS, MODELS
 from router import check_routing
 
 TRITON = importlib.util.find_spec("triton") is not None  # installed? (no import, no CUDA init)
 VMOE_EVAL_CF = 4.0  # V-MoE's evaluation capacity factor for top-K routers (see resolve_defaults)
-
-
-class UsageError(ValueError):
-    """A user mistake: `run_cli` prints its one line (`error: ...`), exit status 2."""
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """`--help` with each flag's default (none shown for flags whose default is unset)."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        if "%(default)" in help or action.default in (None, False, "", [], argparse.SUPPRESS):
-            return help
-        return help + " (default: %(default)s)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (`error: ... (see --help)`, exit 2)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main, args):
-    """main(args) for train.py, eval.py and teacher.py: a user mistake is one line, exit 2.
-
-    User mistakes arrive as ValueError (UsageError, bad settings, files that do not fit) or
-    OSError (missing files and folders): SPEC sec. 10, never a traceback from deep inside torch.
-    """
-    try:
-        return main(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_flag(group, *names, **kw):
@@ -123,166 +86,700 @@ def stable_stage1(text):
 # ----------------------------------------------------------------------------- train.py
 def _model_flags(parser):
     g = parser.add_argument_group("model")
-    add_flag(g, "--model", default="tiny", choices=list(MODELS), help="micro | tiny | small | base")
-    add_flag(g, "--method", default="vmoe", choices=list(METHODS), help="routing method")
-    add_flag(g, "--experts", type=int, help="E, experts per MoE layer (16; m2ot 8)")
-    add_flag(g, "--topk", type=int, help="K, experts per token (1; m2ot 2)")
-    add_flag(g, "--moe-layers", type=int, nargs="+", help="1-indexed MoE blocks (m2ot: even)")
-    add_flag(g, "--expert-hidden", type=int, help="each expert's hidden width (H; m2ot H/K)")
-    add_flag(g, "--capacity-factor", type=float, default=1.05, help="train capacity factor")
+
+    # the network: a DeiT size, and the routing method its MoE layers use
     add_flag(
-        g, "--eval-capacity-factor", type=float, help=f"eval cf ({VMOE_EVAL_CF} top-K, else train)"
+        g,
+        "--model",
+        default="tiny",
+        choices=list(MODELS),
+        help="ViT size (width, blocks, heads): micro (96, 6, 3: CPU demos and tests), "
+        "tiny (DeiT-Ti: 192, 12, 3), small (DeiT-S: 384, 12, 6), base (DeiT-B: 768, 12, 12)",
     )
-    add_flag(g, "--noise-std", type=float, default=1.0, help="router noise σ (added as σ/E)")
-    add_flag(g, "--moe-group-size", type=int, default=8, help="images per routing group")
-    add_flag(g, "--batch-priority", action="store_true", help="batch-priority routing (BPR)")
-    add_flag(g, "--img-size", "--input-size", type=int, default=224, help="image side in pixels")
-    add_flag(g, "--patch-size", type=int, default=16, help="patch side in pixels")
-    add_flag(g, "--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    add_flag(g, "--finetune", default="", help="pre-trained checkpoint to fine-tune (new head)")
-    add_flag(g, "--upcycle", default="", help="dense checkpoint whose MLPs start the experts")
+    add_flag(
+        g,
+        "--method",
+        default="vmoe",
+        choices=list(METHODS),
+        help="routing method: dense (no experts: DeiT) | vmoe (V-MoE: noisy top-K, importance "
+        "+ load losses) | tgr (teacher-guided routing: the student router distils a teacher "
+        "router's; needs --teacher) | stablemoe (V-MoE, then the router frozen after "
+        "--stable-stage1) | zloss (V-MoE + router z-loss) | teacher-route (the teacher router "
+        "chooses the experts, TGR sec. 5.3; needs --teacher) | expert-choice (each expert picks "
+        "its tokens) | softmoe (Soft MoE: experts see mixtures of all tokens) | lossfree (V-MoE "
+        "balanced by a selection bias instead of a loss) | m2ot (M²oT's top-K student of "
+        "--teachers, no labels)",
+    )
+
+    # the MoE layers: how many experts, how many a token takes, in which blocks, how wide
+    add_flag(
+        g,
+        "--experts",
+        type=int,
+        help="E, experts per MoE layer (16; m2ot and the other students of --teachers: 8)",
+    )
+    add_flag(
+        g,
+        "--topk",
+        type=int,
+        help="K, experts per token: top-K methods send each token to K experts, expert-choice "
+        "and softmoe size their capacity and slots for K per token "
+        "(1; m2ot and the other students of --teachers: 2)",
+    )
+    add_flag(
+        g,
+        "--moe-layers",
+        type=int,
+        nargs="+",
+        help="1-indexed blocks whose MLP becomes a MoE layer (micro: 4 6; tiny, small, base: "
+        "8 10 12; with --teachers every second block, 2 4 ..., as M²oT; dense: none)",
+    )
+    add_flag(
+        g,
+        "--expert-hidden",
+        type=int,
+        help="H, each expert's hidden width (the dense MLP's 4·width; with --teachers 4·width/K, "
+        "so the K active experts hold one dense MLP's weights, M²oT Table 4)",
+    )
+
+    # the router: capacity, noise and the order in which tokens claim a place
+    add_flag(
+        g,
+        "--capacity-factor",
+        type=float,
+        default=1.05,
+        help="top-K and expert-choice: capacity factor cf while training; each expert holds "
+        "C = ceil(K·S·cf/E) of a routing group's S tokens (top-K: at most, C rounded up to a "
+        "multiple of 4, the overflow dropped; expert-choice: its C best)",
+    )
+    add_flag(
+        g,
+        "--eval-capacity-factor",
+        type=float,
+        help=f"top-K and expert-choice: capacity factor cf at evaluation (top-K: {VMOE_EVAL_CF}, "
+        "V-MoE's evaluation config; expert-choice: --capacity-factor)",
+    )
+    add_flag(
+        g,
+        "--noise-std",
+        type=float,
+        default=1.0,
+        help="top-K methods: σ of the Gaussian noise N(0, (σ/E)²) added to the router logits "
+        "while training (V-MoE); the noise chooses the experts, the losses read the clean "
+        "probabilities; 0: no noise",
+    )
+    add_flag(
+        g,
+        "--moe-group-size",
+        type=int,
+        default=8,
+        help="top-K and expert-choice: images per routing group; capacity (and the student's "
+        "balance losses) are taken per group",
+    )
+    add_flag(
+        g,
+        "--batch-priority",
+        action="store_true",
+        help="top-K methods: batch-priority routing (V-MoE's BPR): tokens claim capacity in "
+        "decreasing order of their top-1 weight, so the least sure are dropped first "
+        "(without it: in token order)",
+    )
+
+    # the ViT's input and regularisation (DeiT's flags)
+    add_flag(
+        g,
+        "--img-size",
+        "--input-size",
+        type=int,
+        default=224,
+        help="side in pixels of the square images the model reads (the data are cropped or "
+        "resized to it)",
+    )
+    add_flag(
+        g,
+        "--patch-size",
+        type=int,
+        default=16,
+        help="side in pixels of a square patch; the token grid is img-size / patch-size a side",
+    )
+    add_flag(
+        g,
+        "--drop-path",
+        type=float,
+        default=0.1,
+        help="stochastic depth: the probability of dropping the last block's residual branches, "
+        "rising linearly from 0 at the first block (DeiT's)",
+    )
+
+    # where the weights start (else a fresh initialisation)
+    add_flag(
+        g,
+        "--finetune",
+        default="",
+        help="fine-tune a train.py checkpoint: its weights, with a new head if the classes "
+        "differ (a dense run into a MoE model is upcycled; tgr continues the run's teacher "
+        "router unless --fresh-teacher-router)",
+    )
+    add_flag(
+        g,
+        "--upcycle",
+        default="",
+        help="sparse upcycling from a train.py --method dense checkpoint: its weights copied, "
+        "each MoE block's experts cut from that block's dense MLP, the routers fresh",
+    )
 
 
 def _method_flags(parser):
     g = parser.add_argument_group("method: losses and the distillation schedule")
-    add_flag(g, "--student-balance-coef", type=float, help="importance+load (0.005; tgr 0)")
-    add_flag(g, "--zloss-coef", type=float, default=1e-3, help="z-loss weight (--method zloss)")
+
+    # the student's own router losses
+    add_flag(
+        g,
+        "--student-balance-coef",
+        type=float,
+        help="top-K methods (not with --teachers): weight λ of V-MoE's importance + load "
+        "losses, summed over the MoE layers (0.005; tgr and lossfree: 0)",
+    )
+    add_flag(
+        g,
+        "--zloss-coef",
+        type=float,
+        default=1e-3,
+        help="zloss: weight of the router z-loss, the mean over tokens of logsumexp(logits)², "
+        "summed over the MoE layers (ST-MoE: keeps the router logits small)",
+    )
     add_flag(
         g,
         "--student-entropy-coef",
         type=float,
         default=0.0,
-        help="weight of an entropy loss on the student router's p (confidence without a teacher)",
+        help="top-K methods: weight of an entropy loss on the student router's own p, asking "
+        "for confident routing without a teacher (a control for tgr; 0: off)",
     )
     add_flag(
         g,
         "--bias-update-rate",
         type=float,
         default=1e-3,
-        help="lossfree: step u of each expert's selection bias per batch (DeepSeek-V3's 0.001)",
+        help="lossfree: step u by which each expert's selection bias moves after every "
+        "training batch, down if the expert is overloaded, up if not (DeepSeek-V3's 0.001)",
     )
-    add_flag(g, "--distill-coef", type=float, default=5.0, help="λ_distill")
-    add_flag(g, "--teacher-load-coef", type=float, default=0.005, help="λ_load (teacher router)")
-    add_flag(g, "--teacher-ent-coef", type=float, default=0.005, help="λ_ent (teacher router)")
+
+    # the teacher router and the distillation KL
+    add_flag(
+        g,
+        "--distill-coef",
+        type=float,
+        default=5.0,
+        help="tgr and teacher-route: λ_distill, weight of the KL from the teacher router's p_t "
+        "to the student router's p (tgr: averaged over the MoE layers; teacher-route: summed)",
+    )
+    add_flag(
+        g,
+        "--teacher-load-coef",
+        type=float,
+        default=0.005,
+        help="tgr: λ_load, weight of the balance (importance) loss on the teacher router's p_t",
+    )
+    add_flag(
+        g,
+        "--teacher-ent-coef",
+        type=float,
+        default=0.005,
+        help="tgr: λ_ent, weight of the entropy loss that makes the teacher router's p_t confident",
+    )
     add_flag(
         g,
         "--teacher-balance",
         default="batch",
         choices=["batch", "group"],
-        help="teacher router's L_imp over the whole batch, or per routing group as the student's",
+        help="tgr: the teacher router's balance loss over the whole batch (batch), or per "
+        "routing group of --moe-group-size images, as the student's (group)",
     )
+    add_flag(
+        g,
+        "--router-grad",
+        default="task",
+        choices=["task", "distill-only"],
+        help="tgr: what trains the student router while distilling: task (the task loss and "
+        "the KL) or distill-only (the KL alone; the task loss's gradient into the router is "
+        "zeroed)",
+    )
+    add_flag(
+        g,
+        "--distill-tokens",
+        default="all",
+        choices=["all", "cls"],
+        help="tgr and teacher-route: the tokens whose routing the KL distils: all (CLS and "
+        "every patch) or cls (the CLS token alone)",
+    )
+
+    # when the distillation (StableMoE: the router's learning) stops
     add_flag(
         g,
         "--distill-until",
         type=distill_until,
         default=0.5,
-        help="fraction F of the epochs to distil, or adaptive",
+        help="tgr: distil during the first fraction F of the epochs (ceil(F·epochs); 0: never, "
+        "1: all), or adaptive (until the routing settles, see --switch-consistency); then the "
+        "teacher and its routers are deleted",
     )
     add_flag(
         g,
         "--stable-stage1",
         type=stable_stage1,
         default=0.5,
-        help="stablemoe: fraction of the epochs the router learns",
+        help="stablemoe: the fraction F of the epochs (ceil(F·epochs)) in which the router "
+        "learns; then it is frozen, with its noise and the balance loss off",
     )
-    add_flag(g, "--switch-consistency", type=float, default=0.8, help="adaptive: threshold")
-    add_flag(g, "--switch-patience", type=int, default=2, help="adaptive: epochs above it")
-    add_flag(g, "--router-grad", default="task", choices=["task", "distill-only"], help="tgr")
     add_flag(
-        g, "--distill-tokens", default="all", choices=["all", "cls"], help="tgr: tokens in the KL"
+        g,
+        "--switch-consistency",
+        type=float,
+        default=0.8,
+        help="tgr --distill-until adaptive: the adjacent-epoch routing consistency (share of "
+        "the probe set's tokens that keep their top-1 expert) every MoE layer must reach",
+    )
+    add_flag(
+        g,
+        "--switch-patience",
+        type=int,
+        default=2,
+        help="tgr --distill-until adaptive: epochs in a row at or above --switch-consistency "
+        "before the distillation stops",
     )
 
     g = parser.add_argument_group("teacher")
-    add_flag(g, "--teacher", default="", help="dense checkpoint (.pth/.pt) or torchvision:NAME")
+
+    # the frozen dense teacher: which file, which blocks, how it runs
     add_flag(
-        g, "--teacher-layers", type=teacher_layer, nargs="+", help="block per MoE layer, or final"
+        g,
+        "--teacher",
+        default="",
+        help="tgr and teacher-route: the frozen dense teacher, a .pth/.pt file (a train.py "
+        "--method dense run, DeiT-III, DINOv2, a timm-layout ViT) or torchvision:NAME",
     )
-    add_flag(g, "--teacher-dtype", default="bf16", choices=["bf16", "fp32"], help="autocast")
-    add_flag(g, "--teacher-random", action="store_true", help="allow random torchvision weights")
-    add_flag(g, "--teacher-resample", action="store_true", help="resample another token grid")
+    add_flag(
+        g,
+        "--teacher-layers",
+        type=teacher_layer,
+        nargs="+",
+        help="tgr and teacher-route: per MoE layer, the 1-indexed teacher block whose LN2 "
+        "output feeds its teacher router, or final (the last block after the final norm); "
+        "when not given, the student's MoE blocks",
+    )
+    add_flag(
+        g,
+        "--teacher-dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="tgr, teacher-route and --teachers: the autocast dtype of the teachers' forward "
+        "pass (their features are returned as float32)",
+    )
+    add_flag(
+        g,
+        "--teacher-random",
+        action="store_true",
+        help="--teacher / --teachers torchvision:NAME (or timm:NAME): random weights where "
+        "none are cached, instead of a download (offline tests)",
+    )
+    add_flag(
+        g,
+        "--teacher-resample",
+        action="store_true",
+        help="tgr and teacher-route: accept a teacher of another token grid: its position "
+        "embeddings are resampled and the images resized to the student's grid",
+    )
     add_flag(
         g,
         "--teacher-reinit",
         type=int,
         metavar="SEED",
-        help="replace the teacher's weights by a random initialisation from SEED (a control: "
-        "the same architecture without its knowledge)",
+        help="tgr and teacher-route: replace the teacher's weights by a random initialisation "
+        "from SEED (a control: the same architecture without its knowledge)",
     )
-    add_flag(g, "--fresh-teacher-router", action="store_true", help="tgr --finetune: new R_t")
+    add_flag(
+        g,
+        "--fresh-teacher-router",
+        action="store_true",
+        help="tgr with --finetune: a new teacher router R_t instead of continuing the "
+        "pre-trained run's",
+    )
 
 
 def _m2ot_flags(parser):
     g = parser.add_argument_group("M²oT: several teachers guide the experts (no labels)")
+
+    # the teachers, and how their final features are distilled
     add_flag(
         g,
         "--teachers",
         nargs="+",
         default=[],
-        help="final-feature teachers, SRC[@SIZE] (docs/m2ot.md)",
+        help="frozen teachers whose final features the student (m2ot, dense or softmoe) "
+        "distils without labels: SRC[@SIZE] each, SRC any --teacher source or timm:NAME=PATH, "
+        "SIZE the side in pixels it runs at (docs/m2ot.md)",
     )
-    add_flag(g, "--tas-coef", type=float, default=0.5, help="λ_1, TAS (0: the Sparse MoE row)")
+    add_flag(
+        g,
+        "--dist-reduce",
+        default="mean",
+        choices=["mean", "sum"],
+        help="--teachers: L_dist over the teachers, their mean or their sum (Eq. 2 as written; "
+        "λ_1 then weighs N_T times less)",
+    )
+
+    # the expert losses of --method m2ot
+    add_flag(
+        g,
+        "--tas-coef",
+        type=float,
+        default=0.5,
+        help="m2ot: λ_1, weight of the teacher-aware specialisation loss L_tas (0: the paper's "
+        "plain Sparse MoE row; π still learns, but L_tas no longer reaches the experts)",
+    )
     add_flag(
         g,
         "--tas-form",
         default="mixture",
         choices=["mixture", "map"],
-        help="TAS loss: Eq. 8 (π inside the norm) or the MAP form (Eq. 6-7)",
+        help="m2ot: L_tas as Eq. 8, each expert toward its π-mixture of teachers (mixture), or "
+        "the MAP form, π weighing each teacher's own distance (map, Eq. 6-7)",
     )
     add_flag(
-        g, "--dist-reduce", default="mean", choices=["mean", "sum"], help="L_dist: mean | Eq. 2 sum"
+        g,
+        "--switch-coef",
+        type=float,
+        default=0.01,
+        help="m2ot: λ_2, weight of the Switch Transformer load-balancing loss on the tokens' "
+        "top-1 experts",
     )
-    add_flag(g, "--switch-coef", type=float, default=0.01, help="λ_2, Switch load loss")
-    add_flag(g, "--knn-every", type=int, default=1, help="k-NN validation every N epochs (0: last)")
+
+    # the label-free measure of the student
+    add_flag(
+        g,
+        "--knn-every",
+        type=int,
+        default=1,
+        help="--teachers: the k-NN top-1 of the CLS embedding every N epochs (0: after the "
+        "last epoch only)",
+    )
 
 
 def _recipe_flags(parser):
     on_off = argparse.BooleanOptionalAction
     g = parser.add_argument_group("optimisation and augmentation (DeiT recipe)")
-    add_flag(g, "--batch-size", type=int, default=64, help="images per process per batch")
-    add_flag(g, "--accum-iter", type=int, default=1, help="batches per optimizer step")
-    add_flag(g, "--epochs", type=int, default=300, help="epochs")
-    add_flag(g, "--lr", type=float, default=5e-4, help="LR at a global batch of 512")
-    add_flag(g, "--min-lr", type=float, default=1e-5, help="cosine schedule's final LR")
-    add_flag(g, "--warmup-lr", type=float, default=1e-6, help="LR at step 0")
-    add_flag(g, "--warmup-epochs", type=float, default=5, help="linear warm-up epochs")
-    add_flag(g, "--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    add_flag(g, "--opt-eps", type=float, default=1e-8, help="AdamW ε")
-    add_flag(g, "--opt-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW β")
-    add_flag(g, "--clip-grad", type=float, help="max gradient norm (off)")
-    add_flag(g, "--smoothing", type=float, default=0.1, help="label smoothing")
-    add_flag(g, "--mixup", type=float, default=0.8, help="MixUp α (0 = off)")
-    add_flag(g, "--cutmix", type=float, default=1.0, help="CutMix α (0 = off)")
-    add_flag(g, "--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment (timm's), or none")
-    add_flag(g, "--aa-on-device", action=on_off, help="RandAugment the device batch (CUDA: on)")
-    add_flag(g, "--reprob", type=float, default=0.25, help="random erasing probability")
-    add_flag(g, "--remode", default="pixel", choices=["pixel", "const"], help="erasing fill")
-    add_flag(g, "--recount", type=int, default=1, help="random erasing: up to N rectangles")
-    add_flag(g, "--repeated-aug", action=on_off, default=True, help="repeated augmentation ×3")
-    add_flag(g, "--crop-flip", action=on_off, default=True, help="random crop and flip")
-    add_flag(g, "--eval-crop-ratio", type=float, default=0.875, help="eval: resize S/ratio, crop S")
-    add_flag(g, "--compile", action=on_off, help="torch.compile the step, teacher too (CUDA: on)")
-    add_flag(g, "--model-ema", action=on_off, help="EMA of the weights (DeiT; off w/ --teachers)")
-    add_flag(g, "--model-ema-decay", type=float, default=0.99996, help="EMA decay per step")
+
+    # the batch and the learning-rate schedule
+    add_flag(
+        g,
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per process per batch (DeiT's: the global batch is batch-size × "
+        "processes × accum-iter)",
+    )
+    add_flag(
+        g,
+        "--accum-iter",
+        type=int,
+        default=1,
+        help="gradient accumulation: batches per optimizer step (the LR scales with them)",
+    )
+    add_flag(
+        g,
+        "--epochs",
+        type=int,
+        default=300,
+        help="training epochs (passes over the training set; with --repeated-aug, about a "
+        "third of the images, 3 times each)",
+    )
+    add_flag(
+        g,
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="peak learning rate for a global batch of 512, scaled linearly: lr × batch-size × "
+        "processes × accum-iter / 512 (DeiT's rule)",
+    )
+    add_flag(
+        g,
+        "--min-lr",
+        type=float,
+        default=1e-5,
+        help="the learning rate the cosine schedule ends at",
+    )
+    add_flag(
+        g,
+        "--warmup-lr",
+        type=float,
+        default=1e-6,
+        help="the learning rate at step 0, where the linear warm-up starts",
+    )
+    add_flag(
+        g,
+        "--warmup-epochs",
+        type=float,
+        default=5,
+        help="epochs of linear warm-up from --warmup-lr to the scaled --lr (fractions allowed)",
+    )
+
+    # AdamW
+    add_flag(
+        g,
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="AdamW weight decay (none on biases, norms, pos_embed and cls_token)",
+    )
+    add_flag(g, "--opt-eps", type=float, default=1e-8, help="AdamW's ε, added to the denominator")
+    add_flag(
+        g,
+        "--opt-betas",
+        type=float,
+        nargs=2,
+        default=(0.9, 0.999),
+        help="AdamW's β1 and β2, the decays of its moment estimates",
+    )
+    add_flag(
+        g,
+        "--clip-grad",
+        type=float,
+        help="clip the gradients' global norm to this before each optimizer step (not given: "
+        "no clipping)",
+    )
+
+    # labels: smoothing and batch mixing (runs with labels, not --teachers)
+    add_flag(
+        g,
+        "--smoothing",
+        type=float,
+        default=0.1,
+        help="label smoothing ε of the cross-entropy",
+    )
+    add_flag(
+        g,
+        "--mixup",
+        type=float,
+        default=0.8,
+        help="MixUp α; with --cutmix, one of the two is chosen per batch (0: no MixUp)",
+    )
+    add_flag(
+        g,
+        "--cutmix",
+        type=float,
+        default=1.0,
+        help="CutMix α; with --mixup, one of the two is chosen per batch (0: no CutMix)",
+    )
+
+    # per-image augmentation
+    add_flag(
+        g,
+        "--aa",
+        default="rand-m9-mstd0.5-inc1",
+        help="RandAugment policy in timm's spelling, or none: rand, then m the magnitude "
+        "(0-10), mstd its std, n the ops per image (2) and inc1 (timm's increasing ops, the "
+        "only set here)",
+    )
+    add_flag(
+        g,
+        "--aa-on-device",
+        action=on_off,
+        help="RandAugment the uint8 batch on the device instead of in the loader's workers "
+        "(on for CUDA, off on a CPU)",
+    )
+    add_flag(
+        g,
+        "--reprob",
+        type=float,
+        default=0.25,
+        help="random erasing: the probability that an image gets erased rectangles (0: off)",
+    )
+    add_flag(
+        g,
+        "--remode",
+        default="pixel",
+        choices=["pixel", "const"],
+        help="random erasing's fill: pixel (N(0, 1) noise per pixel) or const (zeros), "
+        "after normalisation",
+    )
+    add_flag(
+        g,
+        "--recount",
+        type=int,
+        default=1,
+        help="random erasing: an erased image gets 1 to N rectangles (drawn uniformly)",
+    )
+    add_flag(
+        g,
+        "--repeated-aug",
+        action=on_off,
+        default=True,
+        help="DeiT's repeated augmentation: each epoch takes a third of the images, 3 "
+        "differently augmented copies of each (--no-repeated-aug: a plain shuffle)",
+    )
+    add_flag(
+        g,
+        "--crop-flip",
+        action=on_off,
+        default=True,
+        help="random crop (RandomResizedCrop; a reflect-padded crop at 64 px or less) and "
+        "horizontal flip of the training images",
+    )
+    add_flag(
+        g,
+        "--eval-crop-ratio",
+        type=float,
+        default=0.875,
+        help="evaluation of images over 64 px: resize to img-size / ratio, centre-crop "
+        "img-size (DeiT's 0.875; DeiT-III's 1.0)",
+    )
+
+    # speed, and the averaged weights
+    add_flag(
+        g,
+        "--compile",
+        action=on_off,
+        help="torch.compile the training step, the teacher's forward too (on for CUDA where "
+        "Triton is installed, off on a CPU)",
+    )
+    add_flag(
+        g,
+        "--model-ema",
+        action=on_off,
+        help="keep an exponential moving average of the weights, validated every epoch "
+        "(val_top1_ema) and saved (DeiT's; on by default, off with --teachers)",
+    )
+    add_flag(
+        g,
+        "--model-ema-decay",
+        type=float,
+        default=0.99996,
+        help="--model-ema: the average's decay per optimizer step",
+    )
 
 
 def _run_flags(parser):
     g = parser.add_argument_group("data")
-    add_flag(g, "--data", "--data-set", default="synthetic", choices=DATASETS, help="data set")
-    add_flag(g, "--data-path", default="data", help="data root (ImageFolder: train/ and val/)")
-    add_flag(g, "--nb-classes", type=int, help="classes of the synthetic set (10)")
-    add_flag(g, "--synthetic-train-size", type=int, default=10000, help="generated train images")
-    add_flag(g, "--synthetic-val-size", type=int, default=1000, help="generated val images")
-    add_flag(g, "--synthetic-seed", type=int, default=0, help="seed of the generated data")
-    add_flag(g, "--num-workers", type=int, help="loader workers (CUDA: the CPUs, <= 10; CPU: 0)")
-    add_flag(g, "--pin-mem", action=argparse.BooleanOptionalAction, default=True, help="pin")
+
+    # which images, from where
+    add_flag(
+        g,
+        "--data",
+        "--data-set",
+        default="synthetic",
+        choices=DATASETS,
+        help="the data set: synthetic (generated images, offline), cifar10, cifar100, pets "
+        "(Oxford-IIIT Pets), imagenet or folder (an ImageFolder under --data-path)",
+    )
+    add_flag(
+        g,
+        "--data-path",
+        default="data",
+        help="the data root: imagenet and folder read its train/CLASS/ and val/CLASS/ images; "
+        "cifar10, cifar100 and pets are downloaded into it when missing",
+    )
+
+    # the generated images of --data synthetic
+    add_flag(
+        g,
+        "--nb-classes",
+        type=int,
+        help="--data synthetic: the number of classes, each a pair of coloured shapes (10 "
+        "when not given; the other data sets have their own)",
+    )
+    add_flag(
+        g,
+        "--synthetic-train-size",
+        type=int,
+        default=10000,
+        help="--data synthetic: images in the generated training split",
+    )
+    add_flag(
+        g,
+        "--synthetic-val-size",
+        type=int,
+        default=1000,
+        help="--data synthetic: images in the generated validation split",
+    )
+    add_flag(
+        g,
+        "--synthetic-seed",
+        type=int,
+        default=0,
+        help="--data synthetic: the seed the generated images and classes are drawn from",
+    )
+
+    # the loader
+    add_flag(
+        g,
+        "--num-workers",
+        type=int,
+        help="data-loader worker processes per process (when not given: on CUDA the CPUs per "
+        "process, at most 10; on a CPU 0, loading in the main process)",
+    )
+    add_flag(
+        g,
+        "--pin-mem",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load batches into pinned (page-locked) host memory for faster copies to the "
+        "GPU (CUDA only)",
+    )
 
     g = parser.add_argument_group("run")
-    add_flag(g, "--output-dir", help="run folder (runs/MODEL-METHOD)")
-    add_flag(g, "--resume", default="", help="RUN/checkpoint.pt, or auto (the output dir's)")
-    add_flag(g, "--seed", type=int, default=0, help="seed of the run")
-    add_flag(g, "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    add_flag(g, "--print-freq", type=int, default=50, help="a progress line every N steps")
-    add_flag(g, "--probe-size", type=int, default=256, help="validation images of the probe set")
+
+    # where the run lives and how it starts
+    add_flag(
+        g,
+        "--output-dir",
+        help="the run folder: args.json, log.jsonl, checkpoint.pt (when not given: "
+        "runs/MODEL-METHOD)",
+    )
+    add_flag(
+        g,
+        "--resume",
+        default="",
+        help="continue a run from its checkpoint: a path (RUN/checkpoint.pt), or auto (the "
+        "output dir's checkpoint.pt, if there is one)",
+    )
+    add_flag(
+        g,
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output dir that holds another run's checkpoint, replacing "
+        "its files (without it, such a folder is refused, never written to)",
+    )
+    add_flag(
+        g,
+        "--seed",
+        type=int,
+        default=0,
+        help="the run's random seed: initialisation, data order and augmentation follow from it",
+    )
+    add_flag(
+        g,
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to train: cuda, cuda:N or cpu (torchrun: each process its local GPU)",
+    )
+
+    # what it reports
+    add_flag(
+        g,
+        "--print-freq",
+        type=int,
+        default=50,
+        help="a progress line every N batches (in one process also at least every 30 s)",
+    )
+    add_flag(
+        g,
+        "--probe-size",
+        type=int,
+        default=256,
+        help="validation images in the probe set whose routing is followed every epoch "
+        "(consistency between epochs, the adaptive switch)",
+    )
     add_flag(
         g,
         "--probe-every",
@@ -335,7 +832,7 @@ def resolve_defaults(args):
 
 
 def check_args(args):
-    """Turn impossible settings into one readable line each (SPEC sec. 10)."""
+    """Turn impossible settings into one readable line each (errors.py says how)."""
     if METHODS[args.method] in ("top-k", "expert-choice"):  # router.py owns these rules
         check_routing(args.experts, args.topk, args.capacity_factor, args.eval_capacity_factor)
     if args.method in ("tgr", "teacher-route") and not args.teacher:

@@ -13,13 +13,15 @@ M²oT gives the student sparse MoE layers and a second loss that makes each expe
 toward its own mixture of teachers, so that capacity splits by teacher instead of averaging:
 
     L_dist = mean_i ½ [ D(g_i^cls(z_cls), T_i^cls) + D(g_i^patch(z_patch), T_i^patch) ]  (Eq. 2)
-             D = (1 − cos) + smoothL1_β=1                              `losses.feature_distill_loss`
+             D = (1 − cos) + smoothL1_β=1
     π(t, e, ·) = softmax_i( W_π x_t )_(e, ·)     the teacher-aware router, one per MoE layer
     T̄(t, e)   = Σ_i π(t, e, i) · Q_i T_i(t)     each expert's own mixture of teachers     (Eq. 8)
     L_tas     = Σ_layers mean_t Σ_{e kept for t} p_e(t) · mean_c |φ(t, e) − T̄(t, e)|
-                                                                           `losses.tas_loss`
-    L_switch  = Σ_layers E · Σ_e f_e · P_e       on the top-1 choices    `losses.switch_load_loss`
+    L_switch  = Σ_layers E · Σ_e f_e · P_e       on the top-1 choices
     L         = L_dist + λ_1 · L_tas + λ_2 · L_switch,   λ_1 = 0.5, λ_2 = 0.01          (Eq. 10)
+
+D, L_tas and L_switch are m2ot_losses.py's `feature_distill_loss`, `tas_loss` and
+`switch_load_loss`.
 
 φ(t, e) is expert e's output for token t (before its combine weight): TAS compares what an
 expert *computes* with the teachers directly, inside the network, which no projector head
@@ -32,12 +34,12 @@ target than one teacher. φ starts near 0, the mixture nearest 0 is the mean of 
 teachers, and there π gets no net pull: uniform π with every expert at the teachers' mean is
 a stable point, Prop. 1's compromise. A falling L_tas then means the experts reach the mean,
 not that they specialise (tests/test_m2ot.py, notebook 06). `tas_form="map"` is the objective
-before the paper's first approximation (Eq. 6-7, π outside the norm, `losses.tas_map_loss`):
+before the paper's first approximation (Eq. 6-7, π outside the norm, `m2ot_losses.tas_map_loss`):
 L_tas = Σ_layers mean_t Σ_{e kept} p_e(t) Σ_i π(t, e, i) mean_c |φ(t, e) − Q_i T_i(t)|, lowest
 with π on the teacher nearest φ and φ on it: π sharpens. Whether the experts then *split* the
 teachers is measured, not assumed (docs/m2ot.md).
 
-Legend (paper -> code): T_i -> `FinalTeacher` (teacher.py) outputs, standardised by
+Legend (paper -> code): T_i -> `FinalTeacher` (m2ot_teachers.py) outputs, standardised by
 `M2oT.targets`; g_i -> `ProjectorHeads`; r(x) -> each MoE layer's router (`Routing.probs`);
 π -> `TeacherAwareRouter`; φ -> `Routing.expert_out`; x_t (π's input) -> `Routing.inputs`;
 K -> the kept assignments; λ_1, λ_2 -> `tas_coef`, `switch_coef`.
@@ -54,7 +56,7 @@ Decisions where the paper is silent
 * Targets: a teacher's CLS token after its final norm (the mean of its patches where it has
   none) and its patch tokens, resized bilinearly from its grid g_i to the student's G
   (`align_tokens`), each teacher fed its own normalisation (`renormalise`) at the student's
-  pixel size or "SRC@SIZE" (`teacher_source`, teacher.py). Each target is **standardised per
+  pixel size or "SRC@SIZE" (`m2ot_teachers.teacher_source`). Each target is **standardised per
   channel** (UNIC's practice: teachers of different scales weigh alike) with running
   statistics: a moving average (momentum 0.1, the first batch whole) of the training batches
   (all ranks' under DDP), kept as checkpoint buffers, so resume is exact.
@@ -88,23 +90,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from augment import MEAN, STD
-from flags import UsageError
-from losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
+from m2ot_losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
 
 
 # ----------------------------------------------------------------------------- targets
-def teacher_source(source, img_size):
-    """--teachers SRC[@SIZE] -> (SRC, the side in pixels the teacher runs at: SIZE, else
-    the student's img_size). A file whose own name holds an @ is taken whole."""
-    src, at, size = str(source).rpartition("@")
-    if not at or Path(source).exists():
-        return source, img_size
-    if not size.isdigit() or int(size) < 1:
-        why = f"{size!r} after the @ is not a size in pixels"
-        raise UsageError(f"--teachers {source}: {why} (SRC@SIZE, e.g. dinov2.pth@518)")
-    return src, int(size)
-
-
 def renormalise(mean, std):
     """(scale, shift), each (1, 3, 1, 1): images normalised with the loader's ImageNet MEAN/STD
     -> normalised with a teacher's (mean, std), as x·scale + shift."""
@@ -150,7 +139,8 @@ class RunningStandardiser(nn.Module):
             if dist.is_available() and dist.is_initialized():  # every rank: the same statistics
                 dist.all_reduce(moments)
                 moments /= dist.get_world_size()
-            mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0)
+            mean = moments[0]  # (d,) E[x]
+            var = (moments[1] - moments[0] ** 2).clamp_min(0)  # (d,) E[x²] − E[x]²
             m = torch.where(self.seen > 0, self.momentum, 1.0)  # the first batch: taken whole
             self.mean.lerp_(mean, m)
             self.var.lerp_(var, m)
@@ -165,7 +155,8 @@ class ProjectorHeads(nn.Module):
     def __init__(self, dim, teacher_dim):
         super().__init__()
         mlp = lambda: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, teacher_dim))
-        self.cls, self.patch = mlp(), mlp()
+        self.cls = mlp()  # for the CLS token
+        self.patch = mlp()  # for the patch tokens
 
 
 class TeacherAwareRouter(nn.Linear):
@@ -173,7 +164,8 @@ class TeacherAwareRouter(nn.Linear):
 
     def __init__(self, dim, num_experts, num_teachers):
         super().__init__(dim, num_experts * num_teachers, bias=False)
-        self.num_experts, self.num_teachers = num_experts, num_teachers
+        self.num_experts = num_experts  # E
+        self.num_teachers = num_teachers  # N_T
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x):
@@ -208,7 +200,7 @@ class M2oT(nn.Module):
     """Everything M²oT adds to a student during training: frozen teachers (not saved), their
     standardisers, projector heads and, for a top-K student, one π per MoE layer.
 
-    teachers: `teacher.FinalTeacher`s; dim, grid: the student's width D and grid G;
+    teachers: `m2ot_teachers.FinalTeacher`s; dim, grid: the student's width D and grid G;
     num_moe_layers, num_experts: 0 for a dense or Soft MoE student (no π, no TAS).
     """
 
@@ -225,15 +217,23 @@ class M2oT(nn.Module):
     ):
         super().__init__()
         self.teachers = list(teachers)  # a plain list: frozen, loaded from --teachers, not saved
-        self.grid, self.tas_form, self.dist_reduce = grid, tas_form, dist_reduce
+        self.grid = grid  # G, the student's
+        self.tas_form = tas_form  # "mixture" (Eq. 8) or "map" (Eq. 6-7)
+        self.dist_reduce = dist_reduce  # "mean" or "sum" over teachers
+
+        # per teacher: projector heads g_i and the standardisers of its targets
         widths = [t.dim for t in self.teachers]  # d_i
         self.heads = nn.ModuleList(ProjectorHeads(dim, d) for d in widths)
         self.norm_cls = nn.ModuleList(RunningStandardiser(d) for d in widths)
         self.norm_patch = nn.ModuleList(RunningStandardiser(d) for d in widths)
+
+        # per MoE layer: π (none for a dense or Soft MoE student)
         n = len(widths) if num_moe_layers else 0
         self.pi = nn.ModuleList(
             TeacherAwareRouter(dim, num_experts, n) for _ in range(num_moe_layers)
         )
+
+        # per teacher, fixed: Q_i, and the renormalisation of the images it is fed
         for i, (t, d) in enumerate(zip(self.teachers, widths)):
             self.register_buffer(f"q{i}", semi_orthogonal(d, dim, seed=i))  # Q_i: (D, d_i), fixed
             scale, shift = renormalise(t.mean, t.std)  # the teacher's own input normalisation
@@ -289,9 +289,11 @@ def layer_tas(pi, routing, teacher_feats, detach=False, form="mixture"):
     teacher_feats: (N_T, T, D). detach: φ and p get no gradient, π alone learns."""
     # mixture (Eq. 8): mean_t Σ_{e kept} p_e(t) · mean_c |φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)|
     # map (Eq. 6-7):   mean_t Σ_{e kept} p_e(t) · Σ_i π(t, e, i) · mean_c |φ(t, e) − Q_i T_i(t)|
-    probs, phi = routing.probs.gather(1, routing.experts), routing.expert_out  # (T, K), (T, K, D)
+    probs = routing.probs.gather(1, routing.experts)  # (T, K)
+    phi = routing.expert_out  # (T, K, D)
     if detach:
-        probs, phi = probs.detach(), phi.detach()
+        probs = probs.detach()
+        phi = phi.detach()
     loss = tas_map_loss if form == "map" else tas_loss
     return loss(phi, probs, routing.kept, chosen_mixtures(pi, routing), teacher_feats)
 
@@ -305,6 +307,8 @@ def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
     targets = m2ot.targets(images)
     loss, per_teacher = m2ot.distill(tokens, targets)
     parts = {"dist": loss, **{f"dist_{i}": v for i, v in enumerate(per_teacher)}}
+
+    # a top-K student: + λ_1 · L_tas + λ_2 · L_switch over its MoE layers
     if len(m2ot.pi) and routings:
         parts["tas"] = m2ot.tas(routings, m2ot.teacher_tokens(targets), detach=tas_coef == 0)
         loss = loss + (tas_coef or 1.0) * parts["tas"]  # tas_coef 0: π's own loss, weight 1
@@ -355,9 +359,14 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
     and its per-token sharpness, mean_{(t, e) kept} max_i π(t, e, i). π of layer j is
     `mix_routers[j]` on the layer's input (`Routing.inputs`, kept while this runs)."""
     layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
-    kept_before, was_training = [layer.keep_expert_outputs for layer in layers], model.training
+    kept_before = [layer.keep_expert_outputs for layer in layers]
+    was_training = model.training
     model.eval()
-    sums, peaks, counts = 0, 0, 0  # per layer (E, N_T), (E,) and (E,), summed over the batches
+
+    # per layer Σ π(t, e, ·), Σ max_i π(t, e, i) and the count, summed over the batches
+    sums = 0  # (layers, E, N_T)
+    peaks = 0  # (layers, E)
+    counts = 0  # (layers, E)
     try:
         keep_expert_outputs(model)
         for chunk in images.split(batch_size):
@@ -369,10 +378,11 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
             sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
             peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
             counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
-    finally:
+    finally:  # the model as it was
         for layer, before in zip(layers, kept_before):
             layer.keep_expert_outputs = before
         model.train(was_training)
+
     per_token = (peaks.sum(dim=-1) / counts.sum(dim=-1)).tolist()  # (layers,)
     return list(sums / counts.unsqueeze(-1)), per_token  # NaN rows: no token taken
 
@@ -383,11 +393,15 @@ def preference_report(model, mix_routers, teachers, probe):
     the experts per favourite teacher and the number of teachers favoured; the teachers' names
     (file names, with their folder where two are alike; "teacher i" when unknown)."""
     prefs, per_token = teacher_preferences(model, mix_routers.to(probe.device).eval(), probe)
+
+    # the teachers' names: file names, with their folder where two are alike
     names = [Path(t).name for t in teachers or []]
     if len(set(names)) < len(names):
         names = ["/".join(Path(t).parts[-2:]) for t in teachers]
     if len(names) != prefs[0].shape[1]:
         names = [f"teacher {i}" for i in range(prefs[0].shape[1])]
+
+    # JSON-ready numbers: rounded, null where an expert took no token
     rows = lambda p: [[None if math.isnan(x) else round(x, 4) for x in r] for r in p.tolist()]
     favourites = [favourite_counts(p) for p in prefs]
     return {

@@ -34,13 +34,14 @@ import datetime
 import torch
 
 from augment import MEAN, STD
-from flags import UsageError
+from errors import UsageError
 from moe import moe_num_params
 
 
 # ----------------------------------------------------------------------------- the table
 def fmt_table(res):
     """The readable form of `eval.main`'s result (what is printed without --json)."""
+    # the checkpoint, the data, the scores
     head = f"{res['checkpoint']}: {res['model']} {res['method']}, epoch {res['epoch']}; "
     head += f"{res['data']} val, {res['images']} images" if "images" in res else res["data"]
     lines = [head + (f"; route: {res['route']}" if res.get("route") else "")]
@@ -55,6 +56,8 @@ def fmt_table(res):
     lines += [f"wrote {path}" for path in res.get("plots", [])]  # --plots: where they are
     if not res["moe_layers"] or "utilisation" not in res:  # dense, or the probes alone
         return "\n".join(lines + [res.get("note", "")]).rstrip()
+
+    # one row per MoE layer, one column per measure the result has
     cols = {
         "routing entropy": res["routing_entropy"],
         "dropped": res["dropped_frac"],
@@ -70,6 +73,8 @@ def fmt_table(res):
     cell = lambda x: "/".join(map(str, x)) if isinstance(x, list) else f"{x:.3f}"
     for i, block in enumerate(res["moe_layers"]):
         lines.append(f"| {block} | " + " | ".join(cell(v[i]) for v in cols.values()) + " |")
+
+    # each layer's utilisation; M²oT: each layer's expert -> teacher preference
     for block, u in zip(res["moe_layers"], res["utilisation"]):
         lines.append(f"utilisation, block {block}: " + " ".join(f"{x:.3f}" for x in u))
     for block, pref in zip(res["moe_layers"], res.get("teacher_preference", [])):
@@ -129,7 +134,8 @@ DPI = 100  # every figure is figsize × DPI pixels (no tight bounding box: sizes
 
 def for_display(images):
     """(B, 3, S, S) images normalised as data.py does -> (B, S, S, 3) in [0, 1] for imshow."""
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    mean = torch.tensor(MEAN)[:, None, None]  # (3, 1, 1)
+    std = torch.tensor(STD)[:, None, None]  # (3, 1, 1)
     return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 
@@ -177,6 +183,8 @@ def plot_curves(plt, res, history):
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax in axes.flat:  # sharex hides the top row's epoch numbers: show them on every panel
         ax.tick_params(labelbottom=True)
+
+    # four panels: (title, one series per line, the lines' names)
     epochs = [r["epoch"] for r in history]
     per_layer = lambda key: zip(*[r[key] or [] for r in history])
     blocks = [f"block {b}" for b in layers]
@@ -194,6 +202,8 @@ def plot_curves(plt, res, history):
             [None],
         ),
     ]
+
+    # each panel: its lines, the distilling epochs shaded, a note where nothing was logged
     for ax, (title, series, names) in zip(axes.flat, panels):
         for name, ys in zip(names, series):
             xy = [(x, y) for x, y in zip(epochs, ys) if y is not None]
@@ -221,12 +231,18 @@ def plot_curves(plt, res, history):
 def plot_expert_maps(plt, res, images, maps):
     """expert_maps.png: each patch coloured by its top-1 expert; student next to teacher."""
     pics = for_display(images)  # (B, S, S, 3)
+
+    # one column for the images, then student (and teacher) per MoE layer
     columns = [("image", None)]
     for block, (s, t) in zip(res["moe_layers"], maps):
         columns += [(f"block {block}: student", s)] + (
             [(f"block {block}: teacher", t)] * (t is not None)
         )
-    rows, E, S = len(pics), res["num_experts"], pics.shape[1]
+    rows = len(pics)  # B
+    E = res["num_experts"]
+    S = pics.shape[1]
+
+    # one row per image
     fig, axes = plt.subplots(
         rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False
     )
@@ -258,7 +274,9 @@ def plot_teacher_preference(plt, res):
     """teacher_preference.png: per MoE layer, each expert's mean π over teachers (M²oT Fig. 4b)."""
     import numpy as np  # matplotlib's own dependency
 
-    layers, teachers, E = res["moe_layers"], res["teachers"], res["num_experts"]
+    layers = res["moe_layers"]
+    teachers = res["teachers"]  # N_T names
+    E = res["num_experts"]
     fig, axes = plt.subplots(
         1,
         len(layers),
@@ -270,6 +288,8 @@ def plot_teacher_preference(plt, res):
     ):
         pref = np.array(pref, dtype=float)  # (E, N_T); null rows (no token taken) -> NaN, blank
         ax.imshow(pref, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+
+        # every cell's share written on it, dark on light cells, light on dark ones
         for (e, i), share in np.ndenumerate(pref):
             if not np.isnan(share):
                 ax.text(
@@ -299,6 +319,8 @@ def write_plots(plt, out, res, history, images, maps):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--plots {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+
+    # the figures this result has data for, drawn one at a time and closed
     figures = {}
     if res["moe_layers"]:
         figures["utilisation.png"] = lambda: plot_utilisation(plt, res)

@@ -1,4 +1,4 @@
-"""The frozen dense teacher, its layer-aligned features, and the teacher router; M²oT's teachers.
+"""The frozen dense teacher, its layer-aligned features, and the teacher router.
 
 The idea
 --------
@@ -34,20 +34,15 @@ official layout), or a dense run of this project's `train.py --method dense`. ch
 tells them apart by their contents and loads them, shape-checked, into `vit.VisionTransformer`;
 this file decides what runs of it.
 
-M²oT's teachers (`load_final_teacher`) give *final* features, after the final norm, from the
-sources above or "timm:NAME=PATH" for models that are not plain ViTs (SigLIP, SAM2/Hiera,
-AIMv2, CLIP image towers), run through timm's `forward_intermediates`.
-
 Legend (paper -> code): h_t -> `teacher(images)[j]`; R_t -> `TeacherRouter`; p_t -> softmax of
-its logits; λ_load, λ_ent -> `load_coef`, `ent_coef` (0.005 each, TGR Table S1); M²oT's T_i ->
-`FinalTeacher(images)`.
+its logits; λ_load, λ_ent -> `load_coef`, `ent_coef` (0.005 each, TGR Table S1).
 Letters: B images, N tokens (patches + CLS), D_t teacher width, E experts, G grid side,
-R registers, g a final teacher's grid side.
+R registers.
 
 Decisions where the papers are silent
 -------------------------------------
-* The TGR teacher never runs the final norm and head, so their keys are ignored (any class
-  count loads); a final teacher runs the norm, never the head.
+* The teacher never runs the head, and runs the final norm only for "final" (the last-layer
+  ablation), so their keys are ignored (any class count loads).
 * bf16 autocast by default, on CPU and GPU alike (the teacher is TGR's main extra cost; on
   this project's CPU a TGR step was 1.4x faster than with fp32, benchmarks/train_step.py),
   features returned as float32, within cosine 0.999 of fp32 (tests/test_teacher.py).
@@ -64,33 +59,15 @@ Decisions where the papers are silent
   dense run of that seed starts from: the control for "does the teacher's *knowledge* matter?"
 * Registers (DINOv2-reg) are dropped from every output: a teacher's tokens are CLS and
   patches, as the student's.
-* Final teachers (M²oT) run at the student's pixel size unless "SRC@SIZE" names another: round
-  (size / p_t) patches of their own size p_t (a hierarchical model's: its last map's stride),
-  positions resampled bicubically (ours, or timm's `set_input_size`: the same), images resized
-  bilinearly; m2ot.py aligns their g×g grids. Native sizes cost more (DINOv2 at 518 px ~5x
-  224 px) for no new pixels: a finer map and the size they were trained at (docs/m2ot.md).
-* Their CLS is the class token after the final norm, else the mean of the patches. timm models
-  give the last block's (stage's) map from `forward_intermediates`, normed where timm allows
-  (Hiera/SAM2 norm only their pooled vector), and mean/std from `pretrained_cfg`; ViT
-  checkpoints' are ImageNet's. The caller renormalises the images.
-* "timm:NAME=PATH": `timm.create_model(NAME, num_classes=0)`, PATH loaded strictly (classifier
-  ignored); a blank image run at load gives width and grid, or one line if the model cannot
-  take that size. "timm:NAME" with `random_ok`: random weights from a forked RNG.
 """
-
-import math
-from inspect import signature
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
-from augment import MEAN, STD
-from checkpoint import build_vit, check_keys, read_state_dict, vit_config, vit_weights
-from flags import ArgumentParser, UsageError, add_flag, run_cli
+from checkpoint import build_vit, vit_config, vit_weights
+from errors import ArgumentParser, UsageError, run_cli
 from losses import entropy_loss, importance_loss
-from m2ot import teacher_source
 from vit import VisionTransformer
 
 CLASSIFIER = ("head.", "fc_norm.")  # never run, ignored
@@ -98,7 +75,7 @@ NEVER_RUN = ("norm.", *CLASSIFIER)  # TGR's teacher also stops before the final 
 
 
 # ----------------------------------------------------------------------------- the teacher
-class _Frozen(nn.Module):
+class Frozen(nn.Module):
     """What every teacher shares: no gradients, eval mode for good, optional bf16 autocast."""
 
     def freeze(self):
@@ -113,7 +90,7 @@ class _Frozen(nn.Module):
         return torch.autocast(images.device.type, torch.bfloat16, enabled=self.dtype == "bf16")
 
 
-class Teacher(_Frozen):
+class Teacher(Frozen):
     """A frozen ViT that returns the LN2 outputs of chosen 1-indexed blocks.
 
     feats = teacher(images)    list of (B, N, D_t) float32, one per entry of `layers`;
@@ -122,13 +99,23 @@ class Teacher(_Frozen):
 
     def __init__(self, vit, layers, *, dtype="bf16", resample=False, kind="", pretrained=True):
         super().__init__()
-        self.layers, self.depth = tuple(layers), len(vit.blocks)
+        self.layers = tuple(layers)  # 1-indexed; depth + 1 is "final"
+        self.depth = len(vit.blocks)
         self.final = max(self.layers) > self.depth  # the paper's last-layer ablation
+
+        # cut what never runs: the blocks past the deepest one needed, the head, the final norm
         vit.blocks = vit.blocks[: max(self.layers)]  # never run past the deepest block needed
-        vit.norm, vit.head = vit.norm if self.final else nn.Identity(), nn.Identity()  # norm: final
-        self.vit, self.dtype, self.resample = vit, dtype, resample
-        self.kind, self.pretrained = kind, pretrained
-        self.dim, self.grid = vit.embed_dim, vit.grid
+        vit.norm = vit.norm if self.final else nn.Identity()  # run for "final" only
+        vit.head = nn.Identity()
+
+        # how it runs, and what it is
+        self.vit = vit
+        self.dtype = dtype  # "bf16" autocast or "fp32"
+        self.resample = resample  # resize other images to its grid
+        self.kind = kind
+        self.pretrained = pretrained
+        self.dim = vit.embed_dim  # D_t
+        self.grid = vit.grid  # G
         self.patch_size = vit.patch_embed.proj.kernel_size[0]
         self.img_size = self.grid * self.patch_size
         self.freeze()
@@ -144,7 +131,11 @@ class Teacher(_Frozen):
                 )
             size = (self.img_size, self.img_size)
             images = F.interpolate(images, size=size, mode="bilinear")  # (B, 3, G·P, G·P)
-        wanted, feats, prefix = set(self.layers), {}, self.vit.num_prefix_tokens
+
+        # the blocks one by one, keeping the LN2 outputs of the wanted ones
+        wanted = set(self.layers)
+        feats = {}  # block -> (B, 1 + G², D_t)
+        prefix = self.vit.num_prefix_tokens  # 1 + R
         tokens = lambda h: torch.cat([h[:, :1], h[:, prefix:]], dim=1) if prefix > 1 else h
         with self.autocast(images):
             x = self.vit.embed(images)  # (B, N, D_t)
@@ -184,6 +175,8 @@ def load_teacher(
         raise UsageError(f"teacher dtype {dtype!r}: use bf16 or fp32")
     if not layers:
         raise UsageError("no teacher layers given")
+
+    # the weights and the architecture they describe; the blocks asked for must exist
     sd, args, kind, pretrained = vit_weights(source, random_ok, "--teacher")
     cfg = vit_config(sd, args, source)
     bad = [i for i in layers if i != "final" and not 1 <= int(i) <= cfg["depth"]]
@@ -191,6 +184,8 @@ def load_teacher(
     if bad:
         depth = cfg["depth"]
         raise UsageError(f"teacher block {bad[0]} does not exist: {source} has 1..{depth}")
+
+    # teacher patch (r, c) must cover student patch (r, c): the same grid, or resampled
     grid = cfg["img_size"] // cfg["patch_size"]
     if student_grid is not None and student_grid != grid and not resample:
         raise UsageError(
@@ -198,10 +193,13 @@ def load_teacher(
             f"{cfg['patch_size']}) vs student {student_grid}x{student_grid}; use a teacher of "
             "the student's grid or pass --teacher-resample"
         )
+
+    # the ViT, without what never runs (or its random twin: --teacher-reinit)
     skip = NEVER_RUN if max(layers) <= cfg["depth"] else CLASSIFIER  # "final" runs the norm
     vit = build_vit(sd, cfg, source, skip, student_grid)  # the head: dropped by Teacher
     if reinit is not None:
-        vit, kind = random_twin(vit, cfg, reinit), f"{kind}, re-initialised (seed {reinit})"
+        vit = random_twin(vit, cfg, reinit)
+        kind = f"{kind}, re-initialised (seed {reinit})"
     return Teacher(vit, layers, dtype=dtype, resample=resample, kind=kind, pretrained=pretrained)
 
 
@@ -214,139 +212,6 @@ def random_twin(vit, cfg, seed):
         torch.manual_seed(seed)
         twin = VisionTransformer(**{**cfg, "img_size": vit.grid * cfg["patch_size"]})
     return twin
-
-
-# ----------------------------------------------------------------------------- final features
-class FinalTeacher(_Frozen):
-    """A frozen model's final features (M²oT's T_i), after its final norm, registers dropped.
-
-    cls, patches = teacher(images)    (B, D_t), (B, g², D_t) float32; images (B, 3, H, W) in
-    the teacher's own `mean`/`std`. model: a `vit.VisionTransformer`, or a timm model run with
-    `forward_intermediates(**timm_opts)` (its `dim` and `grid` are set by `_probe`).
-    """
-
-    def __init__(
-        self,
-        model,
-        *,
-        img_size,
-        patch_size,
-        mean=MEAN,
-        std=STD,
-        dtype="bf16",
-        kind="",
-        source="",
-        pretrained=True,
-        timm_opts=None,
-    ):
-        super().__init__()
-        self.model, self.dtype, self.timm_opts = model, dtype, timm_opts
-        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
-        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
-        self.kind, self.source, self.pretrained = kind, str(source), pretrained
-        self.has_cls = timm_opts is None or timm_opts.get("return_prefix_tokens", False)
-        self.dim = getattr(model, "embed_dim", None)
-        self.freeze()
-
-    @torch.no_grad()
-    def forward(self, images):
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            size = (self.img_size, self.img_size)
-            images = F.interpolate(images, size=size, mode="bilinear")  # (B, 3, g·p, g·p)
-        with self.autocast(images):
-            if self.timm_opts is None:  # every block, then the final norm
-                x, _ = self.model.forward_features(images)  # (B, 1 + R + g², D_t)
-                prefix = x[:, : self.model.num_prefix_tokens]  # (B, 1 + R, D_t)
-                patches = x[:, self.model.num_prefix_tokens :]  # (B, g², D_t)
-            else:  # timm: the last block's (stage's) map, and its prefix tokens if it has CLS
-                out = self.model.forward_intermediates(
-                    images, indices=1, intermediates_only=True, **self.timm_opts
-                )[-1]
-                fmap, prefix = out if self.has_cls else (out, None)  # (B, D_t, g, g), (B, ·, D_t)
-                patches = rearrange(fmap, "b d h w -> b (h w) d")  # (B, g², D_t)
-            cls = prefix[:, 0] if self.has_cls else patches.mean(dim=1)  # (B, D_t)
-        return cls.float(), patches.float()
-
-    def extra_repr(self):
-        return f"kind={self.kind}, dim={self.dim}, grid={self.grid}, img_size={self.img_size}"
-
-
-def _probe(teacher, where):
-    """Resize a timm teacher's input, run one blank image: its width and grid, or one line."""
-    blank = torch.zeros(1, 3, teacher.img_size, teacher.img_size)
-    try:
-        if hasattr(teacher.model, "set_input_size"):  # ViTs: positions resampled bicubically
-            teacher.model.set_input_size(img_size=(teacher.img_size,) * 2)
-        try:
-            _, patches = teacher(blank)  # (1, g², D_t)
-        except AssertionError as err:  # Hiera, SAM2: "normalization of features not supported"
-            if "normaliz" not in str(err):
-                raise
-            teacher.timm_opts["norm"] = False  # their norm acts on the pooled vector only
-            _, patches = teacher(blank)  # (1, g², D_t)
-    except Exception as err:
-        s, why = teacher.img_size, (str(err).splitlines() or [""])[0][:200]
-        raise UsageError(
-            f"{where} cannot run at {s}x{s} px (the student's size in {teacher.patch_size}-px "
-            f"patches): {type(err).__name__}: {why}; choose another model or --img-size"
-        ) from None
-    teacher.dim, teacher.grid = patches.shape[-1], math.isqrt(patches.shape[1])
-
-
-def _timm_teacher(source, img_size, dtype, random_ok):
-    """`FinalTeacher` of "timm:NAME=PATH", or of "timm:NAME" with random weights (random_ok)."""
-    name, _, path = source.removeprefix("timm:").partition("=")
-    try:
-        import timm  # a test-only dependency: imported only when a timm teacher is asked for
-    except ImportError:
-        raise UsageError(f"timm:{name} needs timm: pip install timm") from None
-    if not timm.is_model(name):
-        raise UsageError(f"unknown timm model {name!r}: see timm.list_models()")
-    if not path and not random_ok:
-        raise UsageError(f"{source}: give its weights, timm:{name}=PATH, or --teacher-random")
-    with torch.random.fork_rng(devices=[]):  # random init: torch's stream left as it was
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
-        raise UsageError(f"timm:{name} has no forward_intermediates: choose another model")
-    if path:
-        sd, expected = read_state_dict(path, f"timm:{name}")[0], model.state_dict()
-        head = model.pretrained_cfg.get("classifier") or "head"  # a name, or several
-        head = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
-        sd = {k: v for k, v in sd.items() if k in expected or not k.startswith(head)}
-        check_keys(sd, expected, path, model=f"timm's {name}")
-        model.load_state_dict(sd)
-    patch = model.feature_info[-1]["reduction"]  # a ViT's patch, a hierarchy's last stride
-    params = signature(model.forward_intermediates).parameters
-    has_cls = getattr(model, "cls_token", None) is not None and "return_prefix_tokens" in params
-    opts = {"norm": True, "return_prefix_tokens": True} if has_cls else {"norm": True}
-    cfg, size = model.pretrained_cfg, max(1, round(img_size / patch)) * patch
-    mean, std = cfg.get("mean", MEAN), cfg.get("std", STD)  # its own input normalisation
-    about = dict(dtype="fp32", kind="timm", source=source, pretrained=bool(path), timm_opts=opts)
-    teacher = FinalTeacher(model, img_size=size, patch_size=patch, mean=mean, std=std, **about)
-    _probe(teacher, source)  # in fp32: bf16 is slow on many CPUs
-    teacher.dtype = dtype
-    return teacher
-
-
-def load_final_teacher(source, *, img_size, dtype="bf16", random_ok=False):
-    """A frozen `FinalTeacher` (M²oT) from any `load_teacher` source or "timm:NAME=PATH".
-
-    img_size: the student's image side in pixels, or SIZE of a "SRC@SIZE" source; the teacher
-    runs at round(img_size / p_t) patches of its own patch size p_t (positions resampled).
-    random_ok: torchvision weights may be random if not cached; "timm:NAME" is random.
-    """
-    if dtype not in ("bf16", "fp32"):
-        raise UsageError(f"teacher dtype {dtype!r}: use bf16 or fp32")
-    source, img_size = teacher_source(source, img_size)  # "SRC@SIZE": its own size
-    if isinstance(source, str) and source.startswith("timm:"):
-        return _timm_teacher(source, img_size, dtype, random_ok)
-    sd, args, kind, pretrained = vit_weights(source, random_ok, "teacher")
-    cfg = vit_config(sd, args, source)
-    grid = max(1, round(img_size / cfg["patch_size"]))
-    vit = build_vit(sd, cfg, source, CLASSIFIER, grid)  # the final norm is loaded and run
-    size, patch = grid * cfg["patch_size"], cfg["patch_size"]
-    about = dict(dtype=dtype, kind=kind, source=source, pretrained=pretrained)
-    return FinalTeacher(vit, img_size=size, patch_size=patch, **about)
 
 
 # ----------------------------------------------------------------------------- teacher router
@@ -398,8 +263,12 @@ def teacher_objective(teacher_logits, load_coef=0.005, ent_coef=0.005, groups=1)
 # ----------------------------------------------------------------------------- command line
 def main(args):
     """Load the teacher of `args`, run it on two random images, print what it is."""
-    options = dict(dtype=args.teacher_dtype, random_ok=args.teacher_random)
-    options.update(resample=args.teacher_resample, student_grid=args.img_size // args.patch_size)
+    options = dict(
+        dtype=args.teacher_dtype,
+        random_ok=args.teacher_random,
+        resample=args.teacher_resample,
+        student_grid=args.img_size // args.patch_size,
+    )
     teacher = load_teacher(args.source, args.layers, **options)
     feats = teacher(torch.randn(2, 3, args.img_size, args.img_size))
     print(
@@ -412,14 +281,53 @@ def main(args):
 
 
 def get_args_parser():
+    """teacher.py's flags, in train.py's spelling (DeiT's underscore forms are aliases)."""
     p = ArgumentParser("teacher.py", description="Load a TGR teacher, print its feature shapes.")
-    p.add_argument("source", help="checkpoint path or torchvision:vit_b_16")
-    add_flag(p, "--layers", type=int, nargs="+", default=[8, 10, 12], help="1-indexed blocks")
-    add_flag(p, "--img-size", type=int, default=224, help="the student's image size")
-    add_flag(p, "--patch-size", type=int, default=16, help="the student's patch size")
-    add_flag(p, "--teacher-dtype", "--dtype", default="bf16", choices=["bf16", "fp32"], help="")
-    add_flag(p, "--teacher-random", action="store_true", help="random torchvision weights ok")
-    add_flag(p, "--teacher-resample", action="store_true", help="resample grid and images")
+    p.add_argument(
+        "source",
+        help="a DeiT-III / DINOv2 / train.py checkpoint (.pth, .pt), or torchvision:NAME",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[8, 10, 12],
+        help="1-indexed teacher blocks whose LN2 outputs to return, one per student MoE layer",
+    )
+    p.add_argument(
+        "--img-size",
+        "--img_size",
+        type=int,
+        default=224,
+        help="the student's image side in pixels",
+    )
+    p.add_argument(
+        "--patch-size",
+        "--patch_size",
+        type=int,
+        default=16,
+        help="the student's patch side in pixels (the teacher must match its grid)",
+    )
+    p.add_argument(
+        "--teacher-dtype",
+        "--teacher_dtype",
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="autocast dtype of the teacher's forward (its features are returned as float32)",
+    )
+    p.add_argument(
+        "--teacher-random",
+        "--teacher_random",
+        action="store_true",
+        help="allow torchvision weights that are not cached to be random (no download)",
+    )
+    p.add_argument(
+        "--teacher-resample",
+        "--teacher_resample",
+        action="store_true",
+        help="resample the teacher's position grid and the images to the student's grid",
+    )
     return p
 
 

@@ -1,12 +1,17 @@
 """flags.py: DeiT's underscore spellings in every parser, the defaults that depend on the method,
---help with its defaults, and the recipe line built from its parts. Every bad flag's one error
-line is tested with the program that reads it (tests/test_train.py, tests/test_eval.py)."""
+--help with its defaults and a help string that says what each flag does, and the recipe line
+built from its parts. Every bad flag's one error line is tested with the program that reads it
+(tests/test_train.py, tests/test_eval.py)."""
+
+import argparse
 
 import pytest
 
 import eval as ev
 import teacher
-from flags import UsageError, describe_recipe, get_args_parser, resolve_defaults
+from errors import UsageError
+from flags import describe_recipe, get_args_parser, resolve_defaults
+from moe import METHODS, MODELS
 
 
 def test_every_parser_takes_deits_underscore_spellings():
@@ -25,8 +30,9 @@ def test_every_parser_takes_deits_underscore_spellings():
 
 def test_help_shows_the_defaults():
     text = get_args_parser().format_help()
+    flat = " ".join(text.split()).replace("0.0005", "5e-04")  # argparse wraps the lines
     for shown in ("(default: 300)", "(default: synthetic)", "(default: 0.8)", "(default: 5e-04)"):
-        assert shown in text.replace("0.0005", "5e-04"), shown
+        assert shown in flat, shown
     assert "--data_path" in text  # the aliases are listed beside the dashed names
 
 
@@ -93,3 +99,18 @@ def test_teacher_layers_take_block_numbers_or_final(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--teacher-layers", "last"])
     assert "a block number or final" in capsys.readouterr().err
+
+
+def test_every_help_string_says_what_the_flag_does():
+    """Every flag of train.py and eval.py says in words what it does, not only which method
+    reads it; --method names every method and --model every size."""
+    for parser in (get_args_parser(), ev.get_args_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag, words = action.option_strings[0], (action.help or "").split()
+            assert len(words) >= 3, f"{flag}: {action.help!r}"
+            assert action.help.strip(" .:") not in METHODS, f"{flag}: {action.help!r}"
+    helps = {a.dest: a.help for a in get_args_parser()._actions}
+    assert all(f"{method} (" in helps["method"] for method in METHODS)
+    assert all(f"{model} (" in helps["model"] for model in MODELS)

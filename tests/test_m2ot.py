@@ -19,8 +19,7 @@ import torch.nn.functional as F
 import checkpoint
 import train
 from data import MEAN, STD
-from flags import UsageError
-from losses import feature_distill_loss, switch_load_loss
+from errors import UsageError
 from m2ot import (
     M2oT,
     RunningStandardiser,
@@ -34,8 +33,9 @@ from m2ot import (
     renormalise,
     semi_orthogonal,
     teacher_preference,
-    teacher_source,
 )
+from m2ot_losses import feature_distill_loss, switch_load_loss
+from m2ot_teachers import teacher_source
 from moe import MoEMLP, build_model
 
 
@@ -506,7 +506,6 @@ def test_ddp_averages_heads_and_pi_like_one_process(teachers, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
