@@ -56,7 +56,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
-from flags import UsageError, model_args_from_flags
+from errors import UsageError
+from flags import model_args_from_flags
 from moe import MODELS, build_model, upcycle
 from vit import VisionTransformer
 
@@ -136,12 +137,11 @@ def load_weights(model, state_dict, what):
 
 
 def restore(ckpt, resume, optimizer, out, rank, world):
-    """--resume: optimizer, RNG, log.jsonl cut back to the checkpoint's epoch. Returns (start
-    epoch, step, the probe's last routing, every earlier epoch's probe routing). A fresh run
-    (`ckpt` None) starts at epoch 0 with a new log."""
+    """--resume: optimizer and RNG states. Returns (start epoch, step, the probe's last
+    routing, every earlier epoch's probe routing); a fresh run (`ckpt` None) starts at epoch 0.
+    It reads the run folder and writes nothing there (`start_run_folder` does, once every
+    input has been checked)."""
     if ckpt is None:
-        if rank == 0:
-            (out / "log.jsonl").unlink(missing_ok=True)
         return 0, 0, None, {}
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -149,10 +149,6 @@ def restore(ckpt, resume, optimizer, out, rank, world):
         raise UsageError(f"--resume {resume}: optimizer state does not fit ({err})") from None
     set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
     start = ckpt["epoch"] + 1
-    if rank == 0 and (out / "log.jsonl").is_file():  # drop epochs the checkpoint lacks
-        lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
-        kept = [ln for ln in lines if json.loads(ln)["epoch"] < start]
-        (out / "log.jsonl").write_text("".join(kept))
     probe_history = {}  # every epoch's probe routing, for consistency_final.json
     if (out / "probe_routing.pt").is_file():
         history = torch.load(out / "probe_routing.pt", weights_only=True)
@@ -160,15 +156,38 @@ def restore(ckpt, resume, optimizer, out, rank, world):
     return start, ckpt["step"], ckpt["probe_prev"], probe_history
 
 
+def start_run_folder(out, args, start_epoch):
+    """Rank 0, once every input has been read and checked: the run's arguments (args.json) and
+    its log, cut back to the epochs before `start_epoch` (a resumed run's checkpoint lacks the
+    later ones; a fresh run, start_epoch 0, starts a new log). Nothing is written into the run
+    folder before this, so a run that stops on a bad input leaves an earlier run's files as
+    they were."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    log = out / "log.jsonl"
+    if log.is_file():
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if json.loads(ln)["epoch"] < start_epoch]
+        log.write_text("".join(kept))
+
+
 def read_starts(args, out):
     """The weights a run starts from, read before anything else runs: (--resume path, its
     checkpoint, the --finetune or --upcycle checkpoint), None where not asked for. `--resume
-    auto` is OUT/checkpoint.pt if there is one. --upcycle takes a dense train.py run only; a
+    auto` is OUT/checkpoint.pt if there is one; a new run in a folder that holds one needs
+    --overwrite. --upcycle takes a dense train.py run only; a
     tgr --finetune continues the pre-trained run's teacher router (`continued_router`), so
     it must have one, unless --fresh-teacher-router."""
     resume = args.resume
     if resume == "auto":
         resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").is_file() else ""
+
+    # a folder that holds a run is continued or, said explicitly, started over: never mixed
+    if not resume and not args.overwrite and (out / "checkpoint.pt").is_file():
+        raise UsageError(
+            f"{out} holds a run (checkpoint.pt): continue it with --resume auto, choose another "
+            "--output-dir, or pass --overwrite to start a new run there"
+        )
     ckpt = read_checkpoint(resume, "--resume") if resume else None
     pre = read_checkpoint(args.finetune, "--finetune") if args.finetune else None
     if args.upcycle:  # sparse upcycling: only a dense checkpoint's MLPs can start experts
@@ -199,13 +218,18 @@ def load_pretrained(model, sd, path):
     the classes differ; a dense run into a MoE model is upcycled (`moe.upcycle`: every expert
     starts as the dense MLP). Returns True if the weights were loaded as they are (so the
     pre-trained routing can be compared with the new one), False if upcycled."""
-    pre_args, sd = sd.get("args") or {}, sd.get("model", sd)
+    pre_args = sd.get("args") or {}  # the pre-trained run's flags
+    sd = sd.get("model", sd)
     own = model.state_dict()
     other_head = lambda k, v: k.startswith("head.") and (k not in own or v.shape != own[k].shape)
     sd = {k: v for k, v in sd.items() if not other_head(k, v)}  # a new head, or none
+
+    # a dense run into a MoE model: every expert starts as the dense MLP
     if pre_args.get("method") == "dense" and model.moe_layers:
         upcycle(model, sd)
         return False
+
+    # the same architecture: every weight must fit as it is
     for key, value in sd.items():
         if key not in own or own[key].shape != value.shape:
             shape = tuple(own[key].shape) if key in own else "absent"
@@ -222,11 +246,21 @@ def training_state(model, optimizer, args, epoch, step, *, switch, model_ema, m2
     (eval.py --route teacher), the EMA, M²oT's heads and π, and the arguments that rebuild
     model and teacher without the trainer (`model_args`, `teacher_args`). Modules are stored
     as their state dicts."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    state.update(lr_scheduler={"step": step, "base_lr": args.base_lr}, epoch=epoch, scaler=None)
-    state.update(args=vars(args), step=step, switch=asdict(switch), model_args=model.model_args)
-    state["model_ema"] = model_ema.module.state_dict() if model_ema is not None else None
-    state["m2ot"] = m2ot.state_dict() if m2ot is not None else None
+    state = {
+        # DeiT's layout
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": {"step": step, "base_lr": args.base_lr},
+        "epoch": epoch,
+        "scaler": None,
+        "args": vars(args),
+        # ours
+        "step": step,
+        "switch": asdict(switch),
+        "model_args": model.model_args,
+        "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+        "m2ot": m2ot.state_dict() if m2ot is not None else None,
+    }
     return {**state, **ours}  # rng, probe_prev(_routing), ref_assign, teacher_router, teacher_args
 
 
@@ -240,6 +274,8 @@ def load_run(path, device, what="--checkpoint", eval_capacity_factor=None):
     if not isinstance(ckpt, dict) or "model" not in ckpt or not ckpt.get("args"):
         raise UsageError(f"{what} {path}: not a train.py checkpoint (it has no 'model' and 'args')")
     args = argparse.Namespace(**ckpt["args"])
+
+    # the build_model keyword arguments: saved, or read from the run's flags
     model_args = ckpt.get("model_args")
     if model_args is None:  # older checkpoint: the same arguments, from the run's flags
         try:
@@ -248,6 +284,8 @@ def load_run(path, device, what="--checkpoint", eval_capacity_factor=None):
             raise UsageError(f"{what} {path}: an old checkpoint without flag {err}") from None
     if eval_capacity_factor is not None and "eval_capacity_factor" in model_args:
         model_args = {**model_args, "eval_capacity_factor": eval_capacity_factor}
+
+    # the model, rebuilt without the trainer, holding the checkpoint's weights
     model = build_model(**model_args)
     load_weights(model, ckpt["model"], f"{what} {path}")
     return model.to(device).eval(), args, ckpt
@@ -261,6 +299,8 @@ def torchvision_weights(name, random_ok):
     names = [n for n in torchvision.models.list_models() if n.startswith("vit_")]
     if name not in names:
         raise UsageError(f"unknown torchvision ViT {name!r}: choose one of {', '.join(names)}")
+
+    # the default weights: from torch.hub's cache, else downloaded (unless random ones will do)
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     if os.path.isfile(cached) or not random_ok:
@@ -271,6 +311,8 @@ def torchvision_weights(name, random_ok):
                 f"torchvision:{name}: weights are not in {cached} and could not be fetched "
                 f"({type(err).__name__}); put the file there, or pass --teacher-random"
             ) from None
+
+    # --teacher-random and nothing cached: torchvision's random initialisation
     warnings.warn(f"torchvision:{name}: weights not cached, using RANDOM weights", stacklevel=3)
     return torchvision.models.get_model(name, weights=None).state_dict(), False
 
@@ -280,8 +322,12 @@ def read_state_dict(path, what, hint=""):
     ckpt = read_checkpoint(str(path), what, hint)
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
+
+    # the run's flags, if the file has them (a dict, or older DeiT files' Namespace)
     args = ckpt.get("args") or {}
     args = args if isinstance(args, dict) else getattr(args, "__dict__", {})  # Namespace
+
+    # the tensors, under "model", "state_dict" or at the top level
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt))
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)} if isinstance(sd, dict) else {}
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}  # DDP/compile
@@ -299,6 +345,8 @@ def to_timm(sd):
             sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]  # (1, 1, D_t)
             sd["pos_embed"] = sd["pos_embed"][:, 1:]  # (1, G², D_t)
         return sd, "dinov2"
+
+    # torchvision: every key renamed by TORCHVISION_TO_TIMM's patterns, in order
     if "conv_proj.weight" in sd or any(k.startswith("encoder.layers.") for k in sd):
         renamed = {}
         for key, value in sd.items():
@@ -306,6 +354,7 @@ def to_timm(sd):
                 key = re.sub(pattern, repl, key)
             renamed[key] = value
         return renamed, "torchvision"
+
     if any(k.endswith(".gamma_1") for k in sd):  # official DeiT-III: gamma_1 is timm's ls1.gamma
         return {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v for k, v in sd.items()}, "deit3"
     return sd, "timm"
@@ -314,16 +363,19 @@ def to_timm(sd):
 def vit_weights(source, random_ok, what):
     """(timm-keyed state dict, checkpoint args, kind, pretrained) of a ViT teacher source."""
     if isinstance(source, str) and source.startswith("torchvision:"):
-        (sd, pretrained), args = torchvision_weights(source.split(":", 1)[1], random_ok), {}
+        sd, pretrained = torchvision_weights(source.split(":", 1)[1], random_ok)
+        args = {}
     else:
         hint = " (give a .pth/.pt file or torchvision:vit_b_16)"
-        (sd, args), pretrained = read_state_dict(source, what, hint), True
+        sd, args = read_state_dict(source, what, hint)
+        pretrained = True
     sd, kind = to_timm(sd)
     return sd, args, "project" if args.get("method") is not None else kind, pretrained
 
 
 def vit_config(sd, args, where):
     """VisionTransformer kwargs read from the weights (heads: args or HEADS_BY_WIDTH)."""
+    # a dense ViT, or one line saying what the file is instead
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.norm2.weight"):
         if key not in sd:
             seen = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(sd.items())[:3])
@@ -331,9 +383,14 @@ def vit_config(sd, args, where):
     if any(k.endswith((".mlp.router.weight", ".mlp.w1", ".mlp.phi")) for k in sd):
         why = f"is a sparse MoE checkpoint (method {args.get('method', '?')})"
         raise UsageError(f"{where} {why}; the teacher must be dense: train.py --method dense")
+
+    # the architecture, read from the tensors' shapes
     dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape  # (D_t, 3, P, P)
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     regs = sd["reg_token"].shape[1] if "reg_token" in sd else 0  # R
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * dim
+
+    # the grid: G² positions (no CLS slot), or G² + 1 + R
     positions = sd["pos_embed"].shape[1]
     grid = math.isqrt(positions)
     no_embed_class = grid * grid == positions  # DeiT-III, DINOv2-reg: no CLS slot
@@ -342,6 +399,8 @@ def vit_config(sd, args, where):
         if grid * grid != positions - 1 - regs:
             why = f"not G² or G² + {1 + regs}"
             raise UsageError(f"{where}: pos_embed has {positions} positions, {why}")
+
+    # the heads are stored nowhere: our model's name, else the usual 64-dim heads
     name = args.get("model")
     if name in MODELS and MODELS[name]["embed_dim"] == dim:
         heads = MODELS[name]["num_heads"]
@@ -349,12 +408,21 @@ def vit_config(sd, args, where):
         heads = HEADS_BY_WIDTH.get(dim, dim // 64)
     else:
         raise UsageError(f"{where}: cannot tell the number of heads of a width-{dim} ViT")
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * dim
-    cfg = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=0)
-    cfg.update(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=hidden / dim)
-    cfg.update(qkv_bias="blocks.0.attn.qkv.bias" in sd, no_embed_class=no_embed_class)
-    cfg.update(init_values=1.0 if "blocks.0.ls1.gamma" in sd else None, reg_tokens=regs)
-    return cfg  # init_values: DeiT-III's layer scale
+
+    return dict(
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=in_chans,
+        num_classes=0,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        no_embed_class=no_embed_class,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,  # DeiT-III's layer scale
+        reg_tokens=regs,
+    )
 
 
 def check_keys(sd, expected, where, model="the ViT its weights describe"):
@@ -374,7 +442,8 @@ def check_keys(sd, expected, where, model="the ViT its weights describe"):
 
 def resample_pos_embed(pos, grid, new_grid, num_prefix):
     """Bicubic interpolation of the patch positions to another grid; prefix slots kept."""
-    prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]  # (1, 1 + R or 0, D_t), (1, G², D_t)
+    prefix = pos[:, :num_prefix]  # (1, 1 + R or 0, D_t)
+    patches = pos[:, num_prefix:]  # (1, G², D_t)
     patches = rearrange(patches, "1 (h w) d -> 1 d h w", h=grid)  # (1, D_t, G, G)
     patches = F.interpolate(
         patches.float(), size=(new_grid, new_grid), mode="bicubic", antialias=True
@@ -390,6 +459,8 @@ def build_vit(sd, cfg, where, skip, grid=None):
     expected = {k: v for k, v in vit.state_dict().items() if not k.startswith(skip)}
     sd = {k: v.float() for k, v in sd.items() if not k.startswith(skip)}
     check_keys(sd, expected, where)
+
+    # another grid: positions resampled, the ViT rebuilt at that size
     if grid is not None and grid != vit.grid:
         prefix = 0 if cfg["no_embed_class"] else vit.num_prefix_tokens
         sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], vit.grid, grid, prefix)

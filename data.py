@@ -34,7 +34,7 @@ Decisions where the papers are silent
   (seed, epoch, batch, rank): a resumed run draws the same. Old checkpoints: off.
 * An ImageFolder's train/ and val/ must hold the same class folders (`check_data_path`):
   ImageFolder numbers classes in sorted order, so one missing folder shifts every later label.
-  Errors are ordinary exceptions; the command lines make them one line (`flags.run_cli`).
+  Errors are ordinary exceptions; the command lines make them one line (`errors.run_cli`).
 * The probe set (`probe_indices`: the validation images whose routing train.py follows and
   eval.py --compare measures) is class-stratified and seeded, the same everywhere.
 """
@@ -69,15 +69,21 @@ class SyntheticImages(torch.utils.data.Dataset):
     SHAPES = ("disc", "square", "ring", "cross", "stripes", "diamond")
 
     def __init__(self, size, num_classes, img_size, split="train", *, seed=0, transform=None):
-        self.size, self.num_classes, self.img_size = size, num_classes, img_size
+        self.size = size  # images in the split
+        self.num_classes = num_classes
+        self.img_size = img_size  # S
         self.transform = transform
         self.seed = 2 * seed + (split != "train")
+
+        # every class a different pair of the P part types, drawn once from the seed
         parts = 4  # P part types with P(P-1)/2 >= classes
         while parts * (parts - 1) // 2 < num_classes:
             parts += 1
         g = torch.Generator().manual_seed(seed)
         pairs = list(itertools.combinations(range(parts), 2))
         self.pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:num_classes]]
+
+        # every part type its own colour; the pixel grid the shapes are drawn on
         hue = (torch.arange(parts) * 0.618034) % 1.0  # golden-ratio hues: well spread
         # fully saturated colour of that hue: the HSV -> RGB formula with S = V = 1
         rgb = (((hue[:, None] * 6 + torch.tensor([0.0, 4.0, 2.0])) % 6 - 3).abs() - 1).clamp(0, 1)
@@ -89,7 +95,9 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.size
 
     def _mask(self, kind, dy, dx, r):
-        a, b, d = dy.abs(), dx.abs(), (dy**2 + dx**2).sqrt()
+        a = dy.abs()  # |dy|
+        b = dx.abs()  # |dx|
+        d = (dy**2 + dx**2).sqrt()  # distance from the centre
         box = torch.maximum(a, b)
         return {
             "disc": d <= r,
@@ -105,8 +113,11 @@ class SyntheticImages(torch.utils.data.Dataset):
         [(part type, radius, mask (S, S))], in the order of the draws or `far_to_near`."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         rand = lambda *shape: torch.rand(shape, generator=g)
-        S, label = self.img_size, index % self.num_classes
+        S = self.img_size
+        label = index % self.num_classes
         img = 0.25 + 0.25 * rand(3, 1, 1) + 0.08 * torch.randn(3, S, S, generator=g)  # (3, S, S)
+
+        # each of the class's two parts 1-2 times, at a random place and size
         drawn = []  # (part, r, mask, colour)
         for part in self.pairs[label]:
             for _ in range(1 + int(rand(1) < 0.5)):
@@ -114,6 +125,8 @@ class SyntheticImages(torch.utils.data.Dataset):
                 cy, cx = (r + (S - 2 * r) * rand(2)).tolist()
                 mask = self._mask(self.SHAPES[part % 6], self.yx[0] - cy, self.yx[1] - cx, r)
                 drawn.append((part, r, mask, self.colours[part] * (0.8 + 0.4 * float(rand(1)))))
+
+        # painted in order, each over the ones before it, then a little noise over all
         if far_to_near:  # probe.SyntheticScenes: smallest (farthest) first, ties as drawn
             drawn.sort(key=lambda d: d[1])
         for _, _, mask, colour in drawn:
@@ -155,10 +168,14 @@ def device_batch(images, targets, device, args, mix, at):
     (images, targets, labels): targets are soft (B, classes) under mixing, labels the un-mixed
     classes (B,) for the training top-1."""
     images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
+
+    # --aa-on-device: RandAugment on the uint8 batch, seeded by (seed, epoch, batch, rank)
     if getattr(args, "aa_on_device", None) and (aa := parse_aa(args.aa)):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         seed = ((args.seed * 1_000_003 + at[0]) * 1_000_003 + at[1]) * 1_009 + rank
         images = rand_augment_batch(images, torch.Generator().manual_seed(seed % 2**63), **aa)
+
+    # then DeiT's order: normalise, random erasing, MixUp/CutMix
     images = normalize(images)  # (B, 3, S, S) float32
     labels = targets = targets.to(device, non_blocking=True)  # (B,)
     if args.reprob > 0:
@@ -176,7 +193,10 @@ def build_transform(is_train, args):
 
     They end in a uint8 tensor (3, S, S): `normalize` and `random_erasing` follow on the
     device batch, and RandAugment too under --aa-on-device (`device_batch`)."""
-    S, small = args.img_size, args.img_size <= 64
+    S = args.img_size
+    small = S <= 64  # CIFAR-sized
+
+    # crop and flip (training), or resize and centre-crop (evaluation)
     t = [v2.ToImage()]
     if is_train and args.crop_flip:
         if small:  # CIFAR-style: keep the whole small image, shift it a little
@@ -190,6 +210,8 @@ def build_transform(is_train, args):
         ratio = getattr(args, "eval_crop_ratio", 0.875)  # checkpoints older than the flag: 0.875
         t += [v2.Resize(int(S / ratio), interpolation=v2.InterpolationMode.BICUBIC)]
         t += [v2.CenterCrop(S)]
+
+    # RandAugment in the workers, unless it runs on the device batch (`device_batch`)
     if is_train and not getattr(args, "aa_on_device", None) and (aa := parse_aa(args.aa)):
         t += [RandAugment(**aa)]  # on uint8, as timm on PIL images
     return v2.Compose([*t, v2.ToPureTensor()])  # uint8 (3, S, S): `normalize` on the device
@@ -199,12 +221,19 @@ def read_rgb(path):
     """ImageFolder's loader: a file as a uint8 tensor (3, H, W). torchvision.io decodes JPEG
     (greyscale and CMYK too) and PNG to the pixels PIL's convert("RGB") gives (tested), without
     PIL's copy into a tensor: ~20% of a worker's time (docs/benchmarks.md). PIL reads the rest,
-    and everything if torchvision drops these decoders (deprecated in 0.29 for TorchCodec)."""
+    and everything if torchvision drops these decoders (deprecated in 0.29 for TorchCodec).
+    A file neither can read (corrupt, truncated, not an image) is an OSError that names it."""
     io = torchvision.io
     try:
         return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
     except (RuntimeError, AttributeError):  # BMP, TIFF, ...; or a torchvision without them
+        pass
+
+    # PIL: every other format, and the last word on a file torchvision could not decode
+    try:
         return torchvision.datasets.folder.default_loader(path)
+    except OSError as err:  # PIL's messages do not always name the file ("Truncated File Read")
+        raise OSError(f"cannot read image {path}: {err}") from None
 
 
 def class_folders(root):
@@ -224,7 +253,10 @@ def check_data_path(args, with_train=True):
             raise FileNotFoundError(f"--data-path {root}: no {split}/CLASS/*.jpg folders found")
     if not (root / "train").is_dir():  # eval.py reads val/ alone: nothing to compare with
         return
-    train, val = class_folders(root / "train"), class_folders(root / "val")
+
+    # the same class folders in both, or every label after the first difference shifts
+    train = class_folders(root / "train")
+    val = class_folders(root / "val")
     if train != val:
         first = min(set(train) ^ set(val))  # the first class, in sorted order, that differs
         where = "val/ lacks" if first in train else "train/ lacks"
@@ -240,18 +272,27 @@ def build_dataset(is_train, args, augment=None):
     augment: the training transform (None: for the train split only); `augment=False` reads
     the train split as the validation is read (eval.py's k-NN bank)."""
     augment = is_train if augment is None else augment
-    root, name, transform = Path(args.data_path), args.data, build_transform(augment, args)
+    root = Path(args.data_path)
+    name = args.data
+    transform = build_transform(augment, args)
+
+    # generated images: any size, any number of classes
     if name == "synthetic":
-        split, C = ("train" if is_train else "val"), args.nb_classes or 10
+        split = "train" if is_train else "val"
+        C = args.nb_classes or 10
         size = args.synthetic_train_size if is_train else args.synthetic_val_size
         return SyntheticImages(
             size, C, args.img_size, split, seed=args.synthetic_seed, transform=transform
         ), C
+
+    # an ImageFolder: --data-path/train and /val
     if name in ("imagenet", "folder"):
         check_data_path(args, with_train=is_train)
         split = root / ("train" if is_train else "val")
         dataset = torchvision.datasets.ImageFolder(split, transform, loader=read_rgb)
         return dataset, len(dataset.classes)
+
+    # torchvision's CIFAR and Pets: read from --data-path, downloaded there if not yet
     sets = torchvision.datasets
     known = {"cifar10": (sets.CIFAR10, 10), "cifar100": (sets.CIFAR100, 100)}
     cls, C = known.get(name, (sets.OxfordIIITPet, 37))
@@ -315,8 +356,13 @@ class RASampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, dataset, world=1, rank=0, *, repeats=3, shuffle=True, seed=0):
-        self.n, self.world, self.rank, self.repeats = len(dataset), world, rank, repeats
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.n = len(dataset)
+        self.world = world  # processes
+        self.rank = rank
+        self.repeats = repeats  # copies of every image
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0  # `set_epoch` moves it
         self.num_samples = self.n // world
 
     def set_epoch(self, epoch):
@@ -345,7 +391,9 @@ class EpochSeeded(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.seen = dataset, seed, None
+        self.dataset = dataset
+        self.seed = seed
+        self.seen = None  # the epoch this worker last seeded for
         self.epoch = torch.multiprocessing.Value("q", 0, lock=False)  # shared with the workers
 
     def __len__(self):
@@ -387,10 +435,13 @@ def build_loader(dataset, is_train, args, *, rank=0, world=1, pin_memory=False):
     training's are `EpochSeeded`, so a resumed run draws the same augmentations. Validation
     batches are 1.5x the training batch (DeiT: no gradients, so memory allows).
     """
+    # the sampler: this process's shard, reshuffled every epoch in training
     if is_train and args.repeated_aug:
         sampler = RASampler(dataset, world, rank, seed=args.seed)
     else:
         sampler = DistributedSampler(dataset, world, rank, shuffle=is_train, seed=args.seed)
+
+    # workers persist across epochs; training's re-seed themselves every epoch
     workers = args.num_workers
     if is_train and workers > 0:
         dataset = EpochSeeded(dataset, args.seed * 1_000 + rank)

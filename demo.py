@@ -63,7 +63,8 @@ SIZES = {  # train images, val images, teacher epochs, student epochs, M²oT stu
 def run(out, sizes, *flags):
     """train.main in this process; returns the wall time in seconds."""
     size = ["--synthetic-train-size", str(sizes[0]), "--synthetic-val-size", str(sizes[1])]
-    args = train.get_args_parser().parse_args([*COMMON, *size, "--output-dir", str(out), *flags])
+    argv = [*COMMON, *size, "--output-dir", str(out), "--overwrite", *flags]  # a demo starts over
+    args = train.get_args_parser().parse_args(argv)
     start = time.time()
     train.main(args)
     return time.time() - start
@@ -92,7 +93,8 @@ def m2ot_row(name, seed, out, seconds):
     argv = ["--checkpoint", str(out / "checkpoint.pt"), "--seg-probe", "--depth-probe"]
     res = eval.main(eval.get_args_parser().parse_args(argv))
     per_layer = lambda key: " ".join(f"{x:.2f}" for x in res.get(key, [])) or "-"
-    sharp, token = per_layer("preference_sharpness"), per_layer("token_sharpness")
+    sharp = per_layer("preference_sharpness")
+    token = per_layer("token_sharpness")
     favourites = " ".join("/".join(map(str, f)) for f in res.get("favourite_counts", [])) or "-"
     loss = [f"{last[k]:.3f}" if k in last else "-" for k in ("train_tas", "train_switch")]
     dist = f"{last['train_dist_0']:.3f}, {last['train_dist_1']:.3f}"
@@ -124,6 +126,7 @@ def m2ot_rows(root, sizes, seeds):
         "M²oT, MAP form": ["--method", "m2ot", "--tas-form", "map"],
         "sparse MoE (--tas-coef 0)": ["--method", "m2ot", "--tas-coef", "0"],
     }
+
     # K = 2 as M²oT; fp32 teachers: bf16 made these CPU steps 2.7x slower (docs/m2ot.md)
     common = [
         *("--topk", "2", "--teachers", *teachers, "--epochs", str(sizes[4])),
@@ -135,6 +138,8 @@ def m2ot_rows(root, sizes, seeds):
         "|---|---:|---:|---:|---:|---|---:|---:|---|---|---|---:|",
         *teacher_rows(teachers),
     ]
+
+    # every student, with every seed
     for i, (name, flags) in enumerate(students.items()):
         for seed in seeds:
             out = root / f"m2ot-student{i}-seed{seed}"
@@ -151,16 +156,25 @@ def main():
     parser.add_argument("--all", action="store_true", help="also every other --method, M²oT")
     parser.add_argument("--m2ot", action="store_true", help="also M²oT's comparison")
     opts = parser.parse_args()
+
+    # the size of every run, and the flags they share
     sizes = SIZES["quick" if opts.quick else "full"]
-    root, seed = Path(opts.output_dir), ["--seed", opts.seed]
-    teacher_epochs, student_epochs = ["--epochs", str(sizes[2])], ["--epochs", str(sizes[3])]
-    start, times = time.time(), {}
+    root = Path(opts.output_dir)
+    seed = ["--seed", opts.seed]
+    teacher_epochs = ["--epochs", str(sizes[2])]
+    student_epochs = ["--epochs", str(sizes[3])]
+    start = time.time()
+    times = {}  # run name -> wall time in seconds
+
+    # the dense teacher, then V-MoE and TGR students (TGR guided by that teacher)
     times["dense"] = run(root / "dense", sizes, "--method", "dense", *teacher_epochs, *seed)
     times["vmoe"] = run(root / "vmoe", sizes, "--method", "vmoe", *student_epochs, *seed)
     teacher = ["--teacher", str(root / "dense" / "checkpoint.pt"), "--distill-until", "0.5"]
     times["tgr"] = run(root / "tgr", sizes, "--method", "tgr", *teacher, *student_epochs, *seed)
     # M²oT's second teacher (B), for the README's M²oT command and --m2ot; not in the table
     b_time = run(root / "m2ot-teacher", sizes, *M2OT_TEACHER, *teacher_epochs, *seed)
+
+    # --all: every other method on the same data and schedule; --m2ot: M²oT's students
     others = [m for m in METHODS if m not in times and m != "m2ot"] if opts.all else []
     for method in others:  # stablemoe freezes its router after half the epochs, like TGR's switch
         flags = ["--method", method, *student_epochs, *seed]
@@ -168,6 +182,7 @@ def main():
         times[method] = run(root / method, sizes, *flags)
     m2ot = m2ot_rows(root, sizes, ["0", "1"]) if opts.m2ot or opts.all else []
 
+    # the table of the runs and how to read it, then M²oT's
     cf = f"top-K capacity factor 1.05 in training, {VMOE_EVAL_CF} at evaluation"
     print(
         f"\nmicro DeiT (MoE: E=8, K=1 in blocks 4 and 6; {cf}), {sizes[0]} generated 32x32 "
@@ -187,6 +202,7 @@ def main():
         "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
         "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs."
     )
+
     if m2ot:
         print(
             "\nM²oT, two teachers (A: the micro teacher above; B: tiny, patch 8, another task)"
@@ -196,6 +212,7 @@ def main():
             "losses: last epoch's training means\n"
         )
         print("\n".join(m2ot))
+
     # the routing of the TGR student, read by eval.py (figures only where matplotlib is installed)
     argv = ["--checkpoint", str(root / "tgr" / "checkpoint.pt")]
     if importlib.util.find_spec("matplotlib"):

@@ -5,7 +5,7 @@ The idea
 One script, read top to bottom (args -> distributed init -> data -> model and teacher ->
 optimizer -> loop -> checkpoint), runs both a CPU demo on generated images and a 300-epoch
 `torchrun --nproc_per_node=8 train.py --model small --method tgr --teacher deit3.pth --data
-imagenet --data-path /data/imagenet`; only flags differ. TGR (TGR-MoE sec. 3, SPEC sec. 6):
+imagenet --data-path /data/imagenet`; only flags differ. TGR (TGR-MoE sec. 3):
 
     L_student = L_task + λ_distill/|S| Σ_{i∈S} KL(sg(p_t^(i)) ‖ p^(i))        λ_distill = 5.0
     L_teacher = Σ_{i∈S} λ_load·L_imp(p_t^(i)) + λ_ent·L_ent(p_t^(i))           0.005 each
@@ -22,7 +22,7 @@ after `--stable-stage1`); zloss (+1e-3 z-loss); teacher-route (sec. 5.3: R_t rou
 by L_task + λ_load Σ(importance + load); the student router, never used to choose, learns
 from λ_distill Σ_i KL, eq. S2).
 
-M²oT (`--teachers SRC ...`, SPEC sec. 9, `m2ot.py`): `--method m2ot`, and the dense and Soft
+M²oT (`--teachers SRC ...`, `m2ot.py`): `--method m2ot`, and the dense and Soft
 MoE students of the same teachers, learn without labels, L = L_dist + λ_1 L_tas + λ_2 L_switch
 (`m2ot.m2ot_losses`); `--tas-coef 0` is the paper's plain Sparse MoE row.
 
@@ -48,6 +48,7 @@ loss on the student's own router, no teacher), `--teacher-reinit` (a random-weig
 `--teacher-balance group`, and `--method lossfree` (balance by a selection bias, moe.py).
 """
 
+import argparse
 import contextlib
 import copy
 import datetime
@@ -69,6 +70,7 @@ import data
 import flags
 import schedule
 from augment import build_mixup
+from errors import UsageError, run_cli
 from eval import (
     evaluate,
     probe_assignments,
@@ -77,15 +79,15 @@ from eval import (
     routing_stability,
     teacher_agreement,
 )
-from flags import UsageError, get_args_parser, run_cli
+from flags import get_args_parser
 from losses import entropy_loss, importance_loss, load_loss, routing_kl, z_loss
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
+from m2ot_teachers import load_final_teacher
 from moe import METHODS, MODELS, build_model, keep_freed_memory
 from probe import knn_eval
 from report import describe_params, epoch_line, progress_line
 from teacher import (
     build_teacher_routers,
-    load_final_teacher,
     load_teacher,
     teacher_objective,
     teacher_route,
@@ -102,7 +104,8 @@ def init_distributed(args):
     """(rank, world size, device): torchrun is detected from the RANK environment variable."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
     cuda = args.device.startswith("cuda")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
@@ -153,7 +156,7 @@ class Guides:
 
 
 def read_inputs(args, out):
-    """Open and check every input file before anything else runs (SPEC sec. 10): no data set
+    """Open and check every input file before anything else runs (errors.py): no data set
     is built, no file written and no step run before a bad one is one error line.
 
     Returns (resume path, resume checkpoint, --finetune/--upcycle checkpoint, teacher, its
@@ -216,7 +219,8 @@ def build_optimizer(model, routers, args, cuda, m2ot=None):
     """AdamW (DeiT): no weight decay on biases, norms, pos_embed and cls_token; the teacher
     routers, while they train, in a group named "teacher_router" (`switch_off` removes it);
     M²oT's heads and π follow the student's rules."""
-    decay, no_decay = [], []
+    decay = []
+    no_decay = []
     named = [*model.named_parameters(), *(m2ot.named_parameters() if m2ot else [])]
     for name, p in named:
         flat = p.ndim <= 1 or name.endswith((".b1", ".b2")) or name in ("pos_embed", "cls_token")
@@ -234,7 +238,8 @@ class ModelEma:
     frozen copy of the model taken at the start, updated with one fused lerp, no host sync."""
 
     def __init__(self, model, decay):
-        self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
 
     @torch.no_grad()
     def update(self, model):
@@ -394,12 +399,15 @@ def train_one_epoch(
     only on the N-th (`no_sync` before it); a last incomplete group of batches is left out.
     losses_fn: `compute_losses` or its torch.compile'd self (--compile).
     step_probe: a `StepProbe` (--probe-every) or None."""
-    device, accum = next(model.parameters()).device, args.accum_iter
+    device = next(model.parameters()).device
+    accum = args.accum_iter
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = len(loader) // accum * accum
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    sums, seen, t0 = {}, 0, time.time()
+    sums = {}  # every logged loss part, summed over the epoch's steps (on the device)
+    seen = 0  # images trained on, all ranks
+    t0 = time.time()
     last_line = t0
     bad_step = torch.full((), -1, device=device)  # the first step whose loss was nan/inf
     bad_value = torch.zeros((), device=device)
@@ -527,7 +535,8 @@ def build_data(args, rank, world, cuda, labels=True):
     loader = lambda dataset, is_train: data.build_loader(
         dataset, is_train, args, rank=rank, world=world, pin_memory=pin
     )
-    train_loader, val_loader = loader(train_set, True), loader(val_set, False)
+    train_loader = loader(train_set, True)
+    val_loader = loader(val_set, False)
     if len(train_loader) // args.accum_iter == 0:  # not one optimizer step
         batch = f"{args.batch_size} x --accum-iter {args.accum_iter}"
         raise UsageError(f"{len(train_set)} training images < one step of {batch}")
@@ -537,13 +546,12 @@ def build_data(args, rank, world, cuda, labels=True):
 
 
 def train(args, rank, world, device):
-    out, cuda = Path(args.output_dir), device.type == "cuda"
+    out = Path(args.output_dir)
+    cuda = device.type == "cuda"
     resume, ckpt, pretrained, teacher, t_args, teachers = read_inputs(args, out)  # checked first
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    flags_given = argparse.Namespace(**vars(args))  # args.json: the flags, before derived values
 
     # ------------------------------------------------------------------ data
     train_set, val_set, num_classes, train_loader, val_loader, mix, knn_loader = build_data(
@@ -579,7 +587,7 @@ def train(args, rank, world, device):
     ema = build_ema(model_without_ddp, args, ckpt)  # None unless --model-ema
     start_epoch, step, prev_assign, probe_history = checkpoint.restore(
         ckpt, resume, optimizer, out, rank, world
-    )  # a fresh run (ckpt None): epoch 0, a new log
+    )  # a fresh run (ckpt None): epoch 0
     if ckpt is not None:
         print0(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     if prev_assign is None:  # routing at initialisation: epoch 0's "previous epoch"
@@ -592,6 +600,11 @@ def train(args, rank, world, device):
         prev_probed = ckpt.get("probe_prev_routing")
     step_probe = load_step_probe(args, out, probe, step, rank)
     del ckpt, pretrained, teacher
+
+    # ------------------------------------------------------------------ the run folder
+    # every input has been read and checked: only now is anything written into the folder
+    if rank == 0:
+        checkpoint.start_run_folder(out, flags_given, start_epoch)
     params = describe_params(model_without_ddp, guides.routers, guides.m2ot)
     where = f"{len(train_set)} images, {world} process(es) on {device}"
     print0(f"{args.model} {args.method}: {params}, {where}, {steps_per_epoch} steps/epoch")
@@ -605,7 +618,8 @@ def train(args, rank, world, device):
     history = []
     for epoch in range(start_epoch, args.epochs):
         data.set_epoch(train_loader, epoch)  # the permutation and the workers' seeds
-        distilling, t0 = bool(guides.trainable()), time.time()
+        distilling = bool(guides.trainable())
+        t0 = time.time()
         step, sums, seen, lr = train_one_epoch(
             model,
             guides,
@@ -639,7 +653,8 @@ def train(args, rank, world, device):
         if ref_assign is not None:  # the same tokens, before and after fine-tuning
             pairs = zip(assign, ref_assign)
             record["consistency_pretrained"] = [routing_consistency(a, b) for a, b in pairs]
-        prev_assign, prev_probed = assign, probed
+        prev_assign = assign
+        prev_probed = probed
         if args.method == "stablemoe":  # during this epoch
             record["router_frozen"] = switch.done
         due, why = schedule.decide_switch(args, switch, epoch, consistency, world, device)

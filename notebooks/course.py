@@ -1,7 +1,7 @@
 """What the six notebooks share: the setup cell, the training flags, "run train.py with these".
 
 Nothing here teaches MoE. It is the plumbing every notebook would otherwise copy, so that the
-notebooks' cells hold only what they teach (STYLE rule 15: import the modules, never
+notebooks' cells hold only what they teach (they import the modules and never
 re-implement them). A notebook starts with
 
     import course  # first: it puts the repo root on sys.path, so `import train, moe, ...` works
@@ -91,6 +91,8 @@ def train_run(output_dir, *flags):
     """
     import train  # here, not at the top: it is found through the sys.path entry made above
 
-    args = train.get_args_parser().parse_args([*flags, "--output-dir", str(output_dir)])
+    # --overwrite: a notebook run again trains again, in the same folder
+    argv = [*flags, "--output-dir", str(output_dir), "--overwrite"]
+    args = train.get_args_parser().parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):  # train.py prints a line per epoch
         return train.main(args)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import checkpoint
-from flags import UsageError, get_args_parser
+from errors import UsageError
+from flags import get_args_parser
 from moe import build_model
 from schedule import Switch
 
@@ -36,11 +37,18 @@ def test_a_checkpoint_holds_deits_layout_then_ours(tmp_path):
 
 
 def test_a_fresh_run_starts_at_epoch_zero_with_a_new_log(tmp_path):
-    (tmp_path / "log.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
-    assert checkpoint.restore(None, "", None, tmp_path, rank=1, world=2) == (0, 0, None, {})
-    assert (tmp_path / "log.jsonl").exists()  # only rank 0 writes
-    checkpoint.restore(None, "", None, tmp_path, rank=0, world=2)
-    assert not (tmp_path / "log.jsonl").exists()
+    """`restore` only reads; `start_run_folder` writes args.json and cuts the log back to the
+    epochs before the start (all of them for a fresh run)."""
+    lines = [json.dumps({"epoch": e}) + "\n" for e in range(3)]
+    (tmp_path / "log.jsonl").write_text("".join(lines))
+    assert checkpoint.restore(None, "", None, tmp_path, rank=0, world=2) == (0, 0, None, {})
+    assert (tmp_path / "log.jsonl").read_text() == "".join(lines)  # restore writes nothing
+    args = get_args_parser().parse_args(["--model", "micro"])
+    checkpoint.start_run_folder(tmp_path, args, start_epoch=2)  # a resume at epoch 2
+    assert (tmp_path / "log.jsonl").read_text() == "".join(lines[:2])
+    assert json.loads((tmp_path / "args.json").read_text())["model"] == "micro"
+    checkpoint.start_run_folder(tmp_path, args, start_epoch=0)  # a fresh run
+    assert (tmp_path / "log.jsonl").read_text() == ""
 
 
 def test_the_starting_weights_are_checked_before_the_run(tmp_path):
@@ -54,3 +62,8 @@ def test_the_starting_weights_are_checked_before_the_run(tmp_path):
         checkpoint.read_starts(args, tmp_path)
     auto = get_args_parser().parse_args(["--resume", "auto"])
     assert checkpoint.read_starts(auto, tmp_path) == ("", None, None)  # nothing yet: fresh
+    torch.save({"model": moe.state_dict()}, tmp_path / "checkpoint.pt")  # now a run is there
+    with pytest.raises(UsageError, match="holds a run .* --overwrite"):
+        checkpoint.read_starts(get_args_parser().parse_args([]), tmp_path)
+    overwrite = get_args_parser().parse_args(["--overwrite"])
+    assert checkpoint.read_starts(overwrite, tmp_path) == ("", None, None)

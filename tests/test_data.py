@@ -84,6 +84,19 @@ def test_read_rgb_gives_pils_pixels_as_a_tensor(tmp_path):
         assert torch.equal(v2.functional.pil_to_tensor(pil), v2.ToImage()(ours)), name
 
 
+def test_an_unreadable_image_is_an_os_error_that_names_the_file(tmp_path):
+    """A truncated JPEG, or a file that is no image at all, stops the run with one line that
+    names the file (PIL's own message, e.g. "Truncated File Read", does not)."""
+    pixels = (torch.rand(48, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).byte()
+    Image.fromarray(pixels.numpy()).save(tmp_path / "whole.jpg", format="JPEG")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "text.jpg").write_text("not an image")
+    for name in ("truncated.jpg", "text.jpg"):
+        with pytest.raises(OSError, match=f"cannot read image .*{name}"):
+            data.read_rgb(str(tmp_path / name))
+
+
 def test_the_train_split_without_augmentation_reads_as_the_validation_does():
     """build_dataset(True, args, augment=False): the train images through the eval transform
     (eval.py's k-NN bank)."""
@@ -156,7 +169,7 @@ def test_rasampler_across_two_processes(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RASAMPLER_RANKS.format(root=root, n=n))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     per_rank = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(per_rank) == 2

@@ -26,7 +26,7 @@ QUICK_TRY = "--epochs 1 --batch-size 16 --synthetic-train-size 128 --synthetic-v
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     argv = [sys.executable, "demo.py", "--quick", "--all", "--output-dir", str(out)]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=480)
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -77,12 +77,12 @@ def test_the_readme_names_its_quick_flags_and_has_commands_to_run():
 def test_every_readme_python_line_runs_as_written(demo, tmp_path):
     out, _ = demo
     images = image_folder(tmp_path / "images")
-    for line in readme_commands():
+    for i, line in enumerate(readme_commands()):
         line = line.replace("runs/demo", str(out)).replace("/path/to/images", str(images))
         argv = [sys.executable, *shlex.split(line)[1:]]
         if argv[1] == "train.py":
             argv += QUICK_TRY.split()
             if "--output-dir" not in argv:  # its default, runs/MODEL-METHOD, is inside the repo
-                argv += ["--output-dir", str(tmp_path / "run")]
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                argv += ["--output-dir", str(tmp_path / f"run{i}")]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"

@@ -293,7 +293,6 @@ def test_script_runs_as_a_command(runs):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "| MoE block | routing entropy" in proc.stdout and "teacher agreement" in proc.stdout
@@ -357,7 +356,7 @@ def test_probe_set_is_class_stratified_and_seeded(tmp_path):
         idx = probe_indices(labels, n)
         assert len(set(idx.tolist())) == len(idx) == n  # n distinct images
         classes = labels[idx].unique()
-        assert len(classes) >= min(12, n // 2)  # the bar ...
+        assert len(classes) >= min(12, n // 2)  # at least half the classes ...
         assert len(classes) == min(12, n)  # ... and in fact every class, round-robin
         counts = labels[idx].bincount(minlength=12)
         assert counts.max() - counts[counts > 0].min() <= 1  # as even as n allows
@@ -546,7 +545,7 @@ def test_cls_embeddings_gather_every_rank(tmp_path):
     script, out = tmp_path / "ranks.py", tmp_path / "feats.pt"
     script.write_text(CLS_RANKS.format(root=ROOT, out=str(out)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     feats, labels = torch.load(out)
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ COURSE = [  # the reading order of the README
     "05_other_routers.ipynb",
     "06_multi_teacher_experts.ipynb",
 ]
-CELL_TIMEOUT_S = 300  # a quick-mode cell takes seconds; this only stops a hang
+CELL_TIMEOUT_S = None  # no limit: a slow machine must not fail a cell that is only slow
 
 
 @pytest.fixture(scope="module")
