@@ -56,17 +56,13 @@ Decisions where the papers are silent
   the bias follows rank 0's batches). Evaluation uses b and never moves it.
 * Upcycling (`upcycle`) copies a dense checkpoint of the same size into a MoE model: every
   expert of block i starts from block i's MLP, routers stay fresh (see `upcycle` for h < H).
-* Few, large ops (issue 23): on a GPU every small op is a kernel launch, so the routing and
-  dispatch glue, not the expert matmuls, made the layer 2.5-3.7x a dense MLP on an H200. A
-  forward issued 71 top-level aten ops (dense: 3), now 50, of which 29 do work (the rest are
-  views); forward+backward 314 aten ops counting nested ones, now 262
-  (`benchmarks/moe_layer.py --ops-only`). Changed: queue positions from one stable sort and
-  one searchsorted instead of counts, cumsum and two gathers; slots computed once, not in
-  dispatch and again in combine; one slot -> token map used both ways instead of a token
-  scatter plus a copy of x padded with a zero row; the weight applied per slot, so expert
-  choice (K = E columns) no longer gathers a (T, E, D) tensor. What remains is the function
+* Few, large ops: on a GPU every small op is a kernel launch, so the routing and dispatch
+  glue, not the expert matmuls, sets the layer's cost. Queue positions come from one stable
+  sort and one searchsorted; slots are computed once and one slot -> token map serves both
+  dispatch and combine; the combine weight is applied per slot. What remains is the function
   itself: router, clean p and noisy q, top-k, the record the losses read (position, kept,
-  weights), two baddbmm.
+  weights), two baddbmm. The op counts and what they cost on a GPU: docs/benchmarks.md
+  (`benchmarks/moe_layer.py --ops-only` counts them).
 """
 
 import ctypes
@@ -145,12 +141,18 @@ class MoEMLP(StackedExperts):
         check_routing(num_experts, k, capacity_factor, eval_capacity_factor)  # one line if not
         if router not in ("top-k", "expert-choice"):
             raise ValueError(f"unknown router {router!r}: use 'top-k' or 'expert-choice'")
-        self.k, self.noise_std, self.group_size = k, noise_std, group_size
+
+        # how tokens are routed (router.py)
+        self.k = k  # K
+        self.noise_std = noise_std  # σ: the logits get noise of std σ/E in training
+        self.group_size = group_size  # images per routing group
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor or capacity_factor
-        self.batch_priority, self.router_type = batch_priority, router
+        self.batch_priority = batch_priority  # BPR
+        self.router_type = router  # "top-k" or "expert-choice"
         self.router = nn.Linear(dim, num_experts, bias=False)  # W_r: (D -> E)
         self.keep_expert_outputs = False  # True: routing.expert_out = φ (M²oT's TAS loss)
+
         # auxiliary-loss-free balancing (`--method lossfree`): a per-expert bias b that only
         # chooses, nudged by u after every training batch (`update_expert_bias`); a buffer, so
         # it is saved, resumed and used at evaluation, but never trained by a gradient
@@ -163,6 +165,8 @@ class MoEMLP(StackedExperts):
     def forward(self, x, route_logits=None):
         B, N, D = x.shape
         tokens = rearrange(x, "b n d -> (b n) d")  # (T, D)
+
+        # route: every token's experts, combine weights and queue positions (router.py)
         logits = self.router(tokens)  # (T, E) the student's own router
         groups = B // group_size_for(B, self.group_size)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -181,10 +185,13 @@ class MoEMLP(StackedExperts):
             routing.student_logits = logits
             if self.training and self.expert_bias is not None:
                 self.update_expert_bias(routing.experts)
+
+        # dispatch every kept assignment to its slot, run all experts at once, combine
         slot = self.slots(routing)  # (T, K) each assignment's row of the expert buffer
         token_of_slot, weight_of_slot = self.slot_contents(slot, routing)  # (E·G·C,) each
         out = self.run_experts(self.dispatch(tokens, token_of_slot))  # (E, G·C, D)
         y = self.combine(out, token_of_slot, weight_of_slot, num_tokens=B * N)  # (T, D)
+
         if self.keep_expert_outputs:  # φ for M²oT's TAS loss, x_t for its teacher-aware router
             routing.expert_out = self.expert_outputs(out, slot, routing.kept)  # (T, K, D)
             routing.inputs = tokens  # (T, D), already in memory: a reference, no copy
@@ -208,7 +215,8 @@ class MoEMLP(StackedExperts):
     def slots(self, routing):
         """Row of every assignment in the (E·G·C) buffer: (T, K) long, meaningful where kept."""
         T, K = routing.experts.shape
-        G, C = routing.num_groups, routing.capacity
+        G = routing.num_groups
+        C = routing.capacity
         # slot = e·(G·C) + g·C + position   (rows of expert e are contiguous: one bmm batch)
         slot = torch.add(routing.position, routing.experts, alpha=G * C)  # (T, K) without g·C
         group_start = torch.arange(0, G * C, C, device=slot.device).view(G, 1, 1)  # (G, 1, 1)
@@ -272,13 +280,19 @@ class SoftMoEMLP(StackedExperts):
             raise ValueError("softmoe has no discrete route to take from outside")
         B, N, D = x.shape
         E = self.num_experts
+
+        # logits = norm(X) · (scale · norm(Φ)), normalised two ways
         logits = F.normalize(x, dim=-1) @ (self.scale * F.normalize(self.phi, dim=0))  # (B, N, E·P)
         dispatch = logits.softmax(dim=1)  # (B, N, E·P) each slot mixes the tokens
         combine = logits.softmax(dim=2)  # (B, N, E·P) each token mixes the slots
+
+        # X̃ = Dispatchᵀ X, every expert on its P slots of every image, Y = Combine · MLP(X̃)
         slots_in = torch.einsum("bns,bnd->bsd", dispatch, x)  # (B, E·P, D)
         buf = rearrange(slots_in, "b (e p) d -> e (b p) d", e=E)  # (E, B·P, D)
         out = rearrange(self.run_experts(buf), "e (b p) d -> b (e p) d", b=B)  # (B, E·P, D)
         y = torch.einsum("bns,bsd->bnd", combine, out)  # (B, N, D)
+
+        # the record: each expert's share of every token's output, and its argmax
         share = rearrange(combine, "b n (e p) -> (b n) e p", e=E).sum(-1)  # (T, E)
         experts = share.argmax(-1, keepdim=True)  # (T, 1)
         return y, Routing(logits=None, probs=share, experts=experts, weights=None, kept=None)
@@ -305,9 +319,20 @@ def build_model(
     The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
     store them, so `build_model(**ckpt["model_args"])` rebuilds a model without the trainer.
     """
-    model_args = dict(name=name, method=method, num_classes=num_classes, img_size=img_size)
-    model_args.update(patch_size=patch_size, num_experts=num_experts, k=k, moe_layers=moe_layers)
-    model_args.update(expert_hidden=expert_hidden, **options)
+    model_args = dict(
+        name=name,
+        method=method,
+        num_classes=num_classes,
+        img_size=img_size,
+        patch_size=patch_size,
+        num_experts=num_experts,
+        k=k,
+        moe_layers=moe_layers,
+        expert_hidden=expert_hidden,
+        **options,
+    )
+
+    # the model's configuration, checked before anything is built
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if method not in METHODS:
@@ -324,6 +349,8 @@ def build_model(
         check_routing(num_experts, k)
     if expert_hidden is not None and expert_hidden < 1:
         raise ValueError(f"expert hidden width must be >= 1, got {expert_hidden}")
+
+    # the ViT's own options; the rest go to every MoE layer
     vit_keys = ("drop_path_rate", "init_values", "no_embed_class", "in_chans", "qkv_bias")
     vit_opts = {key: options.pop(key) for key in vit_keys if key in options}
     num_tokens = (img_size // patch_size) ** 2 + 1
@@ -334,16 +361,19 @@ def build_model(
             return SoftMoEMLP(d, hidden, num_experts, num_tokens=num_tokens, k=k)
         return MoEMLP(d, hidden, num_experts, k=k, router=METHODS[method], **options)
 
+    # the ViT, with `moe_mlp` in the MoE blocks
     vit = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes, **config)
     model = VisionTransformer(moe_layers=moe_layers, moe_mlp=moe_mlp, **vit, **vit_opts)
-    model.method, model.num_experts = method, num_experts if moe_layers else 0
+    model.method = method
+    model.num_experts = num_experts if moe_layers else 0
     model.model_args = model_args
     return model
 
 
 def dense_to_experts(sd, prefix, num_experts, h):
     """Block `prefix`'s dense MLP cut into E stacked experts of width h (see `upcycle`)."""
-    fc1_w, fc1_b = sd[f"{prefix}.fc1.weight"], sd[f"{prefix}.fc1.bias"]  # (H, D), (H,)
+    fc1_w = sd[f"{prefix}.fc1.weight"]  # (H, D)
+    fc1_b = sd[f"{prefix}.fc1.bias"]  # (H,)
     n = fc1_w.shape[0] // h  # n = H // h slices
     if n < 1:
         raise ValueError(f"cannot upcycle: experts ({h}) are wider than {prefix} ({len(fc1_b)})")
@@ -377,6 +407,7 @@ def upcycle(model, dense_state_dict):
     fresh = []
     for key, value in own.items():
         parts = key.split(".")
+        # a MoE block's MLP: experts cut from the dense MLP, router and slots fresh
         if len(parts) > 3 and parts[2] == "mlp" and int(parts[1]) + 1 in model.moe_layers:
             prefix = ".".join(parts[:3])
             if parts[3] not in ("w1", "b1", "w2", "b2"):
@@ -384,6 +415,7 @@ def upcycle(model, dense_state_dict):
                 continue
             E, h = own[f"{prefix}.b1"].shape
             value.copy_(dense_to_experts(dense_state_dict, prefix, E, h)[parts[3]])
+        # every other weight the dense checkpoint has: copied as it is
         elif key in dense_state_dict:
             if dense_state_dict[key].shape != value.shape:
                 raise ValueError(

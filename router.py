@@ -156,12 +156,16 @@ def queue_positions(
     `num_experts`; the argument stays so that callers do not change.)
     """
     T, k = experts.shape
-    G, S = num_groups, T // num_groups
+    G = num_groups
+    S = T // num_groups  # tokens per group
+
+    # the queue of every group, k-major (and by priority, if given)
     expert_g = experts.view(G, S, k)  # (G, S, K)
     if priority is not None:  # highest priority first (and so the last dropped)
         order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
         expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
     queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
+
     # a stable sort keeps queue order among equal experts: expert e's assignments form one
     # run of the sorted queue, in the order they queued
     sorted_experts, by_expert = queue.sort(dim=1, stable=True)  # (G, K·S), (G, K·S)
@@ -171,6 +175,7 @@ def queue_positions(
     # position = rank − run_start, written back to the queue slot it was sorted from
     position = torch.empty_like(queue).scatter_(1, by_expert, rank - run_start)  # (G, K·S)
     position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
+
     if priority is not None:  # undo the sort: every position back at its token's place
         position = torch.empty_like(position).scatter_(
             1, order.unsqueeze(-1).expand(G, S, k), position
@@ -197,7 +202,8 @@ def top_k_routing(
     """
     T, E = logits.shape
     check_routing(E, k, capacity_factor)
-    G, S = num_groups, T // num_groups
+    G = num_groups
+    S = T // num_groups  # tokens per group
     probs = logits.softmax(dim=-1)  # (T, E) clean p
 
     # q = softmax(logits + ε), ε ~ N(0, (σ/E)²): noise only chooses, it never enters the losses
@@ -250,9 +256,11 @@ def expert_choice_routing(
     """
     T, E = logits.shape
     check_routing(E, k, capacity_factor)
-    G, S = num_groups, T // num_groups
+    G = num_groups
+    S = T // num_groups  # tokens per group
     probs = logits.softmax(dim=-1)  # (T, E)
     capacity = min(S, math.ceil(k * S * capacity_factor / E))
+
     # each expert ranks the group's tokens by p and keeps the best C
     probs_g = probs.view(G, S, E).transpose(1, 2)  # (G, E, S)
     top_p, top_tok = probs_g.topk(capacity, dim=-1)  # (G, E, C), (G, E, C)
@@ -261,6 +269,8 @@ def expert_choice_routing(
     position = torch.zeros(G, E, S, dtype=torch.long, device=logits.device)
     slot = torch.arange(capacity, device=logits.device).expand(G, E, capacity)  # (G, E, C)
     position.scatter_(2, top_tok, slot)  # (G, E, S)
+
+    # the record: one column per expert, tokens in their order
     kept = kept.transpose(1, 2).reshape(T, E)  # (T, E)
     position = position.transpose(1, 2).reshape(T, E)  # (T, E)
     experts = torch.arange(E, device=logits.device).expand(T, E)  # (T, E)

@@ -80,7 +80,8 @@ def initial_switch(args):
 def describe_schedule(args, switch):
     """The line printed at start, e.g. "distilling epochs 0–149 of 300"; a resumed run after
     the switch says when and why it happened."""
-    n, what = distill_epochs(args), "distilling"
+    n = distill_epochs(args)
+    what = "distilling"
     if args.method == "stablemoe":  # stage 1 learns the router, stage 2 freezes it
         what = "router learning (frozen after)"
     if n == 0:
@@ -150,7 +151,8 @@ def lr_at(step, args, steps_per_epoch):
     """Linear warm-up from --warmup-lr, then cosine to --min-lr (per step)."""
     # lr(s) = warmup_lr + (base − warmup_lr)·s/W  for s < W, else
     # lr(s) = min_lr + ½(base − min_lr)(1 + cos(π (s − W)/(total − W)))
-    warm, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    warm = args.warmup_epochs * steps_per_epoch  # W, in steps
+    total = args.epochs * steps_per_epoch
     if step < warm:
         return args.warmup_lr + (args.base_lr - args.warmup_lr) * step / warm
     progress = (step - warm) / max(1, total - warm)

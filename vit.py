@@ -42,7 +42,9 @@ from torchvision.ops import stochastic_depth
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)  # D -> H
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)  # H -> D
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x))), None  # (B, N, D), no routing
@@ -121,11 +123,15 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+
+        # the sizes: G² patches after 1 + R prefix tokens, of width D
         self.grid = img_size // patch_size
         self.num_prefix_tokens = 1 + reg_tokens  # CLS, then R registers (timm's order)
         self.num_tokens = self.grid**2 + self.num_prefix_tokens  # N = patches + CLS (+ R)
-        self.embed_dim, self.no_embed_class = embed_dim, no_embed_class
-        self.moe_layers = tuple(moe_layers)
+        self.embed_dim = embed_dim  # D
+        self.no_embed_class = no_embed_class  # positions for the patches only (DeiT-III)
+
+        # the embedding: patches, CLS, registers and positions
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -133,6 +139,9 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         pos_len = self.grid**2 if no_embed_class else self.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim))
+
+        # the blocks, an MoE layer in place of the MLP in `moe_layers`; the final norm, the head
+        self.moe_layers = tuple(moe_layers)
         hidden = int(embed_dim * mlp_ratio)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth
         self.blocks = nn.ModuleList(
@@ -181,7 +190,8 @@ class VisionTransformer(nn.Module):
         if route is not None and len(route) != len(self.moe_layers):
             raise ValueError(f"route has {len(route)} entries, model has {len(self.moe_layers)}")
         x = self.embed(images)  # (B, N, D)
-        routings, outside = [], iter(route or [])
+        routings = []  # one Routing per MoE layer
+        outside = iter(route or [])  # the logits that route each MoE layer, if given
         for i, block in enumerate(self.blocks):
             is_moe = i + 1 in self.moe_layers
             x, routing = block(x, next(outside) if (is_moe and route is not None) else None)

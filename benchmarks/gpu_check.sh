@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU check, prepared before a GPU is at hand: five parts, in two device calls of
+# The one GPU check, prepared before a GPU is at hand: five parts, in two runs of
 # under ~8 minutes each (estimated, not yet timed on a GPU: parts 1, 2, 5 ~7 min, parts 3, 4
-# ~5 min on one H100, most of it compilation). Issue 23's parts come first: with 15 minutes of
-# device time, start-up included, the second call may not fit. Each part's outputs stay in
+# ~5 min on one H100, most of it compilation). Parts 1, 2 and 5 come first, in case a short GPU
+# slot, start-up included, does not fit the second run. Each part's outputs stay in
 # $GPU_CHECK_LOG (runs/gpu_check); a later call on the same machine reads them for its summary.
 #
 #   bash benchmarks/gpu_check.sh 1 2 5        # on a GPU machine: CUDA tests, steps, MoE layer
@@ -22,7 +22,7 @@
 # 4. train.py end to end on those JPEGs: TGR Tiny E = 16, DeiT's recipe (default flags, so
 #    RandAugment on the device), batch 256, two epochs, a random DeiT-III-S-sized teacher (as
 #    train_step.py's); the first epoch distils, the second runs after the switch;
-# then one summary table, with the issue's targets beside it (reported, not asserted):
+# then one summary table, with targets beside it (reported, not asserted):
 # V-MoE >= 85% of dense's images/s (bf16, compiled), TGR <= 1.6x a V-MoE step, loader >= the
 # compiled V-MoE step, train.py's second epoch >= 90% of the eager step it runs (V-MoE's).
 #
@@ -156,14 +156,14 @@ for r in map(json.loads, open(sys.argv[1])):
 EOF
 fi
 
-# ---------------------------------------------------------------- issue 23: the MoE layer
+# ----------------------------------------------------------------------- 5. the MoE layer
 # One MoE layer against a dense MLP of the same active width (benchmarks/moe_layer.py):
 # DeiT-Ti, 256 x 197 tokens, E = 16 and 128, K = 1, bf16 autocast, eager and compiled, with
-# the layer's aten-op counts; then issue 23's targets beside the layer's and the steps'
-# figures (reported, not asserted). This block only reads what parts 2 and 5 wrote.
+# the layer's aten-op counts; then the targets set for its rewrite beside the layer's and the
+# steps' figures (reported, not asserted). This block only reads what parts 2 and 5 wrote.
 if part 5; then
 echo
-echo "== 5. MoE layer (issue 23)"
+echo "== 5. MoE layer"
 if [ -n "$DRY" ]; then
   LAYER=(--quick --device cpu --no-compile)
 else
@@ -176,7 +176,7 @@ else
 fi
 fi
 echo
-echo "== summary, issue 23 ($(date -u +%F))"
+echo "== summary, MoE layer and steps ($(date -u +%F))"
 $PY - "$LOG" "${BATCHES[-1]}" <<'EOF'
 import os, re, sys
 log, batch = sys.argv[1], sys.argv[2]
@@ -195,7 +195,7 @@ for line in open(layer).read().splitlines() if os.path.exists(layer) else []:
         print(f"MoE layer, E = {row['E']}: eager {row['ours']} a dense MLP{eager}, compiled "
               f"{row.get('ours compiled', '-')}{compiled}; aten ops fwd {row['ops fwd (work)']}, "
               f"fwd+bwd {row['ops fwd+bwd (work)']}, all {row['all ops fwd+bwd']} (on a CPU before "
-              "issue 23: 71 (46), 118 (68), 314)")
+              "the rewrite: 71 (46), 118 (68), 314)")
 ips, first = {}, {}
 for mode in ("eager", "compiled"):
     try:
@@ -213,7 +213,7 @@ for mode, target in (("eager", 0.90), ("compiled", 0.93)):
 if ("compiled", "tgr bf16 teacher") in ips and ("compiled", "vmoe") in ips:
     r = ips["compiled", "vmoe"] / ips["compiled", "tgr bf16 teacher"]
     print(f"TGR step while distilling (bf16 teacher), compiled: {r:.2f}x a V-MoE step (target <= 1.15)")
-for mode in ("eager", "compiled"):  # item 3: what --compile (on by default on CUDA) costs at start
+for mode in ("eager", "compiled"):  # what --compile (on by default on CUDA) costs at start
     cells = [f"{v} {first[mode, v]:.0f} s" for v in ("dense", "vmoe", "tgr bf16 teacher") if (mode, v) in first]
     if cells:
         print(f"first step, {mode} (start-up: compiling, autotuning): {', '.join(cells)}")

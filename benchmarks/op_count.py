@@ -15,7 +15,8 @@ Three numbers, for the forward and for forward + backward (`y.sum().backward()`)
 * **of which work**: top-level ops that do some, or call one that does: not a view, a
   reshape that is a view, a bare allocation or a dtype no-op (`NO_WORK`). Views cost no
   kernel on a GPU; these are the ops a faster layer has to remove.
-* **all**: every aten op, nested ones included (issue 23's "314").
+* **all**: every aten op, nested ones included (the 314 of the MoE layer before its rewrite,
+  `docs/benchmarks.md`).
 
 Decisions
 ---------

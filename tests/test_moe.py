@@ -312,7 +312,7 @@ def test_param_counts():
     assert total - dense_total == 3 * (15 * (2 * 192 * 768 + 768 + 192) + 192 * 16)
 
 
-# ----------------------------------------------------------------------------- M²oT (issue 13)
+# ------------------------------------------------------------------------ M²oT's expert outputs
 def test_narrow_experts_keep_the_dense_active_params():
     """M²oT's h = H/K: K = 2 experts of width 192 = 384/2 per token hold the dense MLP's
     weight count; what differs, per MoE layer, is the router's D·E weights and the K − 1 extra
