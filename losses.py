@@ -7,7 +7,7 @@ flickers (the same token changes expert from step to step). Each function here i
 the answers in the literature. They take routing tensors and return a scalar; leading
 dimensions are flattened to tokens, so (B, N, E) and (T, E) inputs mean the same thing.
 They are computed unweighted; `train.py` weights them with coefficients from its flags and
-logs every part. (M²oT's feature-distillation and specialisation losses are in m2ot_losses.py.)
+logs every part.
 
 | function               | used by                                   | paper                       |
 |------------------------|-------------------------------------------|-----------------------------|

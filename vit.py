@@ -202,7 +202,7 @@ class VisionTransformer(nn.Module):
     def forward(self, images, route=None, features=False):
         """logits (B, classes), routings: one Routing per MoE layer ([] for dense).
 
-        With num_classes = 0 (M²oT's students: no labels) the "logits" are the CLS features;
+        With num_classes = 0 (a student trained without labels) the "logits" are the CLS features;
         features=True returns every token instead, (B, N, D) (through `forward`, so DDP sees it).
         """
         x, routings = self.forward_features(images, route)  # (B, N, D)
