@@ -57,8 +57,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from errors import UsageError
-from flags import model_args_from_flags
-from moe import MODELS, build_model, upcycle
+from moe import METHODS, MODELS, build_model, upcycle
 from vit import VisionTransformer
 
 HEADS_BY_WIDTH = {96: 3, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # DeiT, timm, torchvision
@@ -154,6 +153,38 @@ def restore(ckpt, resume, optimizer, out, rank, world):
         history = torch.load(out / "probe_routing.pt", weights_only=True)
         probe_history = {e: a for e, a in history.items() if e < start}
     return start, ckpt["step"], ckpt["probe_prev"], probe_history
+
+
+def model_args_from_flags(flags, num_classes):
+    """`build_model` keyword arguments from train.py's flags (a dict or Namespace).
+
+    Every method with a router (top-K and expert choice) gets the capacity and group options;
+    Soft MoE and dense have none. Runs from before --expert-hidden have no such flag: None.
+    """
+    f = flags if isinstance(flags, dict) else vars(flags)  # a checkpoint's dict, or a Namespace
+    margs = dict(
+        name=f["model"],
+        method=f["method"],
+        num_classes=num_classes,
+        img_size=f["img_size"],
+        patch_size=f["patch_size"],
+        num_experts=f["experts"],
+        k=f["topk"],
+        moe_layers=f["moe_layers"],
+        drop_path_rate=f["drop_path"],
+        expert_hidden=f.get("expert_hidden"),
+    )
+    if METHODS[f["method"]] in ("top-k", "expert-choice"):
+        margs.update(
+            capacity_factor=f["capacity_factor"],
+            noise_std=f["noise_std"],
+            group_size=f["moe_group_size"],
+            batch_priority=f["batch_priority"],
+            eval_capacity_factor=f["eval_capacity_factor"],
+        )
+    if f["method"] == "lossfree":  # the selection bias's step (older runs have no such method)
+        margs["bias_update_rate"] = f["bias_update_rate"]
+    return margs
 
 
 def start_run_folder(out, args, start_epoch):

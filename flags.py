@@ -26,8 +26,9 @@ Decisions where the papers are silent
   modules (router, moe, data) raise plain ValueError / FileNotFoundError, which `run_cli`
   prints the same way.
 * `--help` shows every default; the usage line stays short (the groups list the flags).
-* `model_args_from_flags` / `teacher_args_from_flags` turn saved flags into `build_model` /
-  `load_teacher` arguments; checkpoints store the results, and these read older checkpoints.
+* `teacher_args_from_flags` turns saved flags into `load_teacher` arguments (checkpoint.py's
+  `model_args_from_flags` does the same for `build_model`); checkpoints store the results, and
+  these read older checkpoints.
 """
 
 import argparse
@@ -888,38 +889,6 @@ def describe_recipe(args):
 
 
 # ----------------------------------------------------------------------------- saved flags
-def model_args_from_flags(flags, num_classes):
-    """`build_model` keyword arguments from train.py's flags (a dict or Namespace).
-
-    Every method with a router (top-K and expert choice) gets the capacity and group options;
-    Soft MoE and dense have none. Runs from before --expert-hidden have no such flag: None.
-    """
-    f = as_dict(flags)
-    margs = dict(
-        name=f["model"],
-        method=f["method"],
-        num_classes=num_classes,
-        img_size=f["img_size"],
-        patch_size=f["patch_size"],
-        num_experts=f["experts"],
-        k=f["topk"],
-        moe_layers=f["moe_layers"],
-        drop_path_rate=f["drop_path"],
-        expert_hidden=f.get("expert_hidden"),
-    )
-    if METHODS[f["method"]] in ("top-k", "expert-choice"):
-        margs.update(
-            capacity_factor=f["capacity_factor"],
-            noise_std=f["noise_std"],
-            group_size=f["moe_group_size"],
-            batch_priority=f["batch_priority"],
-            eval_capacity_factor=f["eval_capacity_factor"],
-        )
-    if f["method"] == "lossfree":  # the selection bias's step (older runs have no such method)
-        margs["bias_update_rate"] = f["bias_update_rate"]
-    return margs
-
-
 def teacher_args_from_flags(flags, moe_layers):
     """`teacher.load_teacher` keyword arguments from train.py's flags (a dict or Namespace).
 

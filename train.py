@@ -180,7 +180,9 @@ def build_student(args, num_classes):
     """The student ViT of --model/--method (`model.model_args` rebuilds it). A student of
     --teachers has no classifier (no labels: `model(images)` gives its CLS features) and its
     MoE layers hand back φ and their inputs for M²oT's TAS loss."""
-    model = build_model(**flags.model_args_from_flags(args, 0 if args.teachers else num_classes))
+    model = build_model(
+        **checkpoint.model_args_from_flags(args, 0 if args.teachers else num_classes)
+    )
     keep_expert_outputs(model, on=bool(args.teachers))
     return model
 

@@ -6,7 +6,9 @@ functions count too, so a lazy import cannot hide a cycle):
 * the TGR core (router, losses, vit, moe, schedule, teacher) imports nothing of M²oT's
   (m2ot.py, m2ot_losses.py, m2ot_teachers.py, probe.py): a reader of the first paper's method
   meets none of the second's;
-* eval.py rebuilds models from checkpoints, never from the trainer.
+* eval.py rebuilds models from checkpoints, never from the trainer;
+* loading a model or a teacher goes down the floors once (train → teacher → checkpoint), never
+  up through the command line: teacher.py and checkpoint.py reach no flags.py.
 
 These are properties, not a frozen table of levels: a new module only has to keep them.
 """
@@ -63,3 +65,8 @@ def test_the_tgr_core_imports_nothing_of_m2ot():
 
 def test_eval_does_not_import_the_trainer():
     assert "train" not in reachable("eval")
+
+
+def test_loading_weights_never_goes_through_the_command_line():
+    for module in ("checkpoint", "teacher", "m2ot_teachers"):
+        assert "flags" not in reachable(module), f"{module} reaches flags.py"

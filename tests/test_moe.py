@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flags import model_args_from_flags
+from checkpoint import model_args_from_flags
 from losses import importance_loss, load_loss
 from moe import (
     MoEMLP,
