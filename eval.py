@@ -84,10 +84,11 @@ from data import DATASETS, build_dataset, normalize, probe_images
 from errors import ArgumentParser, UsageError, run_cli
 from flags import add_flag, teacher_args_from_flags
 from m2ot import load_mix_routers, preference_report
-from probe import TASKS, autocast, check_probes, dense_probes, evaluating, knn_eval
+from probe import TASKS, check_probes, dense_probes, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
 from teacher import CLASSIFIER, build_teacher_routers, load_teacher, teacher_route
+from vit import autocast, evaluating
 
 DENSE_ONLY = tuple(d for d in TASKS if d not in DATASETS)  # ade20k, nyud: no classes
 

@@ -91,6 +91,7 @@ from einops import rearrange
 
 from augment import MEAN, STD
 from m2ot_losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
+from vit import evaluating
 
 
 # ----------------------------------------------------------------------------- targets
@@ -360,8 +361,6 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
     `mix_routers[j]` on the layer's input (`Routing.inputs`, kept while this runs)."""
     layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
     kept_before = [layer.keep_expert_outputs for layer in layers]
-    was_training = model.training
-    model.eval()
 
     # per layer Σ π(t, e, ·), Σ max_i π(t, e, i) and the count, summed over the batches
     sums = 0  # (layers, E, N_T)
@@ -369,19 +368,19 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
     counts = 0  # (layers, E)
     try:
         keep_expert_outputs(model)
-        for chunk in images.split(batch_size):
-            _, routings = model(chunk)
-            parts = [
-                preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
-                for pi, r in zip(mix_routers, routings)
-            ]
-            sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
-            peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
-            counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
-    finally:  # the model as it was
+        with evaluating(model):
+            for chunk in images.split(batch_size):
+                _, routings = model(chunk)
+                parts = [
+                    preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
+                    for pi, r in zip(mix_routers, routings)
+                ]
+                sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
+                peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
+                counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
+    finally:  # the layers as they were (evaluating restores the training flag)
         for layer, before in zip(layers, kept_before):
             layer.keep_expert_outputs = before
-        model.train(was_training)
 
     per_token = (peaks.sum(dim=-1) / counts.sum(dim=-1)).tolist()  # (layers,)
     return list(sums / counts.unsqueeze(-1)), per_token  # NaN rows: no token taken

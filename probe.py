@@ -51,7 +51,6 @@ Decisions where the papers are silent
   same way; it does not reproduce DINOv2's numbers. One process (eval.py's command line).
 """
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -66,28 +65,12 @@ from torchvision.transforms import v2
 
 from data import SyntheticImages, normalize, read_rgb
 from errors import UsageError
+from vit import autocast, evaluating
 
 IGNORE = 255  # label value that no loss or metric counts
 MAX_DEPTH = 10.0  # metres: DINOv2's NYUd range; farther (or 0) is not a measurement
 KNN_CHUNK = 1 << 26  # k-NN queries in chunks of KNN_CHUNK // M: (chunk, M) sims ≈ 256 MB
 TASKS = {"synthetic": ("seg", "depth"), "ade20k": ("seg",), "nyud": ("depth",)}
-
-
-# ----------------------------------------------------------------------------- running a model
-@contextlib.contextmanager
-def evaluating(model):
-    """model.eval() inside the block, its own training flag back after it (even on error)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def autocast(device, amp_dtype):
-    """Autocast to `amp_dtype` (bf16 on CUDA), or nothing when it is None."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype))
 
 
 # ------------------------------------------------------------------------- k-NN of the CLS token

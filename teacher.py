@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from checkpoint import build_vit, vit_config, vit_weights
 from errors import ArgumentParser, UsageError, run_cli
 from losses import entropy_loss, importance_loss
-from vit import VisionTransformer
+from vit import VisionTransformer, autocast
 
 CLASSIFIER = ("head.", "fc_norm.")  # never run, ignored
 NEVER_RUN = ("norm.", *CLASSIFIER)  # TGR's teacher also stops before the final norm
@@ -87,7 +87,8 @@ class Frozen(nn.Module):
         return super().train(False)
 
     def autocast(self, images):
-        return torch.autocast(images.device.type, torch.bfloat16, enabled=self.dtype == "bf16")
+        """bf16 autocast on the images' device when the teacher runs in bf16, else nothing."""
+        return autocast(images.device, torch.bfloat16 if self.dtype == "bf16" else None)
 
 
 class Teacher(Frozen):

@@ -51,6 +51,7 @@ loss on the student's own router, no teacher), `--teacher-reinit` (a random-weig
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import json
 import os
@@ -83,7 +84,7 @@ from flags import get_args_parser
 from losses import entropy_loss, importance_loss, load_loss, routing_kl, z_loss
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from m2ot_teachers import load_final_teacher
-from moe import METHODS, MODELS, build_model, keep_freed_memory
+from moe import METHODS, MODELS, build_model
 from probe import knn_eval
 from report import describe_params, epoch_line, progress_line
 from teacher import (
@@ -92,6 +93,7 @@ from teacher import (
     teacher_objective,
     teacher_route,
 )
+from vit import autocast
 
 
 def print0(*a, **kw):
@@ -405,7 +407,7 @@ def train_one_epoch(
     accum = args.accum_iter
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = len(loader) // accum * accum
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 on GPU only
     model.train()
     sums = {}  # every logged loss part, summed over the epoch's steps (on the device)
     seen = 0  # images trained on, all ranks
@@ -424,7 +426,7 @@ def train_one_epoch(
         images, targets, labels = data.device_batch(images, targets, device, args, mix, (epoch, it))
         last = (it + 1) % accum == 0  # the batch whose backward all-reduces
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-            with torch.autocast(**amp):  # bf16 on GPU only
+            with autocast(device, amp_dtype):
                 loss, teacher_loss, parts = losses_fn(model, images, targets, args, guides, labels)
             total = loss + teacher_loss
             (total / accum).backward()
@@ -508,6 +510,23 @@ def validate(args, model, val_loader, guides, ema=None, knn_loader=None):
 
 
 # ============================================================================ main
+def keep_freed_memory():
+    """CPU, glibc: serve big tensors from the heap and keep freed memory for the next step.
+
+    glibc gives every allocation above 32 MiB fresh mmap pages and unmaps them on free, so
+    such a tensor costs page faults (the kernel zeroes every page) on every step. MoE layers
+    make them: at E=128 the weight gradients (E, D, H) of one Tiny layer are 75 MB each, and
+    this alone made the layer ~25% slower (benchmarks/moe_layer.py --glibc-default).
+    jemalloc / tcmalloc behave like this setting. Returns False where mallopt is missing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): leave the allocator alone
+        return False
+    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = 2 GiB: keep the freed heap
+    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+
+
 def main(args):
     """Train; returns {"model": the unwrapped student, "routers", "m2ot", "history", "args"}."""
     flags.resolve_defaults(args)

@@ -32,6 +32,8 @@ Decisions
   trunc-normal, CLS and registers N(0, 1e-6) (timm's init).
 """
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -209,3 +211,23 @@ class VisionTransformer(nn.Module):
         if features:
             return x, routings
         return self.head(x[:, 0]), routings  # CLS-token classifier: (B, classes)
+
+
+# ----------------------------------------------------------------------------- running a model
+@contextlib.contextmanager
+def evaluating(model):
+    """model.eval() inside the block, its own training flag back after it (even on error):
+    every measurement (eval.py, the probes, M²oT's preferences) runs a model this way."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def autocast(device, amp_dtype):
+    """Autocast to `amp_dtype` (bf16 on CUDA, or a bf16 teacher), or nothing when it is None:
+    the one mixed-precision switch of the trainer, the evaluation and the teachers."""
+    enabled = amp_dtype is not None
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=enabled)
