@@ -21,6 +21,12 @@ There is no (T, E, C) one-hot tensor, no Python loop over experts and no boolean
 indexing (which would wait for the GPU), so the cost stays flat as E grows, and every expert
 weight takes part in every step (DDP needs no `find_unused_parameters`).
 
+The textbook comes first: `MoEMLP.forward_one_hot` writes the layer as GShard and V-MoE do,
+with one-hot dispatch and combine tensors (G, S, E, C) and two einsums, and router.py's
+`queue_positions_one_hot` counts queue positions with a one-hot cumsum. Both are tested equal
+to the fast versions (tests/test_moe.py), which keep the same numbers and drop the one-hot
+tensors.
+
 Variants, one `--method` each (all share the stacked experts):
 * `vmoe` (and `tgr`, `stablemoe`, `zloss`, `teacher-route`, which differ only in training):
   noisy top-K token choice with capacity, `MoEMLP`.
@@ -64,8 +70,6 @@ Decisions where the papers are silent
   weights), two baddbmm. The op counts and what they cost on a GPU: docs/benchmarks.md
   (`benchmarks/moe_layer.py --ops-only` counts them).
 """
-
-import ctypes
 
 import torch
 import torch.nn as nn
@@ -162,29 +166,72 @@ class MoEMLP(StackedExperts):
         else:
             self.expert_bias = None
 
-    def forward(self, x, route_logits=None):
-        B, N, D = x.shape
-        tokens = rearrange(x, "b n d -> (b n) d")  # (T, D)
+    def route(self, tokens, num_images, route_logits=None):
+        """Every token's experts, combine weights and queue positions (router.py): a `Routing`.
 
-        # route: every token's experts, combine weights and queue positions (router.py)
+        tokens: (T, D), the images' tokens in order; route_logits: (B, N, E) logits that
+        choose instead of our own router's (teacher-route), or None.
+        """
+        B = num_images
         logits = self.router(tokens)  # (T, E) the student's own router
         groups = B // group_size_for(B, self.group_size)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.router_type == "expert-choice":
-            routing = expert_choice_routing(logits, k=self.k, capacity_factor=cf, num_groups=groups)
-        else:
-            # teacher-route mode: outside logits choose; our own are recorded for the KL
-            chooser = logits if route_logits is None else route_logits.reshape(B * N, -1)
-            noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
-            options = dict(logit_noise_std=noise, batch_priority=self.batch_priority)
-            if route_logits is None:  # the bias belongs to our own router's scores
-                options["selection_bias"] = self.expert_bias
-            routing = top_k_routing(
-                chooser, k=self.k, capacity_factor=cf, num_groups=groups, **options
-            )
-            routing.student_logits = logits
-            if self.training and self.expert_bias is not None:
-                self.update_expert_bias(routing.experts)
+            return expert_choice_routing(logits, k=self.k, capacity_factor=cf, num_groups=groups)
+
+        # teacher-route mode: outside logits choose; our own are recorded for the KL
+        chooser = logits if route_logits is None else route_logits.reshape(tokens.shape[0], -1)
+        noise = self.noise_std / self.num_experts if self.training else 0.0  # σ/E
+        options = dict(logit_noise_std=noise, batch_priority=self.batch_priority)
+        if route_logits is None:  # the bias belongs to our own router's scores
+            options["selection_bias"] = self.expert_bias
+        routing = top_k_routing(chooser, k=self.k, capacity_factor=cf, num_groups=groups, **options)
+        routing.student_logits = logits
+        if self.training and self.expert_bias is not None:
+            self.update_expert_bias(routing.experts)
+        return routing
+
+    def forward_one_hot(self, x, route_logits=None):
+        """The same layer as GShard and V-MoE write it, the textbook before the fast `forward`:
+        one-hot dispatch and combine tensors and two einsums. Equal to `forward` (tested), but
+        it builds two (G, S, E, C) tensors, whose size grows with E·C: `forward` never does.
+
+            dispatch[g, s, e, c] = 1           if token s of group g sits in slot c of expert e
+            combine[g, s, e, c]  = g_{s,k}     for that same assignment, else 0
+            x_in[e, g, c] = Σ_s dispatch[g, s, e, c] · x[g, s]       every slot gets its token
+            y[g, s]       = Σ_{e,c} combine[g, s, e, c] · MLP_e(x_in[e, g, c])
+        """
+        B, N, D = x.shape
+        tokens = rearrange(x, "b n d -> (b n) d")  # (T, D)
+        routing = self.route(tokens, B, route_logits)
+        G = routing.num_groups
+        E = self.num_experts
+        C = routing.capacity
+
+        # the one-hot tensors: expert and slot of every assignment, dropped ones zeroed
+        expert_1h = F.one_hot(routing.experts, E).to(x.dtype)  # (T, K, E)
+        slot_1h = F.one_hot(torch.where(routing.kept, routing.position, 0), C).to(x.dtype)
+        kept = routing.kept.to(x.dtype).unsqueeze(-1)  # (T, K, 1)
+        weights = routing.weights.to(x.dtype).unsqueeze(-1)  # (T, K, 1)
+        # an outer product per choice, summed over the K choices (they never share an expert)
+        dispatch = torch.einsum("tke,tkc->tec", expert_1h * kept, slot_1h)  # (T, E, C)
+        combine = torch.einsum("tke,tkc->tec", expert_1h * weights, slot_1h)  # (T, E, C)
+        dispatch = dispatch.view(G, -1, E, C)  # (G, S, E, C)
+        combine = combine.view(G, -1, E, C)  # (G, S, E, C)
+
+        # dispatch, run every expert on its slots, combine
+        x_in = torch.einsum("gsec,gsd->egcd", dispatch, tokens.view(G, -1, D))  # (E, G, C, D)
+        out = self.run_experts(rearrange(x_in, "e g c d -> e (g c) d"))  # (E, G·C, D)
+        out = rearrange(out, "e (g c) d -> e g c d", g=G)  # (E, G, C, D)
+        y = torch.einsum("gsec,egcd->gsd", combine, out)  # (G, S, D)
+        return y.reshape(B, N, D), routing
+
+    def forward(self, x, route_logits=None):
+        """The fast layer: every kept assignment gets a row (slot) of one expert buffer, and
+        dispatch and combine are one index_select and one index_add_ (the module's idea)."""
+        B, N, D = x.shape
+        tokens = rearrange(x, "b n d -> (b n) d")  # (T, D)
+        routing = self.route(tokens, B, route_logits)
 
         # dispatch every kept assignment to its slot, run all experts at once, combine
         slot = self.slots(routing)  # (T, K) each assignment's row of the expert buffer
@@ -439,20 +486,3 @@ def moe_num_params(model):
         per_expert = sum(p[0].numel() for p in (mlp.w1, mlp.b1, mlp.w2, mlp.b2))
         active += per_expert * getattr(mlp, "k", 1)
     return total, active
-
-
-def keep_freed_memory():
-    """CPU, glibc: serve big tensors from the heap and keep freed memory for the next step.
-
-    glibc gives every allocation above 32 MiB fresh mmap pages and unmaps them on free, so
-    such a tensor costs page faults (the kernel zeroes every page) on every step. MoE layers
-    make them: at E=128 the weight gradients (E, D, H) of one Tiny layer are 75 MB each, and
-    this alone made the layer ~25% slower (benchmarks/moe_layer.py --glibc-default).
-    jemalloc / tcmalloc behave like this setting. Returns False where mallopt is missing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): leave the allocator alone
-        return False
-    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = 2 GiB: keep the freed heap
-    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1

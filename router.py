@@ -69,6 +69,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Letters: B images, N tokens per image, D width, E experts, K choices per token,
 # G groups, S tokens per group, C capacity per expert and group, T = B·N tokens.
@@ -132,6 +133,43 @@ def capacity_for(tokens_per_group: int, num_experts: int, k: int, capacity_facto
     return 4 * math.ceil(c / 4)
 
 
+def queue_positions_one_hot(
+    experts: torch.Tensor,
+    num_experts: int,
+    *,
+    num_groups: int,
+    priority: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`queue_positions` as the textbook computes it, the same numbers (tested): a one-hot of
+    every assignment in queue order, counted up by a cumsum. It builds a (G, K·S, E) tensor,
+    so its memory and time grow with E: the layer uses the sort of `queue_positions`.
+
+        seen[g, i, e]  = #{assignments 0..i of group g's queue that chose e}
+        position(i)    = seen[g, i, e_i] − 1
+    """
+    T, k = experts.shape
+    G = num_groups
+    S = T // num_groups  # tokens per group
+
+    # the queue of every group, k-major (and by priority, if given), as in queue_positions
+    expert_g = experts.view(G, S, k)  # (G, S, K)
+    if priority is not None:  # highest priority first
+        order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
+        expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
+    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
+
+    # count every expert's assignments along the queue, read each one's own count
+    seen = F.one_hot(queue, num_experts).cumsum(dim=1)  # (G, K·S, E)
+    position = seen.gather(2, queue.unsqueeze(-1)).squeeze(-1) - 1  # (G, K·S)
+    position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
+
+    if priority is not None:  # every position back at its token's place
+        position = torch.empty_like(position).scatter_(
+            1, order.unsqueeze(-1).expand(G, S, k), position
+        )  # (G, S, K)
+    return position.reshape(T, k)  # (T, K)
+
+
 def queue_positions(
     experts: torch.Tensor,
     num_experts: int,
@@ -148,12 +186,12 @@ def queue_positions(
 
         position(t, k) = #{earlier assignments in the queue with the same expert}
 
-    The textbook computes it as a cumsum over a (G, K·S, E) one-hot tensor. A stable sort by
-    expert gives the same numbers without it, in time and memory that do not grow with E: it
-    lines each expert's assignments up in queue order, so an assignment's position is its
-    index in the sorted queue minus where its expert's run starts, and `searchsorted` on the
-    sorted experts finds every run's start in one call. (The sort does not need
-    `num_experts`; the argument stays so that callers do not change.)
+    The textbook (`queue_positions_one_hot`, above) counts along a (G, K·S, E) one-hot
+    tensor. A stable sort by expert gives the same numbers without it, in time and memory that
+    do not grow with E: it lines each expert's assignments up in queue order, so an
+    assignment's position is its index in the sorted queue minus where its expert's run
+    starts, and `searchsorted` on the sorted experts finds every run's start in one call. (The
+    sort does not need `num_experts`; the argument stays so that callers do not change.)
     """
     T, k = experts.shape
     G = num_groups

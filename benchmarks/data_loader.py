@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augment  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from moe import keep_freed_memory  # noqa: E402
+from train import keep_freed_memory  # noqa: E402
 
 PATHS = {"cpu": "RandAugment in the workers", "device": "RandAugment on the device batch"}
 

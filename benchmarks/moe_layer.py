@@ -62,7 +62,7 @@ Decisions
   timing ends with `torch.cuda.synchronize()`, and ours and dense are also timed compiled
   (`torch.compile`, `--compile-mode`; `--no-compile` skips it), as a ratio to the compiled
   dense MLP. The textbook check runs in fp32 before, its 1e-4 needs no bf16 slack.
-* malloc: like `train.py` on CPU, the script first calls `moe.keep_freed_memory` (glibc:
+* malloc: like `train.py` on CPU, the script first calls `train.keep_freed_memory` (glibc:
   no fresh mmap pages for tensors above 32 MiB), so the table is what a training run gets.
   `--glibc-default` skips it: then the (E, D, H) weight gradients at E=128 are page-faulted
   and zeroed on every step, an allocator cost (not jemalloc's) that is not the layer's.
@@ -83,8 +83,9 @@ from einops import rearrange
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from op_count import op_cells, op_counts  # noqa: E402
 
-from moe import MoEMLP, keep_freed_memory  # noqa: E402
+from moe import MoEMLP  # noqa: E402
 from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
+from train import keep_freed_memory  # noqa: E402
 from vit import Mlp  # noqa: E402
 
 # Letters: B images, N tokens per image, D width, H hidden, E experts, K top-k, G groups,

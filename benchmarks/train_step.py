@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data import normalize  # noqa: E402
 from flags import resolve_defaults  # noqa: E402
-from moe import build_model, keep_freed_memory  # noqa: E402
+from moe import build_model  # noqa: E402
+from train import keep_freed_memory  # noqa: E402
 
 
 def step_fn(variant, args, device, teacher_path):

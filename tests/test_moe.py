@@ -15,7 +15,13 @@ from moe import (
     moe_num_params,
     upcycle,
 )
-from router import capacity_for, group_size_for, queue_positions, top_k_routing
+from router import (
+    capacity_for,
+    group_size_for,
+    queue_positions,
+    queue_positions_one_hot,
+    top_k_routing,
+)
 
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
 
@@ -148,6 +154,34 @@ def test_queue_positions_equal_the_one_hot_cumsum(k, bpr):
     # the same numbers from router.queue_positions itself, called directly
     priority = r.probs.max(-1).values if bpr else None  # (T,) top-1 p (no noise: = q)
     assert torch.equal(queue_positions(r.experts, E, num_groups=G, priority=priority), want)
+    # and from the textbook version router.py shows first
+    plain = queue_positions_one_hot(r.experts, E, num_groups=G, priority=priority)
+    assert torch.equal(plain, want)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("router", ["top-k", "expert-choice"])
+def test_the_one_hot_textbook_layer_equals_the_fast_one(k, bpr, router):
+    """MoEMLP.forward_one_hot (GShard's dispatch and combine tensors) against the slot-map
+    forward: the same outputs, routing and gradients, with tokens dropped (cf 0.5)."""
+    if router == "expert-choice" and bpr:
+        pytest.skip("batch priority is a top-K option")
+    torch.manual_seed(0)
+    options = dict(capacity_factor=0.5, group_size=2, batch_priority=bpr, router=router)
+    layer = MoEMLP(12, 20, 6, k=k, **options)  # noise σ = 1 (σ/E), drawn the same way twice
+    torch.nn.init.normal_(layer.router.weight, std=0.5)  # uneven routing: capacity drops
+    x = torch.randn(4, 9, 12, requires_grad=True)
+    torch.manual_seed(1)
+    y_fast, r_fast = layer(x)
+    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *layer.parameters()])
+    torch.manual_seed(1)  # the same routing noise
+    y_plain, r_plain = layer.forward_one_hot(x)
+    grads_plain = torch.autograd.grad(y_plain.square().sum(), [x, *layer.parameters()])
+    assert torch.equal(r_fast.experts, r_plain.experts) and not r_fast.kept.all()
+    torch.testing.assert_close(y_plain, y_fast, atol=1e-5, rtol=1e-5)
+    for plain, fast in zip(grads_plain, grads_fast):
+        torch.testing.assert_close(plain, fast, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 2])
