@@ -157,12 +157,24 @@ class Guides:
         return [m for m in (self.routers, self.m2ot) if m is not None]
 
 
+@dataclass
+class Inputs:
+    """Every input file of a run, read and checked before anything else (`read_inputs`);
+    None where not asked for. The weights are dropped (set to None) once they are loaded."""
+
+    resume: str  # the --resume checkpoint's path, "" for a new run
+    ckpt: dict | None  # its contents
+    pretrained: dict | None  # the --finetune or --upcycle checkpoint
+    teacher: nn.Module | None  # TGR's frozen teacher (tgr, teacher-route)
+    teacher_args: dict | None  # its `load_teacher` arguments, saved in every checkpoint
+    teachers: list  # M²oT's final-feature teachers (--teachers), [] without
+
+
 def read_inputs(args, out):
     """Open and check every input file before anything else runs (errors.py): no data set
     is built, no file written and no step run before a bad one is one error line.
 
-    Returns (resume path, resume checkpoint, --finetune/--upcycle checkpoint, teacher, its
-    `load_teacher` arguments, the --teachers): None ([]) where not asked for. The teacher is
+    Returns an `Inputs` record. The teacher is
     loaded (and so checked) even where the schedule will not run it, e.g. a resume after the
     switch: a bad --teacher never passes silently.
     """
@@ -175,7 +187,7 @@ def read_inputs(args, out):
     options = dict(img_size=args.img_size, dtype=args.teacher_dtype, random_ok=args.teacher_random)
     teachers = [load_final_teacher(source, **options) for source in args.teachers]
     data.check_data_path(args)
-    return resume, ckpt, pre, teacher, t_args, teachers
+    return Inputs(resume, ckpt, pre, teacher, t_args, teachers)
 
 
 def build_student(args, num_classes):
@@ -546,9 +558,21 @@ def main(args):
             dist.destroy_process_group()
 
 
+@dataclass
+class RunData:
+    """The data of a run (`build_data`)."""
+
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    num_classes: int
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    mix: object | None  # MixUp/CutMix on the device batch (augment.build_mixup), or None
+    knn_loader: torch.utils.data.DataLoader | None  # the k-NN bank (students of --teachers)
+
+
 def build_data(args, rank, world, cuda, labels=True):
-    """The data of a run: (train set, val set, classes, train and val loaders, MixUp/CutMix or
-    None, the k-NN bank's loader or None). `labels=False` (M²oT: students of --teachers): no
+    """The data of a run, a `RunData`. `labels=False` (M²oT: students of --teachers): no
     MixUp/CutMix, and a bank for the k-NN top-1, the train split without augmentation."""
     train_set, num_classes = data.build_dataset(True, args)
     val_set, _ = data.build_dataset(False, args)
@@ -563,28 +587,30 @@ def build_data(args, rank, world, cuda, labels=True):
         raise UsageError(f"{len(train_set)} training images < one step of {batch}")
     mix = build_mixup(args, num_classes) if labels else None
     knn = None if labels else loader(data.build_dataset(True, args, augment=False)[0], False)
-    return train_set, val_set, num_classes, train_loader, val_loader, mix, knn
+    return RunData(train_set, val_set, num_classes, train_loader, val_loader, mix, knn)
 
 
 def train(args, rank, world, device):
     out = Path(args.output_dir)
     cuda = device.type == "cuda"
-    resume, ckpt, pretrained, teacher, t_args, teachers = read_inputs(args, out)  # checked first
+    inputs = read_inputs(args, out)  # every input file, checked first
+    resume = inputs.resume
+    ckpt = inputs.ckpt
+    teachers = inputs.teachers
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     flags_given = argparse.Namespace(**vars(args))  # args.json: the flags, before derived values
 
     # ------------------------------------------------------------------ data
-    train_set, val_set, num_classes, train_loader, val_loader, mix, knn_loader = build_data(
-        args, rank, world, cuda, labels=not teachers
-    )
+    run_data = build_data(args, rank, world, cuda, labels=not teachers)
+    train_loader = run_data.train_loader
     steps_per_epoch = len(train_loader) // args.accum_iter  # optimizer steps
-    probe = data.probe_images(val_set, args.probe_size).to(device)  # (P, 3, S, S) followed
+    probe = data.probe_images(run_data.val_set, args.probe_size).to(device)  # (P, 3, S, S)
 
     # ------------------------------------------------------------------ model and teachers
-    model = build_student(args, num_classes).to(device)
+    model = build_student(args, run_data.num_classes).to(device)
     # --finetune: the pre-trained model's routing of the probe set, to compare the new with
-    ref_assign = start_student(model, args, resume, ckpt, pretrained, probe)
+    ref_assign = start_student(model, args, resume, ckpt, inputs.pretrained, probe)
     guides = Guides(m2ot=build_m2ot(args, model, teachers, device, world) if teachers else None)
     if guides.m2ot is not None and ckpt is not None:  # heads, π and the targets' statistics
         checkpoint.load_weights(guides.m2ot, ckpt["m2ot"], f"--resume {resume}'s M²oT heads")
@@ -594,8 +620,8 @@ def train(args, rank, world, device):
     # after the switch the last teacher router is kept (CPU, frozen) for eval.py --route teacher
     router_state = ckpt.get("teacher_router") if ckpt else None
     if args.method == "teacher-route" or (args.method == "tgr" and not switch.done):
-        guides.teacher, guides.routers = build_teacher(args, model, device, world, teacher)
-        if (state := checkpoint.continued_router(args, ckpt, pretrained)) is not None:
+        guides.teacher, guides.routers = build_teacher(args, model, device, world, inputs.teacher)
+        if (state := checkpoint.continued_router(args, ckpt, inputs.pretrained)) is not None:
             where = f"the teacher router of {resume or args.finetune}"
             checkpoint.load_weights(guides.routers, state, where)
     model_without_ddp = model  # checkpoints hold these weights: no module./_orig_mod. prefixes
@@ -620,14 +646,18 @@ def train(args, rank, world, device):
     else:
         prev_probed = ckpt.get("probe_prev_routing")
     step_probe = load_step_probe(args, out, probe, step, rank)
-    del ckpt, pretrained, teacher
+    # the weights live in the model now: the checkpoints' copies are freed
+    del ckpt
+    inputs.ckpt = None
+    inputs.pretrained = None
+    inputs.teacher = None
 
     # ------------------------------------------------------------------ the run folder
     # every input has been read and checked: only now is anything written into the folder
     if rank == 0:
         checkpoint.start_run_folder(out, flags_given, start_epoch)
     params = describe_params(model_without_ddp, guides.routers, guides.m2ot)
-    where = f"{len(train_set)} images, {world} process(es) on {device}"
+    where = f"{len(run_data.train_set)} images, {world} process(es) on {device}"
     print0(f"{args.model} {args.method}: {params}, {where}, {steps_per_epoch} steps/epoch")
     print0(flags.describe_recipe(args))
     if args.method in ("tgr", "stablemoe"):
@@ -646,7 +676,7 @@ def train(args, rank, world, device):
             guides,
             optimizer,
             train_loader,
-            mix,
+            run_data.mix,
             args,
             epoch,
             step,
@@ -660,8 +690,10 @@ def train(args, rank, world, device):
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
         knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
-        knn = knn_loader if knn_due else None  # the k-NN top-1: every --knn-every epochs, last
-        val = validate(args, model_without_ddp, val_loader, guides, ema, knn)
+        knn = (
+            run_data.knn_loader if knn_due else None
+        )  # the k-NN top-1: every --knn-every epochs, last
+        val = validate(args, model_without_ddp, run_data.val_loader, guides, ema, knn)
         probed = probe_routing(model_without_ddp, probe)  # per layer: top-1, p, top-2 logit gap
         assign = [top1 for top1, _, _ in probed]
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
@@ -703,7 +735,13 @@ def train(args, rank, world, device):
             ours.update(probe_prev=prev_assign, ref_assign=ref_assign, teacher_router=routers)
             ours.update(probe_prev_routing=prev_probed)  # (top-1, p, gap) per layer: exact resume
             state = checkpoint.training_state(
-                model_without_ddp, optimizer, args, epoch, step, teacher_args=t_args, **ours
+                model_without_ddp,
+                optimizer,
+                args,
+                epoch,
+                step,
+                teacher_args=inputs.teacher_args,
+                **ours,
             )
             save_epoch(out, state, record, assign, probe_history, step_probe)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce
