@@ -89,14 +89,16 @@ def _fill_blend(warped, fill):  # (..., 4, H, W) -> (..., 3, H, W) uint8: the im
 
 
 def _fill_outside(img, fill, warp):
-    """`warp` (TF.affine or TF.rotate, bilinear, zeros outside) of a uint8 image (3, H, W),
-    the fill colour outside it. The image and a channel of ones are warped together; the
-    premultiplied blend `_fill_blend` follows (not torchvision's fill, see the decisions)."""
-    ones = torch.ones_like(img[:1], dtype=torch.float32)  # (1, H, W): where the image is
-    stacked = torch.cat([img.float(), ones])  # (4, H, W)
-    warped = warp(stacked)  # (4, H, W): sample, inside
-    fill = torch.tensor(fill, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
-    return _fill_blend(warped, fill)  # (3, H, W)
+    """`warp` (bilinear, zeros outside: TF.affine, TF.rotate or grid_sample) of uint8 images
+    (..., 3, H, W), the fill colour outside them: one (3,) or one (..., 3, 1, 1) per image.
+    The images and a channel of ones are warped together; the premultiplied blend
+    `_fill_blend` follows (not torchvision's fill, see the decisions)."""
+    ones = torch.ones_like(img[..., :1, :, :], dtype=torch.float32)  # (..., 1, H, W)
+    stacked = torch.cat([img.float(), ones], dim=-3)  # (..., 4, H, W)
+    warped = warp(stacked)  # (..., 4, H, W): sample, inside
+    fill = torch.as_tensor(fill, dtype=torch.float32, device=img.device)
+    fill = fill.reshape(*img.shape[:-3], 3, 1, 1)  # (..., 3, 1, 1)
+    return _fill_blend(warped, fill)  # (..., 3, H, W)
 
 
 def _rotate(img, fill, angle):  # about the centre, as PIL
@@ -329,14 +331,8 @@ def _sharpen(x, factor):  # TF.adjust_sharpness: blend with a 3×3 blur, the bor
 
 def _warp(x, theta, fill):  # TF.affine / TF.rotate, bilinear, with a matrix per image
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (b, S, S, 2)
-
-    # the image and a channel of ones warped together, zeros outside (grid_sample's padding)
-    ones = torch.ones_like(x[:, :1], dtype=torch.float32)  # (b, 1, S, S): where the image is
-    stacked = torch.cat([x.float(), ones], 1)  # (b, 4, S, S)
-    warped = F.grid_sample(stacked, grid, align_corners=False)  # (b, 4, S, S): sample, inside
-
-    # the taps outside the image read the fill colour: premultiplied, as `_fill_outside`
-    return _fill_blend(warped, fill)  # (b, 3, S, S)
+    sample = lambda stacked: F.grid_sample(stacked, grid, align_corners=False)  # zeros outside
+    return _fill_outside(x, fill, sample)  # (b, 3, S, S), as the per-image ops
 
 
 BATCH_OPS = {  # the colour ops of RAND_OPS on (b, 3, S, S) uint8, params p (b, 13, 1, 1)

@@ -133,6 +133,39 @@ def capacity_for(tokens_per_group: int, num_experts: int, k: int, capacity_facto
     return 4 * math.ceil(c / 4)
 
 
+def group_queues(
+    experts: torch.Tensor,
+    num_groups: int,
+    priority: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every group's queue of assignments, k-major: all top-1 choices of the group, then all
+    top-2 choices, ...; within one k, tokens in their order in the group, or by decreasing
+    `priority` (T,). Returns the queued experts (G, K·S) and the priority order (G, S), or
+    None without one (`token_order` undoes it)."""
+    T, k = experts.shape
+    G = num_groups
+    S = T // num_groups  # tokens per group
+    expert_g = experts.view(G, S, k)  # (G, S, K)
+    order = None
+    if priority is not None:  # highest priority first (and so the last dropped)
+        order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
+        expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
+    return expert_g.transpose(1, 2).reshape(G, k * S), order  # (G, K·S) k-major
+
+
+def token_order(position: torch.Tensor, order: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Queue positions (G, K·S), in queue order, back to (T, K): every position at its token's
+    place (the inverse of `group_queues`)."""
+    G = position.shape[0]
+    S = position.shape[1] // k
+    position = position.view(G, k, S).transpose(1, 2)  # (G, S, K)
+    if order is not None:  # undo the priority sort
+        position = torch.empty_like(position).scatter_(
+            1, order.unsqueeze(-1).expand(G, S, k), position
+        )  # (G, S, K)
+    return position.reshape(G * S, k)  # (T, K)
+
+
 def queue_positions_one_hot(
     experts: torch.Tensor,
     num_experts: int,
@@ -147,27 +180,12 @@ def queue_positions_one_hot(
         seen[g, i, e]  = #{assignments 0..i of group g's queue that chose e}
         position(i)    = seen[g, i, e_i] − 1
     """
-    T, k = experts.shape
-    G = num_groups
-    S = T // num_groups  # tokens per group
-
-    # the queue of every group, k-major (and by priority, if given), as in queue_positions
-    expert_g = experts.view(G, S, k)  # (G, S, K)
-    if priority is not None:  # highest priority first
-        order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
-        expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
-    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
+    queue, order = group_queues(experts, num_groups, priority)  # (G, K·S)
 
     # count every expert's assignments along the queue, read each one's own count
     seen = F.one_hot(queue, num_experts).cumsum(dim=1)  # (G, K·S, E)
     position = seen.gather(2, queue.unsqueeze(-1)).squeeze(-1) - 1  # (G, K·S)
-    position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
-
-    if priority is not None:  # every position back at its token's place
-        position = torch.empty_like(position).scatter_(
-            1, order.unsqueeze(-1).expand(G, S, k), position
-        )  # (G, S, K)
-    return position.reshape(T, k)  # (T, K)
+    return token_order(position, order, experts.shape[1])  # (T, K)
 
 
 def queue_positions(
@@ -179,9 +197,8 @@ def queue_positions(
 ) -> torch.Tensor:
     """Each assignment's place in its expert's queue: (T, K) long, 0 = first in line.
 
-    experts: (T, K) chosen experts, T = num_groups · S tokens, groups contiguous.
-    The queue of a group is k-major: all top-1 choices of the group, then all top-2 choices,
-    ...; within one k, tokens in their order in the group, or by decreasing `priority` (T,)
+    experts: (T, K) chosen experts, T = num_groups · S tokens, groups contiguous. Each group
+    queues as `group_queues` lines it up: k-major, and by decreasing `priority` (T,) if given
     (batch-priority routing passes the top-1 weights).
 
         position(t, k) = #{earlier assignments in the queue with the same expert}
@@ -193,32 +210,18 @@ def queue_positions(
     starts, and `searchsorted` on the sorted experts finds every run's start in one call. (The
     sort does not need `num_experts`; the argument stays so that callers do not change.)
     """
-    T, k = experts.shape
-    G = num_groups
-    S = T // num_groups  # tokens per group
-
-    # the queue of every group, k-major (and by priority, if given)
-    expert_g = experts.view(G, S, k)  # (G, S, K)
-    if priority is not None:  # highest priority first (and so the last dropped)
-        order = priority.view(G, S).argsort(dim=1, descending=True)  # (G, S)
-        expert_g = expert_g.gather(1, order.unsqueeze(-1).expand(G, S, k))  # (G, S, K) sorted
-    queue = expert_g.transpose(1, 2).reshape(G, k * S)  # (G, K·S) k-major
+    k = experts.shape[1]
+    queue, order = group_queues(experts, num_groups, priority)  # (G, K·S)
 
     # a stable sort keeps queue order among equal experts: expert e's assignments form one
     # run of the sorted queue, in the order they queued
     sorted_experts, by_expert = queue.sort(dim=1, stable=True)  # (G, K·S), (G, K·S)
     # run_start(i) = first index of the sorted queue that holds expert sorted_experts[i]
     run_start = torch.searchsorted(sorted_experts, sorted_experts)  # (G, K·S)
-    rank = torch.arange(k * S, device=queue.device)  # (K·S,) index in the sorted queue
+    rank = torch.arange(queue.shape[1], device=queue.device)  # (K·S,) index in the sorted queue
     # position = rank − run_start, written back to the queue slot it was sorted from
     position = torch.empty_like(queue).scatter_(1, by_expert, rank - run_start)  # (G, K·S)
-    position = position.view(G, k, S).transpose(1, 2)  # (G, S, K) in queue order
-
-    if priority is not None:  # undo the sort: every position back at its token's place
-        position = torch.empty_like(position).scatter_(
-            1, order.unsqueeze(-1).expand(G, S, k), position
-        )  # (G, S, K)
-    return position.reshape(T, k)  # (T, K)
+    return token_order(position, order, k)  # (T, K)
 
 
 def top_k_routing(

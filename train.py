@@ -174,9 +174,9 @@ def read_inputs(args, out):
     """Open and check every input file before anything else runs (errors.py): no data set
     is built, no file written and no step run before a bad one is one error line.
 
-    Returns an `Inputs` record. The teacher is
-    loaded (and so checked) even where the schedule will not run it, e.g. a resume after the
-    switch: a bad --teacher never passes silently.
+    Returns an `Inputs` record. The teacher is loaded (and so checked) even where the
+    schedule will not run it, e.g. a resume after the switch: a bad --teacher never passes
+    silently.
     """
     resume, ckpt, pre = checkpoint.read_starts(args, out)
     teacher = t_args = None
@@ -690,9 +690,8 @@ def train(args, rank, world, device):
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
         knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
-        knn = (
-            run_data.knn_loader if knn_due else None
-        )  # the k-NN top-1: every --knn-every epochs, last
+        # the k-NN top-1 (students of --teachers): every --knn-every epochs, and the last
+        knn = run_data.knn_loader if knn_due else None
         val = validate(args, model_without_ddp, run_data.val_loader, guides, ema, knn)
         probed = probe_routing(model_without_ddp, probe)  # per layer: top-1, p, top-2 logit gap
         assign = [top1 for top1, _, _ in probed]

@@ -39,10 +39,12 @@ time that FLOPs do not show, and the count measures that on any machine.
 
 Decisions
 ---------
-* All variants share the router and `router.top_k_routing` (same noise, same drops); the
-  textbook ones differ only in dispatch / experts / combine. At start-up of every (K, E) each
-  textbook output and input gradient is checked against ours (same seed, so the same router
-  noise) to 1e-4 relative to the output's scale; the run stops if one differs.
+* All variants share the router, `MoEMLP.route` (same noise, same drops); the textbook ones
+  differ only in dispatch / experts / combine. The one-hot einsum is the layer's own
+  `MoEMLP.forward_one_hot`, the version moe.py shows before the fast one. At start-up of
+  every (K, E) each textbook output and input gradient is checked against ours (same seed,
+  so the same router noise) to 1e-4 relative to the output's scale; the run stops if one
+  differs.
 * The ungrouped one-hot variant routes with one group (capacity over all T tokens); it is
   therefore checked against ours run with `group_size = B`, which computes that function.
 * Loop over experts uses `w1.unbind(0)` once, which behaves like a ModuleList of E separate
@@ -78,13 +80,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from op_count import op_cells, op_counts  # noqa: E402
 
 from moe import MoEMLP  # noqa: E402
-from router import Routing, capacity_for, group_size_for, top_k_routing  # noqa: E402
+from router import capacity_for, group_size_for  # noqa: E402
 from train import keep_freed_memory  # noqa: E402
 from vit import Mlp  # noqa: E402
 
@@ -93,20 +94,6 @@ from vit import Mlp  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- routing
-def route(layer: MoEMLP, tokens: torch.Tensor, num_groups: int) -> Routing:
-    """The router every variant shares: MoEMLP's own logits and noisy top-K with capacity."""
-    logits = layer.router(tokens)  # (T, E)
-    noise = layer.noise_std / layer.num_experts if layer.training else 0.0  # σ/E
-    return top_k_routing(
-        logits,
-        k=layer.k,
-        capacity_factor=layer.capacity_factor,
-        num_groups=num_groups,
-        logit_noise_std=noise,
-        batch_priority=layer.batch_priority,
-    )
-
-
 def num_groups_of(layer: MoEMLP, batch: int) -> int:
     return batch // group_size_for(batch, layer.group_size)
 
@@ -116,7 +103,7 @@ def loop_over_experts(layer: MoEMLP, x: torch.Tensor) -> torch.Tensor:
     """y_t = Σ_k g_{t,k} · MLP_{e_{t,k}}(x_t), one expert at a time."""
     B, N, D = x.shape
     tokens = x.reshape(B * N, D)  # (T, D)
-    r = route(layer, tokens, num_groups_of(layer, B))
+    r = layer.route(tokens, B)  # the layer's own router: the same noise, the same drops
     # one view per expert, like a ModuleList of E MLPs (see the module docstring)
     w1, b1, w2, b2 = (p.unbind(0) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
     y = torch.zeros_like(tokens)  # (T, D)
@@ -130,43 +117,15 @@ def loop_over_experts(layer: MoEMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- textbook 2 and 3
-def one_hot_tensors(r: Routing, num_groups: int, dtype: torch.dtype):
-    """GShard's dispatch and combine tensors, (G, S, E, C), from a routing record.
-
-    dispatch[g, s, e, c] = 1      if token s of group g sits in slot c of expert e
-    combine[g, s, e, c]  = g_{s,k} for that same (token, choice), 0 elsewhere
-    """
-    T, K = r.experts.shape
-    E, C = r.num_experts, r.capacity
-    expert_1h = F.one_hot(r.experts, E).to(dtype)  # (T, K, E)
-    # dropped choices have position >= C: give them slot 0 and a zero weight / mask
-    slot_1h = F.one_hot(torch.where(r.kept, r.position, 0), C).to(dtype)  # (T, K, C)
-    kept = r.kept.to(dtype).unsqueeze(-1)  # (T, K, 1)
-    # outer product per choice, summed over the K choices (they never share an expert)
-    dispatch = torch.einsum("tke,tkc->tec", expert_1h * kept, slot_1h)  # (T, E, C)
-    combine = torch.einsum("tke,tkc->tec", expert_1h * r.weights.unsqueeze(-1), slot_1h)
-    shape = (num_groups, T // num_groups, E, C)
-    return dispatch.view(shape), combine.view(shape)  # (G, S, E, C) each
-
-
-def one_hot_einsum(layer: MoEMLP, x: torch.Tensor, group_images: int | None = None):
-    """GShard / V-MoE dispatch: x_in = einsum(dispatch, x), y = einsum(combine, MLP(x_in)).
-
-    group_images: images per routing group (default: the layer's group size; B = ungrouped).
-    """
-    B, N, D = x.shape
-    G = B // group_size_for(B, group_images or layer.group_size)
-    tokens = x.reshape(B * N, D)  # (T, D)
-    r = route(layer, tokens, G)
-    dispatch, combine = one_hot_tensors(r, G, x.dtype)  # (G, S, E, C) each
-    x_g = tokens.view(G, -1, D)  # (G, S, D)
-    # x_in[e, g, c] = Σ_s dispatch[g, s, e, c] · x[g, s]: every slot gets its one token (or 0)
-    x_in = torch.einsum("gsec,gsd->egcd", dispatch, x_g)  # (E, G, C, D)
-    out = layer.run_experts(rearrange(x_in, "e g c d -> e (g c) d"))  # (E, G·C, D)
-    out = rearrange(out, "e (g c) d -> e g c d", g=G)  # (E, G, C, D)
-    # y[g, s] = Σ_{e,c} combine[g, s, e, c] · out[e, g, c]
-    y = torch.einsum("gsec,egcd->gsd", combine, out)  # (G, S, D)
-    return y.reshape(B, N, D)  # (B, N, D)
+def one_hot_ungrouped(layer: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """`MoEMLP.forward_one_hot` (GShard's dispatch and combine tensors) with one routing group
+    of all B images: its (T, E, C) tensors grow with T², not T·S."""
+    group_size = layer.group_size
+    layer.group_size = x.shape[0]
+    try:
+        return layer.forward_one_hot(x)[0]
+    finally:
+        layer.group_size = group_size
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -176,10 +135,10 @@ def variants(layer: MoEMLP, dense: nn.Module, batch: int, ungrouped: bool):
         "dense": lambda x: dense(x)[0],  # vit.Mlp, the block's dense MLP, returns (y, None)
         "ours": lambda x: layer(x)[0],
         "loop": lambda x: loop_over_experts(layer, x),
-        "onehot": lambda x: one_hot_einsum(layer, x),
+        "onehot": lambda x: layer.forward_one_hot(x)[0],
     }
     if ungrouped:
-        fns["ungrouped"] = lambda x: one_hot_einsum(layer, x, group_images=batch)
+        fns["ungrouped"] = lambda x: one_hot_ungrouped(layer, x)
     return fns
 
 
