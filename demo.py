@@ -175,7 +175,7 @@ def main():
     b_time = run(root / "m2ot-teacher", sizes, *M2OT_TEACHER, *teacher_epochs, *seed)
 
     # --all: every other method on the same data and schedule; --m2ot: M²oT's students
-    others = [m for m in METHODS if m not in times and m != "m2ot"] if opts.all else []
+    others = [m for m in METHODS if m not in times] if opts.all else []
     for method in others:  # stablemoe freezes its router after half the epochs, like TGR's switch
         flags = ["--method", method, *student_epochs, *seed]
         flags += teacher if method == "teacher-route" else []

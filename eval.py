@@ -79,15 +79,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import build_vit, load_run, vit_config, vit_weights
+from checkpoint import load_run
 from data import DATASETS, build_dataset, normalize, probe_images
 from errors import ArgumentParser, UsageError, run_cli
 from flags import add_flag, teacher_args_from_flags
-from m2ot import load_mix_routers, preference_report
+from m2ot import load_mix_routers, plot_teacher_preference, preference_report, preference_table
+from pretrained import CLASSIFIER, build_vit, vit_config, vit_weights
 from probe import TASKS, check_probes, dense_probes, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
-from teacher import CLASSIFIER, build_teacher_routers, load_teacher, teacher_route
+from teacher import build_teacher_routers, load_teacher, teacher_route
 from vit import autocast, evaluating
 
 DENSE_ONLY = tuple(d for d in TASKS if d not in DATASETS)  # ade20k, nyud: no classes
@@ -446,7 +447,10 @@ def main(opts):
         history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
         images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
         maps = expert_maps(model, images, route_logits)
-        res["plots"] = write_plots(plt, Path(opts.plots), res, history, images, maps)
+        extra = {}  # an M²oT run with π: its expert -> teacher preference
+        if "teacher_preference" in res:
+            extra["teacher_preference.png"] = lambda: plot_teacher_preference(plt, res)
+        res["plots"] = write_plots(plt, Path(opts.plots), res, history, images, maps, extra)
     return res
 
 
@@ -631,7 +635,7 @@ def cli(argv=None):
     """The command line: parse, evaluate (a user mistake is one line), print, return the dict."""
     opts = get_args_parser().parse_args(argv)
     res = run_cli(main, opts)
-    print(json.dumps(res) if opts.json else fmt_table(res))
+    print(json.dumps(res) if opts.json else fmt_table(res) + preference_table(res))
     return res
 
 

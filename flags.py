@@ -6,7 +6,8 @@ A reader who knows DeiT's `main.py` should be able to type our flags from memory
 names (`--batch-size`, `--lr`, `--warmup-epochs`, `--mixup`, `--data-path`, ...), the same
 meanings (`--batch-size` is per process; lr scales by batch · world / 512), and DeiT's underscore
 spellings (`--output_dir`) as aliases (`add_flag`). What is new lives in its own groups: the
-MoE layer, the routing method, the teacher, M²oT's teachers.
+MoE layer, the routing method, the teacher; M²oT's group, its defaults and its checks are
+m2ot_flags.py's, which this file calls at each step.
 
 Some defaults depend on other flags, and are written into `args` (and so saved) once, by
 `resolve_defaults`, before `check_args` turns every impossible setting into one line:
@@ -36,6 +37,7 @@ import importlib.util
 
 import torch
 
+import m2ot_flags
 from augment import parse_aa
 from data import DATASETS
 from errors import ArgumentParser, UsageError
@@ -50,6 +52,12 @@ def add_flag(group, *names, **kw):
     """add_argument, with DeiT's underscore spelling of every dashed name as an alias."""
     alias = ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
     return group.add_argument(*names, *alias, **kw)
+
+
+def mlp_kind(method):
+    """What MLP a --method's MoE blocks get (moe.METHODS: None, "top-k", "expert-choice" or
+    "soft"); M²oT's student is built as the method `m2ot_flags.BUILT_AS` names."""
+    return METHODS[m2ot_flags.BUILT_AS.get(method, method)]
 
 
 def as_dict(flags):
@@ -101,7 +109,7 @@ def _model_flags(parser):
         g,
         "--method",
         default="vmoe",
-        choices=list(METHODS),
+        choices=[*METHODS, *m2ot_flags.BUILT_AS],
         help="routing method: dense (no experts: DeiT) | vmoe (V-MoE: noisy top-K, importance "
         "+ load losses) | tgr (teacher-guided routing: the student router distils a teacher "
         "router's; needs --teacher) | stablemoe (V-MoE, then the router frozen after "
@@ -405,65 +413,6 @@ def _method_flags(parser):
         action="store_true",
         help="tgr with --finetune: a new teacher router R_t instead of continuing the "
         "pre-trained run's",
-    )
-
-
-def _m2ot_flags(parser):
-    g = parser.add_argument_group("M²oT: several teachers guide the experts (no labels)")
-
-    # the teachers, and how their final features are distilled
-    add_flag(
-        g,
-        "--teachers",
-        nargs="+",
-        default=[],
-        help="frozen teachers whose final features the student (m2ot, dense or softmoe) "
-        "distils without labels: SRC[@SIZE] each, SRC any --teacher source or timm:NAME=PATH, "
-        "SIZE the side in pixels it runs at (docs/m2ot.md)",
-    )
-    add_flag(
-        g,
-        "--dist-reduce",
-        default="mean",
-        choices=["mean", "sum"],
-        help="--teachers: L_dist over the teachers, their mean or their sum (Eq. 2 as written; "
-        "λ_1 then weighs N_T times less)",
-    )
-
-    # the expert losses of --method m2ot
-    add_flag(
-        g,
-        "--tas-coef",
-        type=float,
-        default=0.5,
-        help="m2ot: λ_1, weight of the teacher-aware specialisation loss L_tas (0: the paper's "
-        "plain Sparse MoE row; π still learns, but L_tas no longer reaches the experts)",
-    )
-    add_flag(
-        g,
-        "--tas-form",
-        default="mixture",
-        choices=["mixture", "map"],
-        help="m2ot: L_tas as Eq. 8, each expert toward its π-mixture of teachers (mixture), or "
-        "the MAP form, π weighing each teacher's own distance (map, Eq. 6-7)",
-    )
-    add_flag(
-        g,
-        "--switch-coef",
-        type=float,
-        default=0.01,
-        help="m2ot: λ_2, weight of the Switch Transformer load-balancing loss on the tokens' "
-        "top-1 experts",
-    )
-
-    # the label-free measure of the student
-    add_flag(
-        g,
-        "--knn-every",
-        type=int,
-        default=1,
-        help="--teachers: the k-NN top-1 of the CLS embedding every N epochs (0: after the "
-        "last epoch only)",
     )
 
 
@@ -798,30 +747,25 @@ def get_args_parser(add_help=True):
         usage="%(prog)s [--model M] [--method M] [--teacher SRC] ... (DeiT's flags, below)",
         add_help=add_help,
     )
-    for flags in (_model_flags, _method_flags, _m2ot_flags, _recipe_flags, _run_flags):
+    for flags in (_model_flags, _method_flags, m2ot_flags.add_flags, _recipe_flags, _run_flags):
         flags(parser)
     return parser
 
 
 def resolve_defaults(args):
     """The defaults that depend on --method, --teachers or --device, written into args."""
-    distil = bool(args.teachers)  # M²oT's family: students of several teachers, no labels
-    if args.experts is None:  # M²oT: E = 8, K = 2 (its sec. 5); else V-MoE's 16, top-1
-        args.experts = 8 if distil else 16
+    m2ot_flags.resolve_defaults(args, MODELS[args.model])  # --teachers: M²oT's sec. 5
+    if args.experts is None:  # V-MoE: 16 experts, top-1
+        args.experts = 16
     if args.topk is None:
-        args.topk = 2 if distil else 1
-    if distil and args.moe_layers is None:  # M²oT: every second block (1-indexed 2, 4, ...)
-        args.moe_layers = list(range(2, MODELS[args.model]["depth"] + 1, 2))
-    if distil and args.expert_hidden is None and args.method != "dense":
-        # H/K: K active experts hold the dense MLP's weights (M²oT Table 4)
-        args.expert_hidden = int(MODELS[args.model]["embed_dim"] * 4) // args.topk
-    if args.model_ema is None:  # DeiT keeps an EMA; a feature student has no top-1 to show it
-        args.model_ema = not distil
+        args.topk = 1
+    if args.model_ema is None:  # DeiT keeps an EMA
+        args.model_ema = True
     if args.eval_capacity_factor is None:
         # V-MoE's ImageNet-1k config (google-research/vmoe, vmoe_paper/vmoe_s32_last2_ilsvrc2012_
         # randaug_light1.py, "Use higher capacity for evaluation") evaluates top-K at cf 4.0;
         # expert choice keeps its cf: there it is how many tokens an expert takes
-        top_k = METHODS[args.method] == "top-k"
+        top_k = mlp_kind(args.method) == "top-k"
         args.eval_capacity_factor = VMOE_EVAL_CF if top_k else args.capacity_factor
     if args.aa_on_device is None:  # on a GPU the workers are the bottleneck (docs/benchmarks.md)
         args.aa_on_device = args.device.startswith("cuda")
@@ -834,21 +778,16 @@ def resolve_defaults(args):
 
 def check_args(args):
     """Turn impossible settings into one readable line each (errors.py says how)."""
-    if METHODS[args.method] in ("top-k", "expert-choice"):  # router.py owns these rules
+    if mlp_kind(args.method) in ("top-k", "expert-choice"):  # router.py owns these rules
         check_routing(args.experts, args.topk, args.capacity_factor, args.eval_capacity_factor)
     if args.method in ("tgr", "teacher-route") and not args.teacher:
         demo = "runs/demo/dense/checkpoint.pt, which make demo writes"
         raise UsageError(f"--method {args.method} needs --teacher (a dense run, e.g. {demo})")
-    if args.method == "m2ot" and not args.teachers:
-        raise UsageError("--method m2ot needs --teachers SRC [SRC ...] (dense checkpoints, ...)")
-    if args.teachers and args.method not in ("m2ot", "dense", "softmoe"):
-        raise UsageError(f"--teachers: the students are m2ot, dense and softmoe, not {args.method}")
+    m2ot_flags.check_args(args)
     if min(args.student_entropy_coef, args.bias_update_rate, args.probe_every) < 0:
         raise UsageError(
             "--student-entropy-coef, --bias-update-rate and --probe-every must be >= 0"
         )
-    if min(args.tas_coef, args.switch_coef) < 0 or args.knn_every < 0:
-        raise UsageError("--tas-coef, --switch-coef and --knn-every must be >= 0")
     if args.upcycle and args.finetune:
         raise UsageError("--upcycle and --finetune both start the weights: give one")
     for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size", "accum_iter"):
@@ -876,16 +815,12 @@ def describe_recipe(args):
     if not args.teachers:  # no labels: MixUp/CutMix and smoothing have nothing to act on
         parts += [f"mixup {args.mixup}", f"cutmix {args.cutmix}", f"smoothing {args.smoothing}"]
     parts += [f"drop-path {args.drop_path}", f"ema {ema}", f"eval crop {args.eval_crop_ratio}"]
-    if METHODS[args.method] in ("top-k", "expert-choice"):
+    if mlp_kind(args.method) in ("top-k", "expert-choice"):
         cf = f"capacity factor {args.capacity_factor} train / {args.eval_capacity_factor} eval"
         parts.append(cf)
     if args.compile:  # the first steps (and the TGR/StableMoE switch) wait for the compiler
         parts.append("compiled (--no-compile: eager)")
-    text = ", ".join(optimiser) + "; " + ", ".join(parts)
-    if args.teachers:
-        text += f"; {len(args.teachers)} teachers, no labels, λ_1 (tas) {args.tas_coef}, "
-        text += f"λ_2 (switch) {args.switch_coef}"
-    return text
+    return ", ".join(optimiser) + "; " + ", ".join(parts) + m2ot_flags.describe(args)
 
 
 # ----------------------------------------------------------------------------- saved flags

@@ -411,3 +411,80 @@ def preference_report(model, mix_routers, teachers, probe):
         "favourite_counts": favourites,
         "distinct_favourites": [sum(n > 0 for n in f) for f in favourites],
     }
+
+
+# ----------------------------------------------------------------------------- showing it
+def preference_table(res):
+    """eval.py's printed M²oT section ("" without π): per MoE layer the preference's
+    sharpness per expert and per token and the experts per favourite teacher, then each
+    layer's expert × teacher table."""
+    if "teacher_preference" not in res:
+        return ""
+    columns = ["teacher-preference sharpness", "per-token sharpness", "experts per favourite"]
+    lines = ["", "| MoE block | " + " | ".join(columns) + " |", "|---" * 4 + "|"]
+    rows = zip(
+        res["moe_layers"],
+        res["preference_sharpness"],  # per expert: mean_e max_i pref(e, i)
+        res["token_sharpness"],  # per token: mean max π over the kept assignments
+        res["favourite_counts"],  # e.g. 8/0: every expert leans to one teacher
+    )
+    for block, sharp, token, counts in rows:
+        lines.append(f"| {block} | {sharp:.3f} | {token:.3f} | {'/'.join(map(str, counts))} |")
+
+    # each layer's expert -> teacher preference
+    teachers = res["teachers"]
+    for block, pref in zip(res["moe_layers"], res["teacher_preference"]):
+        lines += [
+            "",
+            f"teacher preference, block {block} (mean π over each expert's tokens)",
+            "| expert | " + " | ".join(teachers) + " |",
+            "|---" * (len(teachers) + 1) + "|",
+        ]
+        lines += [
+            f"| {e} | " + " | ".join("-" if x is None else f"{x:.3f}" for x in row) + " |"
+            for e, row in enumerate(pref)
+        ]
+    return "\n".join(lines)
+
+
+def plot_teacher_preference(plt, res):
+    """teacher_preference.png: per MoE layer, each expert's mean π over teachers (M²oT Fig. 4b)."""
+    import numpy as np  # matplotlib's own dependency
+
+    layers = res["moe_layers"]
+    teachers = res["teachers"]  # N_T names
+    E = res["num_experts"]
+    fig, axes = plt.subplots(
+        1,
+        len(layers),
+        figsize=(len(layers) * (1.5 + 0.9 * len(teachers)), 1.3 + 0.35 * E),
+        squeeze=False,
+    )
+    for ax, block, pref, sharp in zip(
+        axes[0], layers, res["teacher_preference"], res["preference_sharpness"]
+    ):
+        pref = np.array(pref, dtype=float)  # (E, N_T); null rows (no token taken) -> NaN, blank
+        ax.imshow(pref, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+
+        # every cell's share written on it, dark on light cells, light on dark ones
+        for (e, i), share in np.ndenumerate(pref):
+            if not np.isnan(share):
+                ax.text(
+                    i,
+                    e,
+                    f"{share:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="k" if share > 0.6 else "w",
+                )
+        ax.set(
+            title=f"block {block}: sharpness {sharp:.2f}",
+            xlabel="teacher",
+            ylabel="expert",
+            xticks=range(len(teachers)),
+            yticks=range(E),
+        )
+        ax.set_xticklabels(teachers, fontsize=7, rotation=20)
+    fig.tight_layout()
+    return fig

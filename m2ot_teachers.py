@@ -45,9 +45,16 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from augment import MEAN, STD
-from checkpoint import build_vit, check_keys, read_state_dict, vit_config, vit_weights
 from errors import UsageError
-from teacher import CLASSIFIER, Frozen
+from pretrained import (
+    CLASSIFIER,
+    Frozen,
+    build_vit,
+    check_keys,
+    read_state_dict,
+    vit_config,
+    vit_weights,
+)
 
 
 def teacher_source(source, img_size):

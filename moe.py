@@ -39,7 +39,7 @@ Variants, one `--method` each (all share the stacked experts):
 
 Legend: D `embed_dim`, H hidden (`mlp_ratio · D`), h an expert's hidden width (`expert_hidden`,
 default H), E `num_experts`, K `k`, cf `capacity_factor`, σ `noise_std`, S_MoE `moe_layers`
-(1-indexed blocks, V-MoE "Last n"), φ(t, e) expert e's output for token t (M²oT eq. 8).
+(1-indexed blocks, V-MoE "Last n"), φ(t, e) expert e's output for token t.
 
 Decisions where the papers are silent
 -------------------------------------
@@ -50,12 +50,13 @@ Decisions where the papers are silent
   slots per image, the compute of top-K routing (TGR supplementary sec. A). Its `Routing`
   record reports, per token, the share of its output each expert wrote (combine weights
   summed over that expert's slots) as `probs`, and that share's argmax as `experts`.
-* M²oT narrows the experts to h = H/K (`expert_hidden`), so K active experts hold the dense
-  MLP's weight count plus the router's D·E and K − 1 extra output biases b2.
+* Experts may be narrower than the dense MLP: h = H/K (`expert_hidden`) makes K active
+  experts hold the dense MLP's weight count plus the router's D·E and K − 1 extra output
+  biases b2 (fine-grained experts, as a student of several teachers uses by default).
 * `layer.keep_expert_outputs = True` also returns φ(t, e_{t,k}), the gathered expert rows
   before the combine weight, as `Routing.expert_out` (T, K, D), 0 where dropped, in the graph
-  (M²oT's TAS loss trains the experts through it), and the layer's input x_t as
-  `Routing.inputs` (T, D) (M²oT's teacher-aware router reads it). Off, nothing more is kept.
+  (a loss on each expert's own output trains the experts through it), and the layer's input
+  x_t as `Routing.inputs` (T, D) (a second router may read it). Off, nothing more is kept.
 * `lossfree`'s bias steps by u = `bias_update_rate` (DeepSeek-V3's 0.001) after every
   training *batch* (with --accum-iter, every batch of a step), from the choices before capacity;
   the loads are this process's (under DDP, DDP broadcasts rank 0's buffers at each forward, so
@@ -99,7 +100,6 @@ METHODS = {
     "expert-choice": "expert-choice",
     "softmoe": "soft",
     "lossfree": "top-k",  # V-MoE's router balanced by a selection bias, no auxiliary loss
-    "m2ot": "top-k",  # M²oT's student: top-K token choice; its teachers live in m2ot.py
 }
 
 
@@ -155,7 +155,7 @@ class MoEMLP(StackedExperts):
         self.batch_priority = batch_priority  # BPR
         self.router_type = router  # "top-k" or "expert-choice"
         self.router = nn.Linear(dim, num_experts, bias=False)  # W_r: (D -> E)
-        self.keep_expert_outputs = False  # True: routing.expert_out = φ (M²oT's TAS loss)
+        self.keep_expert_outputs = False  # True: also hand back φ and x_t in the Routing
 
         # auxiliary-loss-free balancing (`--method lossfree`): a per-expert bias b that only
         # chooses, nudged by u after every training batch (`update_expert_bias`); a buffer, so
@@ -239,7 +239,7 @@ class MoEMLP(StackedExperts):
         out = self.run_experts(self.dispatch(tokens, token_of_slot))  # (E, G·C, D)
         y = self.combine(out, token_of_slot, weight_of_slot, num_tokens=B * N)  # (T, D)
 
-        if self.keep_expert_outputs:  # φ for M²oT's TAS loss, x_t for its teacher-aware router
+        if self.keep_expert_outputs:  # φ for a loss on each expert's output, x_t for a router
             routing.expert_out = self.expert_outputs(out, slot, routing.kept)  # (T, K, D)
             routing.inputs = tokens  # (T, D), already in memory: a reference, no copy
         return rearrange(y, "(b n) d -> b n d", b=B), routing
@@ -360,7 +360,7 @@ def build_model(
 ):
     """Build a DeiT (`method="dense"`) or its MoE student.
 
-    expert_hidden: every expert's hidden width h (None: the dense MLP's H; M²oT: H // K).
+    expert_hidden: every expert's hidden width h (None: the dense MLP's H; e.g. H // K).
     options: drop_path_rate, capacity_factor, eval_capacity_factor, noise_std, group_size,
     batch_priority, bias_update_rate (MoE); init_values, no_embed_class, in_chans, qkv_bias (ViT).
     The model keeps these keyword arguments as `model.model_args`; train.py's checkpoints
@@ -441,13 +441,13 @@ def upcycle(model, dense_state_dict):
     Every non-MLP weight is copied; each MoE block's experts are cut from its dense MLP
     (fc1.weight (H, D) -> w1 (E, D, h), fc2.weight (D, H) -> w2 (E, h, D)); routers (and Soft
     MoE's slots) stay fresh. At h = H every expert is a copy of the MLP. Narrower experts
-    (M²oT: h = H/K) take slice s = e mod n of the n = H // h slices of hidden units,
+    (h = H/K) take slice s = e mod n of the n = H // h slices of hidden units,
     [s·h, (s+1)·h), and b2 = fc2.bias / n, so that (h dividing H; GELU acts unit by unit)
 
         Σ_{s < n} MLP_s(x) = W2 · GELU(W1 x + b1) + b2 = MLP(x):
 
     every dense unit survives and experts differ from the start (one shared slice would lose
-    the rest). M²oT trains from scratch anyway: its Table 8 finds no difference.
+    the rest).
     Returns the list of keys left at their initial values.
     """
     own = model.state_dict()

@@ -5,14 +5,15 @@ The idea
 `eval.main` returns one dict of numbers (what `--json` prints). This file turns it into
 what a reader looks at: `fmt_table`, a Markdown table per MoE layer (routing entropy, dropped
 fraction, the busiest expert's share × E, teacher agreement, consistency with another
-checkpoint; M²oT: preference sharpness per expert and per token, experts per favourite
-teacher), and with `--plots DIR` four figures:
+checkpoint), and with `--plots DIR` three figures:
 
     utilisation.png          one bar chart per MoE layer: the share of tokens whose top-1 is e
     curves.png               the run's log.jsonl: top-1, routing entropy, adjacent-epoch
                              consistency, the distillation KL; distilling epochs shaded
     expert_maps.png          every patch coloured by its top-1 expert, student beside teacher
-    teacher_preference.png   M²oT: each expert's mean π over the teachers (its Fig. 4b)
+
+(an M²oT run adds its own table and figure, m2ot.py's `preference_table` and
+`plot_teacher_preference`).
 
 train.py prints its parameter count once (`describe_params`: total, active per token, and what
 trains beside the student only while it is taught) and one line per epoch (`epoch_line`).
@@ -64,9 +65,6 @@ def fmt_table(res):
         "busiest expert ×E": [max(u) * len(u) for u in res["utilisation"]],
         "teacher agreement": res.get("teacher_agreement"),
         f"consistency vs {res.get('compare')}": res.get("consistency"),
-        "teacher-preference sharpness": res.get("preference_sharpness"),  # M²oT: per expert
-        "per-token sharpness": res.get("token_sharpness"),  # mean max π over assignments
-        "experts per favourite": res.get("favourite_counts"),  # e.g. 8/0: one teacher
     }
     cols = {k: v for k, v in cols.items() if v is not None}
     lines += ["", "| MoE block | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -74,35 +72,22 @@ def fmt_table(res):
     for i, block in enumerate(res["moe_layers"]):
         lines.append(f"| {block} | " + " | ".join(cell(v[i]) for v in cols.values()) + " |")
 
-    # each layer's utilisation; M²oT: each layer's expert -> teacher preference
+    # each layer's utilisation
     for block, u in zip(res["moe_layers"], res["utilisation"]):
         lines.append(f"utilisation, block {block}: " + " ".join(f"{x:.3f}" for x in u))
-    for block, pref in zip(res["moe_layers"], res.get("teacher_preference", [])):
-        lines += [
-            "",
-            f"teacher preference, block {block} (mean π over each expert's tokens)",
-            "| expert | " + " | ".join(res["teachers"]) + " |",
-            "|---" * (len(res["teachers"]) + 1) + "|",
-        ]
-        lines += [
-            f"| {e} | " + " | ".join("-" if x is None else f"{x:.3f}" for x in row) + " |"
-            for e, row in enumerate(pref)
-        ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- train.py's lines
-def describe_params(model, routers=None, m2ot=None):
+def describe_params(model, routers=None):
     """The start line's parameter count: the student's (total, and active per token for a
-    MoE: K of the E experts), and what trains beside it only while it is taught."""
+    MoE: K of the E experts), and the teacher router, which trains beside it only while it
+    is taught (a hook adds its own part: m2ot_hook.py)."""
     total, active = (n / 1e6 for n in moe_num_params(model))
     text = f"{total:.2f}M params" + (f" ({active:.2f}M active)" if model.moe_layers else "")
     if routers is not None:  # TGR Table S2's "+ router"
         router = sum(p.numel() for p in routers.parameters()) / 1e6
         text += f" + {router:.3f}M teacher router"
-    if m2ot is not None:  # training only, like the teacher router
-        heads = sum(p.numel() for p in m2ot.parameters()) / 1e6
-        text += f" + {heads:.3f}M heads and π for {len(m2ot.teachers)} teachers"
     return text
 
 
@@ -116,10 +101,12 @@ def progress_line(epoch, done, batches, sums, lr, seen, elapsed):
     )
 
 
-def epoch_line(epoch, record, consistency, teachers):
+def epoch_line(epoch, record, consistency):
     """The epoch's printed line. A score is shown as computed (0.00 is a score), "-" where
-    this epoch computed none (the k-NN top-1 of an epoch between --knn-every)."""
-    name, key = ("val k-NN top-1", "val_knn_top1") if teachers else ("val top-1", "val_top1")
+    this epoch computed none (the k-NN top-1 of an epoch between --knn-every). A model
+    without a classifier (no top-1) shows its k-NN top-1."""
+    labelled = record.get("val_top1") is not None
+    name, key = ("val top-1", "val_top1") if labelled else ("val k-NN top-1", "val_knn_top1")
     score = "-" if record.get(key) is None else f"{record[key]:.2f}"
     line = f"epoch {epoch}: {name} {score}"
     if not record.get("routing_entropy"):  # dense: no routing to show
@@ -270,52 +257,10 @@ def plot_expert_maps(plt, res, images, maps):
     return fig
 
 
-def plot_teacher_preference(plt, res):
-    """teacher_preference.png: per MoE layer, each expert's mean π over teachers (M²oT Fig. 4b)."""
-    import numpy as np  # matplotlib's own dependency
-
-    layers = res["moe_layers"]
-    teachers = res["teachers"]  # N_T names
-    E = res["num_experts"]
-    fig, axes = plt.subplots(
-        1,
-        len(layers),
-        figsize=(len(layers) * (1.5 + 0.9 * len(teachers)), 1.3 + 0.35 * E),
-        squeeze=False,
-    )
-    for ax, block, pref, sharp in zip(
-        axes[0], layers, res["teacher_preference"], res["preference_sharpness"]
-    ):
-        pref = np.array(pref, dtype=float)  # (E, N_T); null rows (no token taken) -> NaN, blank
-        ax.imshow(pref, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-
-        # every cell's share written on it, dark on light cells, light on dark ones
-        for (e, i), share in np.ndenumerate(pref):
-            if not np.isnan(share):
-                ax.text(
-                    i,
-                    e,
-                    f"{share:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="k" if share > 0.6 else "w",
-                )
-        ax.set(
-            title=f"block {block}: sharpness {sharp:.2f}",
-            xlabel="teacher",
-            ylabel="expert",
-            xticks=range(len(teachers)),
-            yticks=range(E),
-        )
-        ax.set_xticklabels(teachers, fontsize=7, rotation=20)
-    fig.tight_layout()
-    return fig
-
-
-def write_plots(plt, out, res, history, images, maps):
-    """utilisation.png, curves.png (needs the run's log.jsonl), expert_maps.png and, for an
-    M²oT run with π, teacher_preference.png; returns the paths."""
+def write_plots(plt, out, res, history, images, maps, extra=None):
+    """utilisation.png, curves.png (needs the run's log.jsonl), expert_maps.png and the
+    `extra` figures ({file name: a function drawing it}: an M²oT run's teacher_preference.png,
+    m2ot.py); returns the paths."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--plots {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -328,8 +273,7 @@ def write_plots(plt, out, res, history, images, maps):
         figures["curves.png"] = lambda: plot_curves(plt, res, history)
     if res["moe_layers"]:
         figures["expert_maps.png"] = lambda: plot_expert_maps(plt, res, images, maps)
-    if "teacher_preference" in res:
-        figures["teacher_preference.png"] = lambda: plot_teacher_preference(plt, res)
+    figures.update(extra or {})
     for name, draw in figures.items():
         fig = draw()
         fig.savefig(out / name, dpi=DPI)

@@ -30,7 +30,7 @@ and the student router is pulled toward p_t with KL(sg(p_t) ‖ p) (`losses.rout
 
 Sources (`load_teacher(source, layers)`): an official facebookresearch/deit DeiT-III file, the
 same in timm's naming, `"torchvision:vit_b_16"` (any torchvision ViT), DINOv2 (timm's or the
-official layout), or a dense run of this project's `train.py --method dense`. checkpoint.py
+official layout), or a dense run of this project's `train.py --method dense`. pretrained.py
 tells them apart by their contents and loads them, shape-checked, into `vit.VisionTransformer`;
 this file decides what runs of it.
 
@@ -65,30 +65,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import build_vit, vit_config, vit_weights
 from errors import ArgumentParser, UsageError, run_cli
 from losses import entropy_loss, importance_loss
-from vit import VisionTransformer, autocast
+from pretrained import CLASSIFIER, Frozen, build_vit, vit_config, vit_weights
+from vit import VisionTransformer
 
-CLASSIFIER = ("head.", "fc_norm.")  # never run, ignored
 NEVER_RUN = ("norm.", *CLASSIFIER)  # TGR's teacher also stops before the final norm
 
 
 # ----------------------------------------------------------------------------- the teacher
-class Frozen(nn.Module):
-    """What every teacher shares: no gradients, eval mode for good, optional bf16 autocast."""
+class UnreadMLP(nn.Module):
+    """Stands in for an MLP whose output is never read: adds nothing, costs nothing."""
 
-    def freeze(self):
-        self.requires_grad_(False)  # stop-gradient: the backbone never updates
-        self.train(False)
-
-    def train(self, mode=True):
-        # frozen for good: an outer model.train() must not switch the teacher to training
-        return super().train(False)
-
-    def autocast(self, images):
-        """bf16 autocast on the images' device when the teacher runs in bf16, else nothing."""
-        return autocast(images.device, torch.bfloat16 if self.dtype == "bf16" else None)
+    def forward(self, h):
+        return torch.zeros_like(h), None  # (B, N, D_t), no routing
 
 
 class Teacher(Frozen):
@@ -104,10 +94,13 @@ class Teacher(Frozen):
         self.depth = len(vit.blocks)
         self.final = max(self.layers) > self.depth  # the paper's last-layer ablation
 
-        # cut what never runs: the blocks past the deepest one needed, the head, the final norm
+        # cut what never runs: the blocks past the deepest one needed, the head, the final norm,
+        # and the deepest block's MLP, whose input h_t is all that is read of it
         vit.blocks = vit.blocks[: max(self.layers)]  # never run past the deepest block needed
         vit.norm = vit.norm if self.final else nn.Identity()  # run for "final" only
         vit.head = nn.Identity()
+        if not self.final:
+            vit.blocks[-1].mlp = UnreadMLP()
 
         # how it runs, and what it is
         self.vit = vit
@@ -121,6 +114,20 @@ class Teacher(Frozen):
         self.img_size = self.grid * self.patch_size
         self.freeze()
 
+        # h_t^(i): a hook on each wanted block's norm2 keeps its output, what the block's MLP
+        # (and a student router) reads, while the block itself runs as the student's do
+        self.kept = {}  # block -> (B, N, D_t), filled during a forward
+        for i in sorted({i for i in self.layers if i <= self.depth}):
+            vit.blocks[i - 1].norm2.register_forward_hook(self.keeper(i))
+
+    def keeper(self, i):
+        """The forward hook of block i's norm2: keep its output as h_t^(i)."""
+
+        def keep(module, inputs, output):
+            self.kept[i] = output
+
+        return keep
+
     @torch.no_grad()
     def forward(self, images):
         if images.shape[-2:] != (self.img_size, self.img_size):
@@ -133,23 +140,20 @@ class Teacher(Frozen):
             size = (self.img_size, self.img_size)
             images = F.interpolate(images, size=size, mode="bilinear")  # (B, 3, G·P, G·P)
 
-        # the blocks one by one, keeping the LN2 outputs of the wanted ones
-        wanted = set(self.layers)
-        feats = {}  # block -> (B, 1 + G², D_t)
-        prefix = self.vit.num_prefix_tokens  # 1 + R
-        tokens = lambda h: torch.cat([h[:, :1], h[:, prefix:]], dim=1) if prefix > 1 else h
+        # the blocks up to the deepest wanted one; the hooks keep their LN2 outputs
         with self.autocast(images):
             x = self.vit.embed(images)  # (B, N, D_t)
-            for i, block in enumerate(self.vit.blocks, start=1):  # vit.Block, written out
-                x = x + block.ls1(block.attn(block.norm1(x)))  # (B, N, D_t)
-                h = block.norm2(x)  # (B, N, D_t) h_t^(i): what the MLP (and a router) reads
-                if i in wanted:  # registers dropped: CLS and patches, as the student's tokens
-                    feats[i] = tokens(h).float()  # (B, 1 + G², D_t)
-                if i < len(self.vit.blocks) or self.final:
-                    x = x + block.ls2(block.mlp(h)[0])  # (B, N, D_t)
+            for block in self.vit.blocks:
+                x, _ = block(x)  # (B, N, D_t); a dense block routes nothing
+            feats = dict(self.kept)
+            self.kept.clear()
             if self.final:  # the final features: every block, then the final norm
-                feats[self.depth + 1] = tokens(self.vit.norm(x)).float()  # (B, 1 + G², D_t)
-        return [feats[i] for i in self.layers]
+                feats[self.depth + 1] = self.vit.norm(x)  # (B, N, D_t)
+
+        # registers dropped: CLS and patches, as the student's tokens, in float32
+        prefix = self.vit.num_prefix_tokens  # 1 + R
+        tokens = lambda h: torch.cat([h[:, :1], h[:, prefix:]], dim=1) if prefix > 1 else h
+        return [tokens(feats[i]).float() for i in self.layers]  # (B, 1 + G², D_t) each
 
     def extra_repr(self):
         return f"kind={self.kind}, layers={self.layers}, dim={self.dim}, grid={self.grid}"

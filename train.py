@@ -22,9 +22,11 @@ after `--stable-stage1`); zloss (+1e-3 z-loss); teacher-route (sec. 5.3: R_t rou
 by L_task + λ_load Σ(importance + load); the student router, never used to choose, learns
 from λ_distill Σ_i KL, eq. S2).
 
-M²oT (`--teachers SRC ...`, `m2ot.py`): `--method m2ot`, and the dense and Soft
-MoE students of the same teachers, learn without labels, L = L_dist + λ_1 L_tas + λ_2 L_switch
-(`m2ot.m2ot_losses`); `--tas-coef 0` is the paper's plain Sparse MoE row.
+M²oT (`--teachers SRC ...`): `--method m2ot`, and the dense and Soft MoE students of the
+same teachers, learn without labels, L = L_dist + λ_1 L_tas + λ_2 L_switch (m2ot.py). This
+file meets it through one object, `m2ot_hook.M2oTHook` (`hook` below): read with the inputs,
+it builds the student, starts its heads and π, gives the batch's loss in place of
+`compute_losses` and measures the k-NN top-1; nothing else here knows of it.
 
 Legend: λ_distill `--distill-coef`, λ_load/λ_ent `--teacher-load-coef/--teacher-ent-coef`,
 S `--moe-layers`, R_t `TeacherRouter`, h_t `teacher(images)[i]`, g `routing.weights`.
@@ -82,10 +84,8 @@ from eval import (
 )
 from flags import get_args_parser
 from losses import entropy_loss, importance_loss, load_loss, routing_kl, z_loss
-from m2ot import M2oT, keep_expert_outputs, m2ot_losses
-from m2ot_teachers import load_final_teacher
+from m2ot_hook import M2oTHook
 from moe import METHODS, MODELS, build_model
-from probe import knn_eval
 from report import describe_params, epoch_line, progress_line
 from teacher import (
     build_teacher_routers,
@@ -141,20 +141,20 @@ def broadcast_from_rank0(module, world):
 @dataclass
 class Guides:
     """Who teaches the student: TGR's frozen teacher and its trainable routers (tgr and
-    teacher-route, until the switch), or M²oT's teachers with their heads and π (`m2ot`);
-    none of them for the other methods. The routers and M²oT's parts train beside the
-    student, outside its DDP wrapper."""
+    teacher-route, until the switch); none for the other methods. `extra`: what else trains
+    beside the student by its rules (a hook's parts: M²oT's heads and π). The routers and
+    `extra` train outside the student's DDP wrapper."""
 
     teacher: nn.Module | None = None
     routers: nn.ModuleList | None = None
-    m2ot: M2oT | None = None
+    extra: nn.Module | None = None
 
     def route_logits(self):
         """images -> [(B, N, E) teacher-router logits per MoE layer], or None without one."""
         return teacher_route(self.teacher, self.routers) if self.routers is not None else None
 
     def trainable(self):
-        return [m for m in (self.routers, self.m2ot) if m is not None]
+        return [m for m in (self.routers, self.extra) if m is not None]
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Inputs:
     pretrained: dict | None  # the --finetune or --upcycle checkpoint
     teacher: nn.Module | None  # TGR's frozen teacher (tgr, teacher-route)
     teacher_args: dict | None  # its `load_teacher` arguments, saved in every checkpoint
-    teachers: list  # M²oT's final-feature teachers (--teachers), [] without
+    hook: M2oTHook | None  # M²oT's side of the run, its teachers loaded (--teachers)
 
 
 def read_inputs(args, out):
@@ -184,30 +184,17 @@ def read_inputs(args, out):
         moe_layers = args.moe_layers or MODELS[args.model]["moe_layers"]
         t_args = flags.teacher_args_from_flags(args, moe_layers)
         teacher = load_teacher(**t_args)
-    options = dict(img_size=args.img_size, dtype=args.teacher_dtype, random_ok=args.teacher_random)
-    teachers = [load_final_teacher(source, **options) for source in args.teachers]
+    hook = M2oTHook.read(args)  # None without --teachers
     data.check_data_path(args)
-    return Inputs(resume, ckpt, pre, teacher, t_args, teachers)
+    return Inputs(resume, ckpt, pre, teacher, t_args, hook)
 
 
-def build_student(args, num_classes):
-    """The student ViT of --model/--method (`model.model_args` rebuilds it). A student of
-    --teachers has no classifier (no labels: `model(images)` gives its CLS features) and its
-    MoE layers hand back φ and their inputs for M²oT's TAS loss."""
-    model = build_model(
-        **checkpoint.model_args_from_flags(args, 0 if args.teachers else num_classes)
-    )
-    keep_expert_outputs(model, on=bool(args.teachers))
-    return model
-
-
-def build_m2ot(args, model, teachers, device, world):
-    """M²oT's training-only parts (`m2ot.M2oT`): heads, π, statistics; identical on every rank."""
-    layers = len(model.moe_layers) if args.method == "m2ot" else 0  # π: top-K students only
-    teachers = [t.to(device) for t in teachers]
-    forms = dict(tas_form=args.tas_form, dist_reduce=args.dist_reduce)  # flags.py's choices
-    m2ot = M2oT(teachers, model.embed_dim, model.grid, layers, args.experts, **forms).to(device)
-    return broadcast_from_rank0(m2ot, world)
+def build_student(args, num_classes, hook=None):
+    """The student ViT of --model/--method (`model.model_args` rebuilds it); a hook's own
+    (M²oT's: no classifier, MoE layers that hand back φ)."""
+    if hook is not None:
+        return hook.build_student()
+    return build_model(**checkpoint.model_args_from_flags(args, num_classes))
 
 
 def build_teacher(args, model, device, world, teacher=None):
@@ -231,13 +218,13 @@ def start_student(model, args, resume, ckpt, pretrained, probe):
     return None
 
 
-def build_optimizer(model, routers, args, cuda, m2ot=None):
+def build_optimizer(model, routers, args, cuda, extra=None):
     """AdamW (DeiT): no weight decay on biases, norms, pos_embed and cls_token; the teacher
     routers, while they train, in a group named "teacher_router" (`switch_off` removes it);
-    M²oT's heads and π follow the student's rules."""
+    `extra` (a hook's parts, M²oT's heads and π) follows the student's rules."""
     decay = []
     no_decay = []
-    named = [*model.named_parameters(), *(m2ot.named_parameters() if m2ot else [])]
+    named = [*model.named_parameters(), *(extra.named_parameters() if extra else [])]
     for name, p in named:
         flat = p.ndim <= 1 or name.endswith((".b1", ".b2")) or name in ("pos_embed", "cls_token")
         (no_decay if flat else decay).append(p)
@@ -282,16 +269,12 @@ def compute_losses(model, images, targets, args, guides, labels=None):
 
     Returns (student loss, teacher-router loss or 0, {part: detached value}); with `labels`
     (the un-mixed classes, (B,)) also the batch's top-1 in % (TGR Fig. S2's training accuracy).
-    A student of --teachers learns from them alone (`guides.m2ot`), Eq. 10.
     `--router-grad distill-only` (tgr, while distilling): a hook zeroes the gradient of every
     layer's combine weights g, the task loss's only path into the router, so the router learns
     from its own layer's KL alone while it still routes. It stays inside autograd, so DDP
     averages it like any gradient (a separate autograd.grad would need an all-reduce).
     `--distill-tokens cls` (the summary's "targets the CLS token"): the KL of the CLS token alone.
     """
-    if guides.m2ot is not None:
-        loss, parts = m2ot_losses(model, guides.m2ot, images, args.tas_coef, args.switch_coef)
-        return loss, 0.0, parts
     parts = {}
     # (B, N, E) per MoE layer: the trainable routers on the frozen (no_grad) teacher features
     route_logits = guides.route_logits()  # None without a teacher router
@@ -348,9 +331,9 @@ def compute_losses(model, images, targets, args, guides, labels=None):
 
 
 def average_grads(module, world):
-    """The teacher routers and M²oT's heads and π are not inside the DDP-wrapped student, so
-    DDP never averages their gradients: without this every rank's router would follow its own
-    shard of the data and the ranks would distil toward different targets."""
+    """The teacher routers (and a hook's parts, `Guides.extra`) are not inside the DDP-wrapped
+    student, so DDP never averages their gradients: without this every rank's router would
+    follow its own shard of the data and the ranks would distil toward different targets."""
     for p in module.parameters():
         dist.all_reduce(p.grad)
         p.grad /= world
@@ -393,28 +376,30 @@ def load_step_probe(args, out, probe, step, rank):
     return StepProbe(args.probe_every, probe, history)
 
 
-def train_one_epoch(
-    model,
-    guides,
-    optimizer,
-    loader,
-    mix,
-    args,
-    epoch,
-    step,
-    ema=None,
-    losses_fn=compute_losses,
-    step_probe=None,
-):
+@dataclass
+class Learner:
+    """What a training step works with, besides the batch (`train_one_epoch`)."""
+
+    model: nn.Module  # the student, DDP-wrapped under torchrun
+    guides: Guides  # who teaches it (`Guides()`: nobody)
+    optimizer: torch.optim.Optimizer
+    losses_fn: object = compute_losses  # `compute_losses`, a hook's, or either compiled
+    ema: ModelEma | None = None  # --model-ema
+    step_probe: StepProbe | None = None  # --probe-every
+
+
+def train_one_epoch(learner, loader, mix, args, epoch, step):
     """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
 
+    learner: the `Learner` (model, guides, optimizer, loss function, EMA, step probe).
     sums: every loss part summed over the epoch's batches on the device (this rank's), for
     `epoch_means`. Nothing in a step waits for the device: sums stay tensors, and the first
     non-finite loss is noted on the device and checked at each progress line.
     --accum-iter N: one optimizer step per N batches, each loss divided by N, DDP's all-reduce
-    only on the N-th (`no_sync` before it); a last incomplete group of batches is left out.
-    losses_fn: `compute_losses` or its torch.compile'd self (--compile).
-    step_probe: a `StepProbe` (--probe-every) or None."""
+    only on the N-th (`no_sync` before it); a last incomplete group of batches is left out."""
+    model = learner.model
+    guides = learner.guides
+    optimizer = learner.optimizer
     device = next(model.parameters()).device
     accum = args.accum_iter
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -439,7 +424,9 @@ def train_one_epoch(
         last = (it + 1) % accum == 0  # the batch whose backward all-reduces
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
             with autocast(device, amp_dtype):
-                loss, teacher_loss, parts = losses_fn(model, images, targets, args, guides, labels)
+                loss, teacher_loss, parts = learner.losses_fn(
+                    model, images, targets, args, guides, labels
+                )
             total = loss + teacher_loss
             (total / accum).backward()
         new_bad = ~torch.isfinite(total.detach()) & (bad_step < 0)
@@ -452,11 +439,11 @@ def train_one_epoch(
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
             optimizer.step()
-            if ema is not None:
-                ema.update(model)
+            if learner.ema is not None:
+                learner.ema.update(model)
             step += 1
-            if step_probe is not None:
-                step_probe.after_step(model, step)
+            if learner.step_probe is not None:
+                learner.step_probe.after_step(model, step)
         seen += images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -497,10 +484,9 @@ def epoch_means(sums, world, steps, device):
     return dict(zip(sums, (means / (world * steps)).tolist()))
 
 
-def validate(args, model, val_loader, guides, ema=None, knn_loader=None):
+def validate(args, model, val_loader, guides, ema=None):
     """The epoch's validation: accuracy and routing metrics (teacher-route: also the student's
-    own route; --model-ema: also the averaged weights' top-1; with `knn_loader`, the train
-    split seen without augmentation: the k-NN top-1 of the CLS embedding, M²oT's measure)."""
+    own route; --model-ema: also the averaged weights' top-1)."""
     device = next(model.parameters()).device
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
@@ -515,9 +501,6 @@ def validate(args, model, val_loader, guides, ema=None, knn_loader=None):
         record["val_top1_student_route"] = run(model)["top1"]
     if ema is not None:  # routed as the model is (tgr: no teacher agreement needed here)
         record["val_top1_ema"] = run(ema.module, **(routed if by_teacher else {})).get("top1")
-    if knn_loader is not None:  # weighted k-NN, k = 20, T = 0.07 (DINO's protocol)
-        knn = knn_eval(model, knn_loader, val_loader, device, amp_dtype=amp_dtype)
-        record["val_knn_top1"] = knn
     return record
 
 
@@ -540,7 +523,8 @@ def keep_freed_memory():
 
 
 def main(args):
-    """Train; returns {"model": the unwrapped student, "routers", "m2ot", "history", "args"}."""
+    """Train; returns {"model": the unwrapped student, "routers", "m2ot" (the hook's parts),
+    "history", "args"}."""
     flags.resolve_defaults(args)
     flags.check_args(args)
     args.output_dir = args.output_dir or f"runs/{args.model}-{args.method}"
@@ -568,12 +552,11 @@ class RunData:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     mix: object | None  # MixUp/CutMix on the device batch (augment.build_mixup), or None
-    knn_loader: torch.utils.data.DataLoader | None  # the k-NN bank (students of --teachers)
 
 
 def build_data(args, rank, world, cuda, labels=True):
-    """The data of a run, a `RunData`. `labels=False` (M²oT: students of --teachers): no
-    MixUp/CutMix, and a bank for the k-NN top-1, the train split without augmentation."""
+    """The data of a run, a `RunData`. `labels=False` (a student of --teachers): no
+    MixUp/CutMix."""
     train_set, num_classes = data.build_dataset(True, args)
     val_set, _ = data.build_dataset(False, args)
     pin = args.pin_mem and cuda
@@ -586,8 +569,7 @@ def build_data(args, rank, world, cuda, labels=True):
         batch = f"{args.batch_size} x --accum-iter {args.accum_iter}"
         raise UsageError(f"{len(train_set)} training images < one step of {batch}")
     mix = build_mixup(args, num_classes) if labels else None
-    knn = None if labels else loader(data.build_dataset(True, args, augment=False)[0], False)
-    return RunData(train_set, val_set, num_classes, train_loader, val_loader, mix, knn)
+    return RunData(train_set, val_set, num_classes, train_loader, val_loader, mix)
 
 
 def train(args, rank, world, device):
@@ -596,24 +578,26 @@ def train(args, rank, world, device):
     inputs = read_inputs(args, out)  # every input file, checked first
     resume = inputs.resume
     ckpt = inputs.ckpt
-    teachers = inputs.teachers
+    hook = inputs.hook  # M²oT's side of the run (--teachers), None for every other run
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     flags_given = argparse.Namespace(**vars(args))  # args.json: the flags, before derived values
 
     # ------------------------------------------------------------------ data
-    run_data = build_data(args, rank, world, cuda, labels=not teachers)
+    run_data = build_data(args, rank, world, cuda, labels=hook is None)
     train_loader = run_data.train_loader
     steps_per_epoch = len(train_loader) // args.accum_iter  # optimizer steps
     probe = data.probe_images(run_data.val_set, args.probe_size).to(device)  # (P, 3, S, S)
 
     # ------------------------------------------------------------------ model and teachers
-    model = build_student(args, run_data.num_classes).to(device)
+    model = build_student(args, run_data.num_classes, hook).to(device)
     # --finetune: the pre-trained model's routing of the probe set, to compare the new with
     ref_assign = start_student(model, args, resume, ckpt, inputs.pretrained, probe)
-    guides = Guides(m2ot=build_m2ot(args, model, teachers, device, world) if teachers else None)
-    if guides.m2ot is not None and ckpt is not None:  # heads, π and the targets' statistics
-        checkpoint.load_weights(guides.m2ot, ckpt["m2ot"], f"--resume {resume}'s M²oT heads")
+    guides = Guides()
+    if hook is not None:  # its heads and π train beside the student, as the routers do
+        guides.extra = broadcast_from_rank0(
+            hook.start(model, device, rank, world, ckpt, resume), world
+        )
     switch = schedule.Switch(**ckpt["switch"]) if ckpt else schedule.initial_switch(args)
     if args.method == "stablemoe" and switch.done:
         schedule.stable_stage2(model, args)
@@ -630,13 +614,13 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ optimizer
     # DeiT's linear scaling rule, on the batch of one optimizer step (DeiT-III: × accum-iter)
     args.base_lr = args.lr * args.batch_size * world * args.accum_iter / 512
-    optimizer = build_optimizer(model_without_ddp, guides.routers, args, cuda, guides.m2ot)
+    optimizer = build_optimizer(model_without_ddp, guides.routers, args, cuda, guides.extra)
     ema = build_ema(model_without_ddp, args, ckpt)  # None unless --model-ema
-    start_epoch, step, prev_assign, probe_history = checkpoint.restore(
-        ckpt, resume, optimizer, out, rank, world
-    )  # a fresh run (ckpt None): epoch 0
+    # where the run stands: epoch 0 of a fresh run (ckpt None), else the checkpoint's
+    progress = checkpoint.restore(ckpt, resume, optimizer, out, rank, world)
     if ckpt is not None:
-        print0(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+        print0(f"resumed from {resume} at epoch {progress.epoch}, step {progress.step}")
+    prev_assign = progress.probe_prev
     if prev_assign is None:  # routing at initialisation: epoch 0's "previous epoch"
         prev_assign = probe_assignments(model_without_ddp, probe)
     # the probe's distributions at the last check, for the soft and by-margin consistency
@@ -645,7 +629,7 @@ def train(args, rank, world, device):
         prev_probed = probe_routing(model_without_ddp, probe)
     else:
         prev_probed = ckpt.get("probe_prev_routing")
-    step_probe = load_step_probe(args, out, probe, step, rank)
+    step_probe = load_step_probe(args, out, probe, progress.step, rank)
     # the weights live in the model now: the checkpoints' copies are freed
     del ckpt
     inputs.ckpt = None
@@ -655,44 +639,41 @@ def train(args, rank, world, device):
     # ------------------------------------------------------------------ the run folder
     # every input has been read and checked: only now is anything written into the folder
     if rank == 0:
-        checkpoint.start_run_folder(out, flags_given, start_epoch)
-    params = describe_params(model_without_ddp, guides.routers, guides.m2ot)
+        checkpoint.start_run_folder(out, flags_given, progress.epoch)
+    params = describe_params(model_without_ddp, guides.routers)
+    if hook is not None:
+        params += hook.describe()
     where = f"{len(run_data.train_set)} images, {world} process(es) on {device}"
     print0(f"{args.model} {args.method}: {params}, {where}, {steps_per_epoch} steps/epoch")
     print0(flags.describe_recipe(args))
     if args.method in ("tgr", "stablemoe"):
         print0(schedule.describe_schedule(args, switch))
-    # --compile: the step as one program, recompiled at the switch only (the docstring)
-    losses_fn = torch.compile(compute_losses) if args.compile else compute_losses
+
+    # the loss of a batch: TGR's and its baselines' (`compute_losses`), or the hook's; with
+    # --compile, the step as one program, recompiled at the switch only (the docstring)
+    losses_fn = compute_losses if hook is None else hook.losses
+    if args.compile:
+        losses_fn = torch.compile(losses_fn)
+    learner = Learner(model, guides, optimizer, losses_fn, ema, step_probe)
 
     # ------------------------------------------------------------------ loop
+    step = progress.step
     history = []
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(progress.epoch, args.epochs):
         data.set_epoch(train_loader, epoch)  # the permutation and the workers' seeds
         distilling = bool(guides.trainable())
         t0 = time.time()
         step, sums, seen, lr = train_one_epoch(
-            model,
-            guides,
-            optimizer,
-            train_loader,
-            run_data.mix,
-            args,
-            epoch,
-            step,
-            ema,
-            losses_fn,
-            step_probe,
+            learner, train_loader, run_data.mix, args, epoch, step
         )
         train_time = time.time() - t0
         means = epoch_means(sums, world, steps_per_epoch * args.accum_iter, device)
 
         # -------------------------------------------------------------- metrics and switch
         t1 = time.time()
-        knn_due = args.knn_every and (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
-        # the k-NN top-1 (students of --teachers): every --knn-every epochs, and the last
-        knn = run_data.knn_loader if knn_due else None
-        val = validate(args, model_without_ddp, run_data.val_loader, guides, ema, knn)
+        val = validate(args, model_without_ddp, run_data.val_loader, guides, ema)
+        if hook is not None:  # the k-NN top-1, at the epochs --knn-every asks for
+            val.update(hook.measure(model_without_ddp, run_data.val_loader, epoch))
         probed = probe_routing(model_without_ddp, probe)  # per layer: top-1, p, top-2 logit gap
         assign = [top1 for top1, _, _ in probed]
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
@@ -719,18 +700,20 @@ def train(args, rank, world, device):
             router_state = state or router_state
             if args.method == "tgr":  # free the teacher and its routers
                 guides = Guides()
+                learner.guides = guides
                 torch.cuda.empty_cache()  # (a no-op without CUDA)
             else:  # stablemoe: the frozen router changes the trainable set, so DDP is rebuilt
                 model = wrap(model_without_ddp, args, world, device)
+                learner.model = model
         record["eval_time_s"] = time.time() - t1  # validation and probe: not training time
         history.append(record)
-        print0(epoch_line(epoch, record, consistency, teachers))
+        print0(epoch_line(epoch, record, consistency))
 
         # -------------------------------------------------------------- checkpoint
         rngs = checkpoint.rng_states(world)  # every rank's: a resumed DDP run continues exactly
         if rank == 0:
             routers = guides.routers.state_dict() if guides.routers is not None else router_state
-            ours = dict(rng=rngs, switch=switch, model_ema=ema, m2ot=guides.m2ot)
+            ours = dict(rng=rngs, switch=switch, model_ema=ema, m2ot=guides.extra)
             ours.update(probe_prev=prev_assign, ref_assign=ref_assign, teacher_router=routers)
             ours.update(probe_prev_routing=prev_probed)  # (top-1, p, gap) per layer: exact resume
             state = checkpoint.training_state(
@@ -742,10 +725,10 @@ def train(args, rank, world, device):
                 teacher_args=inputs.teacher_args,
                 **ours,
             )
-            save_epoch(out, state, record, assign, probe_history, step_probe)
+            save_epoch(out, state, record, assign, progress.probe_history, step_probe)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce
             dist.barrier()
-    result = dict(model=model_without_ddp, routers=guides.routers, m2ot=guides.m2ot)
+    result = dict(model=model_without_ddp, routers=guides.routers, m2ot=guides.extra)
     return {**result, "history": history, "args": args}
 
 

@@ -217,7 +217,8 @@ class VisionTransformer(nn.Module):
 @contextlib.contextmanager
 def evaluating(model):
     """model.eval() inside the block, its own training flag back after it (even on error):
-    every measurement (eval.py, the probes, M²oT's preferences) runs a model this way."""
+    every measurement (eval.py, the probes, the expert→teacher preferences) runs a model
+    this way."""
     was_training = model.training
     model.eval()
     try:

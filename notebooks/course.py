@@ -32,7 +32,7 @@ QUICK = os.environ.get("TGR_NOTEBOOK_QUICK") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Small figures, saved small: the committed .ipynb carries every plot as a PNG.
-PLOT_STYLE = {
+PLOT_SETTINGS = {
     "figure.dpi": 72,
     "figure.figsize": (9, 3.2),
     "axes.grid": True,
@@ -54,7 +54,7 @@ def setup(threads=1, seed=0):
     if shell is not None:  # the magics `%matplotlib inline` and `%config InlineBackend...`
         shell.run_line_magic("matplotlib", "inline")
         shell.run_line_magic("config", f"InlineBackend.print_figure_kwargs = {INLINE_FIGURES}")
-    plt.rcParams.update(PLOT_STYLE)  # after the backend: activating it may reset rcParams
+    plt.rcParams.update(PLOT_SETTINGS)  # after the backend: activating it may reset rcParams
     torch.set_printoptions(precision=3, sci_mode=False, linewidth=100)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

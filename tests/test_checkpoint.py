@@ -41,7 +41,7 @@ def test_a_fresh_run_starts_at_epoch_zero_with_a_new_log(tmp_path):
     epochs before the start (all of them for a fresh run)."""
     lines = [json.dumps({"epoch": e}) + "\n" for e in range(3)]
     (tmp_path / "log.jsonl").write_text("".join(lines))
-    assert checkpoint.restore(None, "", None, tmp_path, rank=0, world=2) == (0, 0, None, {})
+    assert checkpoint.restore(None, "", None, tmp_path, rank=0, world=2) == checkpoint.Progress()
     assert (tmp_path / "log.jsonl").read_text() == "".join(lines)  # restore writes nothing
     args = get_args_parser().parse_args(["--model", "micro"])
     checkpoint.start_run_folder(tmp_path, args, start_epoch=2)  # a resume at epoch 2

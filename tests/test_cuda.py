@@ -47,9 +47,8 @@ def test_the_step_never_waits_for_the_gpu(method, teacher_ckpt, tmp_path, monkey
     data = [(images, torch.randint(0, 10, (16,)).pin_memory())] * 3
 
     def epoch(batches, step):
-        return train.train_one_epoch(
-            model, train.Guides(teacher, routers), optimizer, batches, mix, args, 0, step, ema
-        )
+        learner = train.Learner(model, train.Guides(teacher, routers), optimizer, ema=ema)
+        return train.train_one_epoch(learner, batches, mix, args, 0, step)
 
     epoch(data[:1], 0)  # first step: lazy initialisation may synchronise
     torch.cuda.synchronize()

@@ -20,7 +20,13 @@ import probe
 import train
 from augment import MEAN, STD
 from data import normalize, probe_images, probe_indices
-from m2ot import favourite_counts, preference_sharpness, teacher_preference, teacher_preferences
+from m2ot import (
+    favourite_counts,
+    preference_sharpness,
+    preference_table,
+    teacher_preference,
+    teacher_preferences,
+)
 from moe import build_model
 from report import fmt_table, for_display
 from router import capacity_for
@@ -448,7 +454,7 @@ def m2ot_student(**options):
     torch.manual_seed(0)
     return build_model(
         "micro",
-        method="m2ot",
+        method="vmoe",  # what --method m2ot builds (m2ot_flags.BUILT_AS)
         num_classes=0,
         img_size=32,
         patch_size=4,
@@ -570,7 +576,8 @@ def m2ot_run(tmp_path_factory):
     torch.save(
         {
             "model": model.state_dict(),
-            "model_args": model.model_args,
+            # saved under M²oT's own method name, as runs written before BUILT_AS were
+            "model_args": {**model.model_args, "method": "m2ot"},
             "args": flags,
             "epoch": 0,
             "m2ot": state,
@@ -607,11 +614,15 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
     assert res["knn_top1"] == pytest.approx(want)
     printed = fmt_table({**res, "checkpoint": "c.pt"})
     assert printed.splitlines()[1] == f"k-NN top-1 {want:.2f}"  # and no top-1 before it
-    assert "teacher preference, block 6" in printed
-    assert "| expert | dino.pt | torchvision:clip |" in printed
-    head = next(line for line in printed.splitlines() if line.startswith("| MoE block"))
-    assert "per-token sharpness" in head and "experts per favourite" in head
-    row = next(line for line in printed.splitlines() if line.startswith("| 2 |"))
+    assert "teacher preference" not in printed  # M²oT's section is m2ot.py's
+    assert "teacher preference, block 6" in preference_table(res)
+    assert "| expert | dino.pt | torchvision:clip |" in preference_table(res)
+    # the routing table, then M²oT's own: sharpness per expert and per token, favourites
+    printed += preference_table(res)
+    heads = [line for line in printed.splitlines() if line.startswith("| MoE block")]
+    assert "sharpness" not in heads[0]
+    assert "per-token sharpness" in heads[1] and "experts per favourite" in heads[1]
+    row = [line for line in printed.splitlines() if line.startswith("| 2 |")][1]
     counts = "/".join(map(str, res["favourite_counts"][0]))
     assert row.endswith(f"| {res['token_sharpness'][0]:.3f} | {counts} |")
 

@@ -7,6 +7,8 @@ functions count too, so a lazy import cannot hide a cycle):
   (m2ot.py, m2ot_losses.py, m2ot_teachers.py, probe.py): a reader of the first paper's method
   meets none of the second's;
 * eval.py rebuilds models from checkpoints, never from the trainer;
+* train.py meets M²oT through one object, m2ot_hook.py's, and imports none of its other files;
+* the house is at most six floors deep;
 * loading a model or a teacher goes down the floors once (train → teacher → checkpoint), never
   up through the command line: teacher.py and checkpoint.py reach no flags.py.
 
@@ -19,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 TGR_CORE = ["router", "losses", "vit", "moe", "schedule", "teacher"]
-M2OT = ["m2ot", "m2ot_losses", "m2ot_teachers", "probe"]
+M2OT = ["m2ot", "m2ot_flags", "m2ot_hook", "m2ot_losses", "m2ot_teachers", "probe"]
 
 
 def imports_of(path):
@@ -70,3 +72,18 @@ def test_eval_does_not_import_the_trainer():
 def test_loading_weights_never_goes_through_the_command_line():
     for module in ("checkpoint", "teacher", "m2ot_teachers"):
         assert "flags" not in reachable(module), f"{module} reaches flags.py"
+
+
+def floors(module):
+    """1 for a module that imports none of ours, else one more than its highest import."""
+    return 1 + max((floors(name) for name in GRAPH[module]), default=0)
+
+
+def test_the_house_has_at_most_six_floors():
+    """demo → train → eval → teacher → pretrained → vit is as long as a path may be: a reader
+    following an import down never climbs more than six files."""
+    assert max(floors(module) for module in GRAPH) <= 6
+
+
+def test_train_meets_m2ot_through_its_hook_alone():
+    assert GRAPH["train"] & set(M2OT) == {"m2ot_hook"}, "train.py imports M²oT's files directly"

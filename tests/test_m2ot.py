@@ -34,6 +34,7 @@ from m2ot import (
     semi_orthogonal,
     teacher_preference,
 )
+from m2ot_hook import M2oTHook
 from m2ot_losses import feature_distill_loss, switch_load_loss
 from m2ot_teachers import teacher_source
 from moe import MoEMLP, build_model
@@ -54,7 +55,7 @@ class StubTeacher(nn.Module):
         return patches.mean(1), patches
 
 
-def student(k=2, experts=4, method="m2ot"):
+def student(k=2, experts=4, method="vmoe"):  # --method m2ot builds a vmoe student
     torch.manual_seed(0)
     model = build_model(
         "micro",
@@ -214,7 +215,8 @@ def test_dist_reduce_sum_is_eq2_as_written_and_mean_its_mean():
 
 def test_tas_form_and_dist_reduce_flags_reach_the_objective():
     parse = lambda *f: train.get_args_parser().parse_args([*TINY, "--method", "m2ot", *f])
-    build = lambda args: train.build_m2ot(args, student(), [StubTeacher(96, 8)], "cpu", 1)
+    cpu = torch.device("cpu")
+    build = lambda args: M2oTHook(args, [StubTeacher(96, 8)]).start(student(), cpu, 0, 1)
     m = build(parse("--teachers", "T"))
     assert (m.tas_form, m.dist_reduce) == ("mixture", "mean")  # the defaults: Eq. 8, mean
     m = build(parse("--teachers", "T", "--tas-form", "map", "--dist-reduce", "sum"))

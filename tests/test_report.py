@@ -12,13 +12,13 @@ MICRO = dict(num_classes=10, img_size=32, patch_size=4)
 
 def test_the_epoch_line_shows_zero_as_a_score_and_nothing_as_a_dash():
     record = {"val_top1": 0.0, "routing_entropy": [0.9876, 1.0]}
-    line = epoch_line(3, record, [0.5, 0.25], teachers=[])
+    line = epoch_line(3, record, [0.5, 0.25])
     assert line == "epoch 3: val top-1 0.00  routing entropy [0.988, 1.0]  consistency [0.5, 0.25]"
-    no_knn = epoch_line(0, {"val_knn_top1": None, "routing_entropy": [0.5]}, [0.1], teachers=["a"])
+    no_knn = epoch_line(0, {"val_knn_top1": None, "routing_entropy": [0.5]}, [0.1])
     assert no_knn == "epoch 0: val k-NN top-1 -  routing entropy [0.5]  consistency [0.1]"
-    dense = epoch_line(2, {"val_top1": 91.25, "routing_entropy": None}, [], teachers=[])
+    dense = epoch_line(2, {"val_top1": 91.25, "routing_entropy": None}, [])
     assert dense == "epoch 2: val top-1 91.25"  # no empty routing lists for a dense run
-    knn = epoch_line(1, {"val_knn_top1": 0.0}, [], teachers=["a"])
+    knn = epoch_line(1, {"val_knn_top1": 0.0}, [])
     assert "val k-NN top-1 0.00" in knn and "nan" not in knn + no_knn
 
 

@@ -83,9 +83,8 @@ def test_a_step_hands_nothing_to_python(method, teacher_ckpt, tmp_path, monkeypa
     data = batches(args, 6, 8)
 
     def epoch(n):
-        return lambda: train.train_one_epoch(
-            model, train.Guides(teacher, routers), optimizer, data[:n], None, args, 0, 0, ema
-        )
+        learner = train.Learner(model, train.Guides(teacher, routers), optimizer, ema=ema)
+        return lambda: train.train_one_epoch(learner, data[:n], None, args, 0, 0)
 
     few, many = count_syncs(monkeypatch, epoch(2)), count_syncs(monkeypatch, epoch(6))
     assert few == many, (few, many)
@@ -165,7 +164,8 @@ def test_accumulating_two_batches_equals_one_step_on_both(tmp_path):
         model = train.build_student(args, 10)
         optimizer = train.build_optimizer(model, None, args, cuda=False)
         data = batches(args, n or accum, batch_size)
-        step, *_ = train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 0, 0)
+        learner = train.Learner(model, train.Guides(), optimizer)
+        step, *_ = train.train_one_epoch(learner, data, None, args, 0, 0)
         assert step == 1  # one optimizer step
         return {k: p.grad for k, p in model.named_parameters()}
 
@@ -194,10 +194,11 @@ def test_a_slow_step_still_prints_a_progress_line_every_30_s(tmp_path, monkeypat
     model = train.build_student(args, 10)
     optimizer = train.build_optimizer(model, None, args, cuda=False)
     data = batches(args, 3, 8)
-    train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 0, 0)
+    learner = train.Learner(model, train.Guides(), optimizer)
+    train.train_one_epoch(learner, data, None, args, 0, 0)
     assert [ln.split("]")[0] for ln in capsys.readouterr().out.splitlines()] == ["epoch 0 [3/3"]
     clock = iter(range(0, 10_000, 31))
     monkeypatch.setattr(train.time, "time", lambda: next(clock))
-    train.train_one_epoch(model, train.Guides(), optimizer, data, None, args, 1, 3)
+    train.train_one_epoch(learner, data, None, args, 1, 3)
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split("]")[0] for ln in lines] == ["epoch 1 [1/3", "epoch 1 [2/3", "epoch 1 [3/3"]

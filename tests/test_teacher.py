@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from teacher_models import MICRO, MICRO_ARGS, ln2_outputs, perturb, save_micro
 
-from checkpoint import resample_pos_embed
 from errors import UsageError
 from losses import routing_kl
-from moe import build_model
+from moe import MODELS, build_model
+from pretrained import HEADS_BY_WIDTH, resample_pos_embed
 from teacher import TeacherRouter, load_teacher, teacher_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,13 @@ def test_deit3_features_equal_timm_ln2(deit3, layout):
     assert_same_features(feats, deit3["refs"])
 
 
+def test_every_model_of_ours_has_the_heads_its_width_gives():
+    """A dense run of ours as a teacher: its heads are read from its width (no file stores
+    them), so every --model must have the heads HEADS_BY_WIDTH gives its width."""
+    for name, config in MODELS.items():
+        assert HEADS_BY_WIDTH[config["embed_dim"]] == config["num_heads"], name
+
+
 def test_teacher_runs_only_up_to_its_deepest_block(deit3):
     teacher = load_teacher(deit3["folder"] / "timm.pth", [10, 8], dtype="fp32")
     assert len(teacher.vit.blocks) == 10 and teacher.depth == 12
@@ -51,7 +58,8 @@ def test_teacher_runs_only_up_to_its_deepest_block(deit3):
     images = deit3["images"][:1]
     ran = []
     for block in teacher.vit.blocks:
-        block.mlp.register_forward_hook(lambda *_: ran.append(1))
+        if hasattr(block.mlp, "fc1"):  # a real MLP
+            block.mlp.fc1.register_forward_hook(lambda *_: ran.append(1))
     feats = teacher(images)  # order as asked, block 10's MLP never runs
     assert len(ran) == 9
     assert_same_features(feats, [deit3["refs"][1][:1], deit3["refs"][0][:1]])

@@ -591,8 +591,8 @@ def test_tgr_finetune_continues_the_pretrained_teacher_router(teacher_ckpt, tmp_
     run(tmp_path / "pre", *pre)
     trained = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["teacher_router"]
 
-    def first_epoch(model, guides, *a, **kw):
-        raise Started(guides.routers.state_dict())
+    def first_epoch(learner, *a, **kw):
+        raise Started(learner.guides.routers.state_dict())
 
     monkeypatch.setattr(train, "train_one_epoch", first_epoch)
     ft = [*pre, "--finetune", str(tmp_path / "pre" / "checkpoint.pt"), "--nb-classes", "5"]
