@@ -19,6 +19,10 @@ Decisions where the papers are silent
 * Checkpoints hold unwrapped, uncompiled weights (no `module.` / `_orig_mod.` prefixes).
   Sampler and worker seeds follow (seed, epoch, rank), so the RNG states, the step and
   log.jsonl cut back to the epoch make a resume exact.
+* The watch set (train.py's fixed validation images whose routing is followed) keeps its first
+  name on disk, "probe": the checkpoint keys `probe_prev` / `probe_prev_routing`, the files
+  probe_routing.pt / probe_steps.pt and the log's `probe_token_entropy` / `probe_gap_median`,
+  so every run written before resumes and reads the same.
 * A student of several teachers (`--method m2ot`) is a top-K MoE ViT: saved, and rebuilt,
   as moe.py's `vmoe` (`m2ot_flags.BUILT_AS`, which also reads the checkpoints that named it
   by its own method).
@@ -85,8 +89,8 @@ class Progress:
 
     epoch: int = 0  # the first epoch to train
     step: int = 0  # optimizer steps already taken
-    probe_prev: list | None = None  # the probe set's top-1 experts at the last epoch's end
-    probe_history: dict = field(default_factory=dict)  # epoch -> that routing (probe_routing.pt)
+    watch_prev: list | None = None  # the watch set's top-1 experts at the last epoch's end
+    watch_history: dict = field(default_factory=dict)  # epoch -> that routing (probe_routing.pt)
 
 
 def restore(ckpt, resume, optimizer, out, rank, world):
@@ -101,13 +105,13 @@ def restore(ckpt, resume, optimizer, out, rank, world):
         raise UsageError(f"--resume {resume}: optimizer state does not fit ({err})") from None
     set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
 
-    # every earlier epoch's probe routing, for consistency_final.json
+    # every earlier epoch's watch-set routing, for consistency_final.json
     start = ckpt["epoch"] + 1
-    probe_history = {}
+    watch_history = {}
     if (out / "probe_routing.pt").is_file():
         history = torch.load(out / "probe_routing.pt", weights_only=True)
-        probe_history = {e: a for e, a in history.items() if e < start}
-    return Progress(start, ckpt["step"], ckpt["probe_prev"], probe_history)
+        watch_history = {e: a for e, a in history.items() if e < start}
+    return Progress(start, ckpt["step"], ckpt["probe_prev"], watch_history)
 
 
 def model_args_from_flags(flags, num_classes):
@@ -228,7 +232,7 @@ def load_pretrained(model, sd, path):
 def training_state(model, optimizer, args, epoch, step, *, switch, model_ema, m2ot=None, **ours):
     """The checkpoint of an epoch's end: DeiT's layout {model, optimizer, lr_scheduler, epoch,
     scaler, args}, then ours: everything `restore` needs for an exact resume (the step, every
-    rank's RNG `rng`, the `schedule.Switch`, the probe's last routing `probe_prev` and its
+    rank's RNG `rng`, the `schedule.Switch`, the watch set's last routing `probe_prev` and its
     distributions `probe_prev_routing`, the pre-trained one `ref_assign`), the teacher router
     (eval.py --route teacher), the EMA, M²oT's heads and π, and the arguments that rebuild
     model and teacher without the trainer (`model_args`, `teacher_args`). Modules are stored

@@ -35,7 +35,7 @@ Decisions where the papers are silent
 * An ImageFolder's train/ and val/ must hold the same class folders (`check_data_path`):
   ImageFolder numbers classes in sorted order, so one missing folder shifts every later label.
   Errors are ordinary exceptions; the command lines make them one line (`errors.run_cli`).
-* The probe set (`probe_indices`: the validation images whose routing train.py follows and
+* The watch set (`watch_indices`: the validation images whose routing train.py follows and
   eval.py --compare measures) is class-stratified and seeded, the same everywhere.
 """
 
@@ -317,9 +317,9 @@ def labels_of(dataset):
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # any other: read all
 
 
-# ----------------------------------------------------------------------------- the probe set
-def probe_indices(labels, n, seed=0):
-    """The probe set's indices into a data set with classes `labels` (L,): n of them, sorted.
+# ----------------------------------------------------------------------------- the watch set
+def watch_indices(labels, n, seed=0):
+    """The watch set's indices into a data set with classes `labels` (L,): n of them, sorted.
 
     Class-stratified and seeded: every class's images in a seeded random order, then the first
     image of every class, the second of every class, ... until n. It covers min(#classes, n)
@@ -339,9 +339,9 @@ def probe_indices(labels, n, seed=0):
     return order[pick].sort().values
 
 
-def probe_images(dataset, n, seed=0):
-    """The probe set of `dataset` (validation), `probe_indices` of it, normalised: (n, 3, S, S)."""
-    images = [dataset[int(i)][0] for i in probe_indices(labels_of(dataset), n, seed)]
+def watch_images(dataset, n, seed=0):
+    """The watch set of `dataset` (validation), `watch_indices` of it, normalised: (n, 3, S, S)."""
+    images = [dataset[int(i)][0] for i in watch_indices(labels_of(dataset), n, seed)]
     return normalize(torch.stack(images))  # float32, as the model takes them
 
 

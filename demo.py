@@ -4,7 +4,7 @@
 (`--data synthetic`, no download, no GPU): a dense `micro` DeiT (the teacher), a V-MoE student
 and a TGR student guided by that teacher for the first half of its epochs (`--distill-until
 0.5`), then prints their top-1, per-layer routing entropy H(util)/log E and adjacent-epoch
-routing consistency (the fraction of a fixed probe set's tokens that keep their top-1 expert
+routing consistency (the fraction of a fixed watch set's tokens that keep their top-1 expert
 from one epoch to the next, averaged over epochs 1..end) from each run's log.jsonl. Last,
 `eval.py` reads the TGR student's checkpoint and writes its figures to runs/demo/plots. It also
 trains M²oT's second teacher (runs/demo/m2ot-teacher: `tiny`, patch 8, another generated task),
@@ -20,7 +20,7 @@ four students of both, without labels and with two seeds each: a dense student, 
 MoE (`--method m2ot --tas-coef 0`), M²oT (Eq. 8) and M²oT with the MAP form of L_tas
 (`--tas-form map`). It prints the k-NN top-1 of each student's CLS embedding on the 40-class
 task, the last epoch's L_dist per teacher, L_tas and L_switch, and the expert -> teacher
-preference (`eval.py`'s, on the probe set): its sharpness per expert and per token, and how
+preference (`eval.py`'s, on the watch set): its sharpness per expert and per token, and how
 many experts favour each teacher; and, as M²oT's ADE20K and NYUd columns, the mIoU and RMSE of
 linear probes on each student's frozen patch tokens (`eval.py --seg-probe --depth-probe`, on
 the generated part masks and depth), with each teacher's own as the ceiling.
@@ -197,7 +197,7 @@ def main():
     print(f"(and M²oT's second teacher, {root / 'm2ot-teacher'}: {b_time:.0f} s)")
     print(
         "\nentropy: H(expert use)/log E on the validation set, 1 = every expert equally used.\n"
-        "consistency: share of a fixed probe set's tokens that keep their top-1 expert from\n"
+        "consistency: share of a fixed watch set's tokens that keep their top-1 expert from\n"
         "one epoch to the next (mean over epochs 1..end).\n"
         "This is a demonstration of the pipeline on toy data, not a claim about the method:\n"
         "one seed and a few CPU minutes, far from the paper's 300 ImageNet epochs."

@@ -11,7 +11,7 @@ re-running a router). Each metric is a plain function with its formula:
     utilisation        u_e = (1/T) Σ_t 1[argmax_e' p_{t,e'} = e]          (clean p, top-1)
     routing entropy    Ĥ   = −Σ_e u_e log u_e / log E        ∈ [0, 1]     (TGR Table S2)
     dropped fraction   d   = (1/T) Σ_t 1[no expert processed token t]
-    consistency(A, B)  c   = (1/T) Σ_t 1[top1_A(t) = top1_B(t)]          (on a fixed probe set)
+    consistency(A, B)  c   = (1/T) Σ_t 1[top1_A(t) = top1_B(t)]          (on a fixed watch set)
     agreement          a   = (1/T) Σ_t 1[argmax p_t = argmax p_t^teacher]
 
 and, for M²oT's label-free students, what the frozen features know (probe.py:
@@ -19,7 +19,7 @@ the k-NN top-1 of the CLS token, linear segmentation and depth probes of the pat
 and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferences`).
 
 `evaluate` runs a model over a loader and returns top-1/top-5 and the per-layer metrics;
-train.py logs them every epoch, with the adjacent-epoch consistency of `probe_assignments`.
+train.py logs them every epoch, with the adjacent-epoch consistency of `watch_assignments`.
 
 Hard consistency counts argmax flips, so a router that never decided (two experts a hair
 apart, a flip on the slightest change) looks unstable only because it is unconfident. Four
@@ -30,7 +30,7 @@ in experiments/tgr_claims.py reads them):
     by margin          the hard consistency within bins of the earlier check's top-2 logit gap
     token entropy      (1/T) Σ_t H(p_t) / log E     (confidence; the entropy above is balance)
     last fluctuation   F(i) = share of tokens whose expert still changes after check i
-                       (StableMoE, Dai et al. 2022; from train.py --probe-every's checks)
+                       (StableMoE, Dai et al. 2022; from train.py --watch-every's checks)
 
 The command line reads a train.py checkpoint:
 
@@ -39,8 +39,8 @@ The command line reads a train.py checkpoint:
                    [--json] [--plots DIR]
 
 `--route teacher` lets the run's teacher router choose the experts (TGR sec. 5.3, the upper
-bound that needs the teacher at inference); `--compare` measures consistency on the probe
-set train.py follows (`data.probe_indices`); `--knn` adds the k-NN top-1, `--seg-probe` the
+bound that needs the teacher at inference); `--compare` measures consistency on the watch
+set train.py follows (`data.watch_indices`); `--knn` adds the k-NN top-1, `--seg-probe` the
 mIoU and `--depth-probe` the RMSE of linear probes trained on the frozen model (on the
 synthetic data's part masks and depth, or `--data ade20k` / `nyud`: then the probes alone;
 `--backbone FILE` probes another dense ViT, a teacher, on the run's data instead of its model);
@@ -80,7 +80,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import load_run
-from data import DATASETS, build_dataset, normalize, probe_images
+from data import DATASETS, build_dataset, normalize, watch_images
 from errors import ArgumentParser, UsageError, run_cli
 from flags import add_flag, teacher_args_from_flags
 from m2ot import load_mix_routers, plot_teacher_preference, preference_report, preference_table
@@ -193,8 +193,8 @@ def last_fluctuation(assignments):
 
 
 def routing_stability(now, before):
-    """The epoch's stability metrics for train.py's log, per MoE layer, from two `probe_routing`
-    passes over the same probe set (`before` None: only the metrics of `now`)."""
+    """The epoch's stability metrics for train.py's log, per MoE layer, from two `watch_routing`
+    passes over the same watch set (`before` None: only the metrics of `now`)."""
     record = {
         "probe_token_entropy": [token_entropy(p) for _, p, _ in now],
         "probe_gap_median": [float(gap.median()) for _, _, gap in now],
@@ -217,7 +217,7 @@ def teacher_agreement(student_logits, teacher_logits):
 
 # ----------------------------------------------------------------------------- model passes
 @torch.no_grad()
-def probe_assignments(model, images, route_logits=None, batch_size=128):
+def watch_assignments(model, images, route_logits=None, batch_size=128):
     """Top-1 experts (clean p) of every token of `images`, one (T,) tensor per MoE layer.
 
     route_logits: optional callable images -> list of (B, N, E) routing logits, one per MoE
@@ -232,7 +232,7 @@ def probe_assignments(model, images, route_logits=None, batch_size=128):
 
 
 @torch.no_grad()
-def probe_routing(model, images, batch_size=128):
+def watch_routing(model, images, batch_size=128):
     """Per MoE layer: (top-1 experts (T,), clean p (T, E), top-2 logit gap (T,)), on the CPU:
     what `routing_stability` compares between two checks."""
     per_layer = []
@@ -301,7 +301,7 @@ def evaluate(model, loader, device, *, route_logits=None, route_by_teacher=False
 
 def expert_maps(model, images, route_logits=None):
     """Top-1 expert of every patch per MoE layer: [((B, g, g) student, teacher's or None)]."""
-    student = probe_assignments(model, images)  # per layer (B·N,), CLS first in every image
+    student = watch_assignments(model, images)  # per layer (B·N,), CLS first in every image
     teacher_logits = route_logits(images) if route_logits else [None] * len(student)
     maps = []
     for s, t in zip(student, teacher_logits):
@@ -311,15 +311,15 @@ def expert_maps(model, images, route_logits=None):
 
 
 # ----------------------------------------------------------------------------- the command line
-def compare(model, other, probe, path):
-    """Routing consistency of two checkpoints on the probe images, per MoE layer."""
+def compare(model, other, watch, path):
+    """Routing consistency of two checkpoints on the watch images, per MoE layer."""
     mine, theirs = ((m.moe_layers, m.num_experts, m.grid) for m in (model, other))
     if mine != theirs:
         raise UsageError(
             f"--compare {path}: another architecture (MoE layers, E, grid "
             f"{theirs}) than the checkpoint's {mine}"
         )
-    pairs = zip(probe_assignments(model, probe), probe_assignments(other, probe))
+    pairs = zip(watch_assignments(model, watch), watch_assignments(other, watch))
     return [routing_consistency(a, b) for a, b in pairs]
 
 
@@ -398,16 +398,16 @@ def measure(model, args, ckpt, opts, device, val_set):
         k = opts.knn_k
         temperature = opts.knn_temperature
         res["knn_top1"] = knn_eval(model, bank, loader, device, k, temperature, amp_dtype)
-    probe = None  # train.py's probe set: decoded once, where something measures on it
+    watch = None  # train.py's watch set: decoded once, where something measures on it
     if opts.compare or ckpt.get("m2ot"):
-        probe = probe_images(val_set, opts.probe_size).to(device)
+        watch = watch_images(val_set, opts.watch_size).to(device)
     if opts.compare:
         other, _, _ = load_run(opts.compare, device, "--compare", opts.eval_capacity_factor)
         res.update(
-            compare=str(opts.compare), consistency=compare(model, other, probe, opts.compare)
+            compare=str(opts.compare), consistency=compare(model, other, watch, opts.compare)
         )
     if (mix_routers := load_mix_routers(ckpt.get("m2ot") or {}, model.num_experts)) is not None:
-        res.update(preference_report(model, mix_routers, getattr(args, "teachers", []), probe))
+        res.update(preference_report(model, mix_routers, getattr(args, "teachers", []), watch))
     return res, route_logits
 
 
@@ -445,7 +445,7 @@ def main(opts):
     if plt is not None and val_set is not None:
         log = Path(opts.checkpoint).with_name("log.jsonl")
         history = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-        images = probe_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
+        images = watch_images(val_set, opts.map_images).to(device)  # (n, 3, S, S)
         maps = expert_maps(model, images, route_logits)
         extra = {}  # an M²oT run with π: its expert -> teacher preference
         if "teacher_preference" in res:
@@ -479,7 +479,7 @@ def get_args_parser():
         "--compare",
         default="",
         help="another checkpoint of the same architecture: the per-layer routing consistency "
-        "with it (share of the probe set's tokens given the same top-1 expert)",
+        "with it (share of the watch set's tokens given the same top-1 expert)",
     )
     add_flag(
         p,
@@ -552,14 +552,16 @@ def get_args_parser():
         help="--knn: the temperature T of each vote's weight exp(cos / T) (DINO's)",
     )
 
-    # the probe set whose routing is compared
+    # the watch set whose routing is compared
     add_flag(
         p,
+        "--watch-size",
         "--probe-size",
         type=int,
         default=256,
-        help="validation images in the probe set of --compare and of an M²oT run's "
-        "expert→teacher preference (train.py's --probe-size picks the same images)",
+        help="validation images in the watch set of --compare and of an M²oT run's "
+        "expert→teacher preference (train.py's --watch-size picks the same images; "
+        "--probe-size: its older name)",
     )
 
     # linear probes on the frozen features (M²oT's segmentation and depth columns)

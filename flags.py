@@ -347,7 +347,7 @@ def _method_flags(parser):
         type=float,
         default=0.8,
         help="tgr --distill-until adaptive: the adjacent-epoch routing consistency (share of "
-        "the probe set's tokens that keep their top-1 expert) every MoE layer must reach",
+        "the watch set's tokens that keep their top-1 expert) every MoE layer must reach",
     )
     add_flag(
         g,
@@ -724,18 +724,21 @@ def _run_flags(parser):
     )
     add_flag(
         g,
+        "--watch-size",
         "--probe-size",
         type=int,
         default=256,
-        help="validation images in the probe set whose routing is followed every epoch "
-        "(consistency between epochs, the adaptive switch)",
+        help="validation images in the watch set, whose routing is watched every epoch "
+        "(consistency between epochs, the adaptive switch; --probe-size: its older name)",
     )
     add_flag(
         g,
+        "--watch-every",
         "--probe-every",
         type=int,
         default=0,
-        help="also route the probe set every N optimizer steps into probe_steps.pt (0: off)",
+        help="also route the watch set every N optimizer steps into probe_steps.pt (0: off; "
+        "--probe-every: its older name)",
     )
 
 
@@ -784,13 +787,13 @@ def check_args(args):
         demo = "runs/demo/dense/checkpoint.pt, which make demo writes"
         raise UsageError(f"--method {args.method} needs --teacher (a dense run, e.g. {demo})")
     m2ot_flags.check_args(args)
-    if min(args.student_entropy_coef, args.bias_update_rate, args.probe_every) < 0:
+    if min(args.student_entropy_coef, args.bias_update_rate, args.watch_every) < 0:
         raise UsageError(
-            "--student-entropy-coef, --bias-update-rate and --probe-every must be >= 0"
+            "--student-entropy-coef, --bias-update-rate and --watch-every must be >= 0"
         )
     if args.upcycle and args.finetune:
         raise UsageError("--upcycle and --finetune both start the weights: give one")
-    for name in ("batch_size", "epochs", "experts", "print_freq", "probe_size", "accum_iter"):
+    for name in ("batch_size", "epochs", "experts", "print_freq", "watch_size", "accum_iter"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     parse_aa(args.aa)  # one line for a policy augment.py cannot build

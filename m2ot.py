@@ -278,7 +278,7 @@ class M2oT(nn.Module):
 
 def chosen_mixtures(pi, routing):
     """π(t, e_{t,k}, ·) of every assignment of one MoE layer: (T, K, N_T). π reads the layer
-    input detached: a probe of teacher relevance, not a path for TAS into the backbone (that
+    input detached: an estimate of teacher relevance, not a path for TAS into the backbone (that
     goes through φ and p, as Eq. 8 writes it)."""
     mix = pi(routing.inputs.detach())  # (T, E, N_T)
     index = routing.experts.unsqueeze(-1).expand(-1, -1, pi.num_teachers)  # (T, K, N_T)
@@ -386,12 +386,12 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
     return list(sums / counts.unsqueeze(-1)), per_token  # NaN rows: no token taken
 
 
-def preference_report(model, mix_routers, teachers, probe):
-    """eval.py's M²oT numbers per MoE layer on the probe images: the expert→teacher preference
+def preference_report(model, mix_routers, teachers, watch):
+    """eval.py's M²oT numbers per MoE layer on the watch images: the expert→teacher preference
     (E × N_T rows, null where an expert took no token), its sharpness per expert and per token,
     the experts per favourite teacher and the number of teachers favoured; the teachers' names
     (file names, with their folder where two are alike; "teacher i" when unknown)."""
-    prefs, per_token = teacher_preferences(model, mix_routers.to(probe.device).eval(), probe)
+    prefs, per_token = teacher_preferences(model, mix_routers.to(watch.device).eval(), watch)
 
     # the teachers' names: file names, with their folder where two are alike
     names = [Path(t).name for t in teachers or []]

@@ -42,8 +42,8 @@ loss stops the run there, naming the first bad step), and `--compile` (CUDA's de
 the step's whole forward (`compute_losses`) with its backward, again at the switch only.
 Besides log.jsonl, consistency_final.json holds every epoch's per-layer consistency with the
 last epoch's routing (from probe_routing.pt), the paper's consistency-with-final curve; the
-log also carries the soft and by-margin consistency, token entropy and top-2 gap of the probe
-set (eval.routing_stability), and `--probe-every N` saves the probe's routing after every
+log also carries the soft and by-margin consistency, token entropy and top-2 gap of the watch
+set (eval.routing_stability), and `--watch-every N` saves the watch set's routing after every
 N-th step (probe_steps.pt, StableMoE's last-fluctuation curve).
 Controls beyond the paper (experiments/tgr_claims.py): `--student-entropy-coef` (an entropy
 loss on the student's own router, no teacher), `--teacher-reinit` (a random-weight teacher),
@@ -76,11 +76,11 @@ from augment import build_mixup
 from errors import UsageError, run_cli
 from eval import (
     evaluate,
-    probe_assignments,
-    probe_routing,
     routing_consistency,
     routing_stability,
     teacher_agreement,
+    watch_assignments,
+    watch_routing,
 )
 from flags import get_args_parser
 from losses import entropy_loss, importance_loss, load_loss, routing_kl, z_loss
@@ -205,16 +205,16 @@ def build_teacher(args, model, device, world, teacher=None):
     return teacher.to(device), broadcast_from_rank0(routers, world)
 
 
-def start_student(model, args, resume, ckpt, pretrained, probe):
+def start_student(model, args, resume, ckpt, pretrained, watch):
     """The student's starting weights: --resume's, --finetune's or --upcycle's (checkpoint.py),
-    or its initialisation. Returns the routing of the probe set to log consistency against
+    or its initialisation. Returns the routing of the watch set to log consistency against
     after fine-tuning (`consistency_pretrained`): the pre-trained model's, None if none."""
     if ckpt is not None:
         checkpoint.load_weights(model, ckpt["model"], f"--resume {resume}")
         return ckpt["ref_assign"]
     if pretrained is not None:
         as_is = checkpoint.load_pretrained(model, pretrained, args.finetune or args.upcycle)
-        return probe_assignments(model, probe) if as_is and model.moe_layers else None
+        return watch_assignments(model, watch) if as_is and model.moe_layers else None
     return None
 
 
@@ -348,11 +348,11 @@ def check_finite(bad_step, bad_value, epoch, out):
 
 
 @dataclass
-class StepProbe:
-    """--probe-every N: the probe set's top-1 experts after every N-th optimizer step (rank 0),
+class StepWatch:
+    """--watch-every N: the watch set's top-1 experts after every N-th optimizer step (rank 0),
     for StableMoE's last-fluctuation curve (`eval.last_fluctuation`); train.py saves `history`
     as probe_steps.pt at each epoch's end, beside the checkpoint, and a resume reads it back.
-    The check routes the probe set in eval mode and waits for the device: off by default."""
+    The check routes the watch set in eval mode and waits for the device: off by default."""
 
     every: int
     images: torch.Tensor
@@ -360,20 +360,20 @@ class StepProbe:
 
     def after_step(self, model, step):
         if self.every and step % self.every == 0:
-            assign = probe_assignments(getattr(model, "module", model), self.images)
+            assign = watch_assignments(getattr(model, "module", model), self.images)
             self.history[step] = [a.to(torch.uint8) for a in assign]  # E <= 256
 
 
-def load_step_probe(args, out, probe, step, rank):
-    """The run's `StepProbe` (None without --probe-every, or off rank 0): a resumed run keeps
+def load_step_watch(args, out, watch, step, rank):
+    """The run's `StepWatch` (None without --watch-every, or off rank 0): a resumed run keeps
     the checks of the steps it had already trained, up to the checkpoint's step."""
-    if not args.probe_every or rank != 0:
+    if not args.watch_every or rank != 0:
         return None
     history = {}
     if step > 0 and (out / "probe_steps.pt").exists():
         saved = torch.load(out / "probe_steps.pt", weights_only=True)
         history = {s: a for s, a in saved.items() if s <= step}
-    return StepProbe(args.probe_every, probe, history)
+    return StepWatch(args.watch_every, watch, history)
 
 
 @dataclass
@@ -385,13 +385,13 @@ class Learner:
     optimizer: torch.optim.Optimizer
     losses_fn: object = compute_losses  # `compute_losses`, a hook's, or either compiled
     ema: ModelEma | None = None  # --model-ema
-    step_probe: StepProbe | None = None  # --probe-every
+    step_watch: StepWatch | None = None  # --watch-every
 
 
 def train_one_epoch(learner, loader, mix, args, epoch, step):
     """One pass over the training data (DeiT's engine.py); returns (step, sums, images, lr).
 
-    learner: the `Learner` (model, guides, optimizer, loss function, EMA, step probe).
+    learner: the `Learner` (model, guides, optimizer, loss function, EMA, step watch).
     sums: every loss part summed over the epoch's batches on the device (this rank's), for
     `epoch_means`. Nothing in a step waits for the device: sums stay tensors, and the first
     non-finite loss is noted on the device and checked at each progress line.
@@ -442,8 +442,8 @@ def train_one_epoch(learner, loader, mix, args, epoch, step):
             if learner.ema is not None:
                 learner.ema.update(model)
             step += 1
-            if learner.step_probe is not None:
-                learner.step_probe.after_step(model, step)
+            if learner.step_watch is not None:
+                learner.step_watch.after_step(model, step)
         seen += images.shape[0] * world
         for k, v in {"loss": total.detach().float(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -458,20 +458,20 @@ def train_one_epoch(learner, loader, mix, args, epoch, step):
 
 
 # ============================================================================ epoch's end
-def save_epoch(out, state, record, assign, probe_history, step_probe=None):
+def save_epoch(out, state, record, assign, watch_history, step_watch=None):
     """Rank 0, end of an epoch: log line, checkpoint, the consistency-with-final file and
-    (--probe-every) the probe's routing after every N-th step."""
+    (--watch-every) the watch set's routing after every N-th step."""
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     checkpoint.save_checkpoint(out / "checkpoint.pt", state)
-    if step_probe is not None:
-        checkpoint.save_checkpoint(out / "probe_steps.pt", step_probe.history)
+    if step_watch is not None:
+        checkpoint.save_checkpoint(out / "probe_steps.pt", step_watch.history)
     if assign:  # consistency with the final routing (TGR Fig. 1), rewritten each epoch
-        probe_history[record["epoch"]] = [a.to(torch.uint8) for a in assign]  # E <= 256
-        checkpoint.save_checkpoint(out / "probe_routing.pt", probe_history)
-        last = probe_history[record["epoch"]]
+        watch_history[record["epoch"]] = [a.to(torch.uint8) for a in assign]  # E <= 256
+        checkpoint.save_checkpoint(out / "probe_routing.pt", watch_history)
+        last = watch_history[record["epoch"]]
         final = [
-            [routing_consistency(a, b) for a, b in zip(h, last)] for h in probe_history.values()
+            [routing_consistency(a, b) for a, b in zip(h, last)] for h in watch_history.values()
         ]
         (out / "consistency_final.json").write_text(json.dumps(final))
 
@@ -587,12 +587,12 @@ def train(args, rank, world, device):
     run_data = build_data(args, rank, world, cuda, labels=hook is None)
     train_loader = run_data.train_loader
     steps_per_epoch = len(train_loader) // args.accum_iter  # optimizer steps
-    probe = data.probe_images(run_data.val_set, args.probe_size).to(device)  # (P, 3, S, S)
+    watch = data.watch_images(run_data.val_set, args.watch_size).to(device)  # (P, 3, S, S)
 
     # ------------------------------------------------------------------ model and teachers
     model = build_student(args, run_data.num_classes, hook).to(device)
-    # --finetune: the pre-trained model's routing of the probe set, to compare the new with
-    ref_assign = start_student(model, args, resume, ckpt, inputs.pretrained, probe)
+    # --finetune: the pre-trained model's routing of the watch set, to compare the new with
+    ref_assign = start_student(model, args, resume, ckpt, inputs.pretrained, watch)
     guides = Guides()
     if hook is not None:  # its heads and π train beside the student, as the routers do
         guides.extra = broadcast_from_rank0(
@@ -620,16 +620,16 @@ def train(args, rank, world, device):
     progress = checkpoint.restore(ckpt, resume, optimizer, out, rank, world)
     if ckpt is not None:
         print0(f"resumed from {resume} at epoch {progress.epoch}, step {progress.step}")
-    prev_assign = progress.probe_prev
+    prev_assign = progress.watch_prev
     if prev_assign is None:  # routing at initialisation: epoch 0's "previous epoch"
-        prev_assign = probe_assignments(model_without_ddp, probe)
-    # the probe's distributions at the last check, for the soft and by-margin consistency
+        prev_assign = watch_assignments(model_without_ddp, watch)
+    # the watch set's distributions at the last check, for the soft and by-margin consistency
     # (a checkpoint from before they were logged has none: that epoch logs them without)
     if ckpt is None:
-        prev_probed = probe_routing(model_without_ddp, probe)
+        prev_watched = watch_routing(model_without_ddp, watch)
     else:
-        prev_probed = ckpt.get("probe_prev_routing")
-    step_probe = load_step_probe(args, out, probe, progress.step, rank)
+        prev_watched = ckpt.get("probe_prev_routing")
+    step_watch = load_step_watch(args, out, watch, progress.step, rank)
     # the weights live in the model now: the checkpoints' copies are freed
     del ckpt
     inputs.ckpt = None
@@ -654,7 +654,7 @@ def train(args, rank, world, device):
     losses_fn = compute_losses if hook is None else hook.losses
     if args.compile:
         losses_fn = torch.compile(losses_fn)
-    learner = Learner(model, guides, optimizer, losses_fn, ema, step_probe)
+    learner = Learner(model, guides, optimizer, losses_fn, ema, step_watch)
 
     # ------------------------------------------------------------------ loop
     step = progress.step
@@ -674,20 +674,20 @@ def train(args, rank, world, device):
         val = validate(args, model_without_ddp, run_data.val_loader, guides, ema)
         if hook is not None:  # the k-NN top-1, at the epochs --knn-every asks for
             val.update(hook.measure(model_without_ddp, run_data.val_loader, epoch))
-        probed = probe_routing(model_without_ddp, probe)  # per layer: top-1, p, top-2 logit gap
-        assign = [top1 for top1, _, _ in probed]
+        watched = watch_routing(model_without_ddp, watch)  # per layer: top-1, p, top-2 logit gap
+        assign = [top1 for top1, _, _ in watched]
         consistency = [routing_consistency(a, b) for a, b in zip(assign, prev_assign)]
         record = {"epoch": epoch, "step": step, "lr": lr, "distilling": distilling}
         record.update({f"train_{k}": v for k, v in means.items()})  # train_loss and its parts
         record.update(val, consistency_prev=consistency, images_per_s=seen / train_time)
         if model_without_ddp.moe_layers:  # soft and by-margin consistency, confidence
-            record.update(routing_stability(probed, prev_probed))
+            record.update(routing_stability(watched, prev_watched))
         record["epoch_time_s"] = train_time
         if ref_assign is not None:  # the same tokens, before and after fine-tuning
             pairs = zip(assign, ref_assign)
             record["consistency_pretrained"] = [routing_consistency(a, b) for a, b in pairs]
         prev_assign = assign
-        prev_probed = probed
+        prev_watched = watched
         if args.method == "stablemoe":  # during this epoch
             record["router_frozen"] = switch.done
         due, why = schedule.decide_switch(args, switch, epoch, consistency, world, device)
@@ -705,7 +705,7 @@ def train(args, rank, world, device):
             else:  # stablemoe: the frozen router changes the trainable set, so DDP is rebuilt
                 model = wrap(model_without_ddp, args, world, device)
                 learner.model = model
-        record["eval_time_s"] = time.time() - t1  # validation and probe: not training time
+        record["eval_time_s"] = time.time() - t1  # validation and the watch set: not training time
         history.append(record)
         print0(epoch_line(epoch, record, consistency))
 
@@ -715,7 +715,7 @@ def train(args, rank, world, device):
             routers = guides.routers.state_dict() if guides.routers is not None else router_state
             ours = dict(rng=rngs, switch=switch, model_ema=ema, m2ot=guides.extra)
             ours.update(probe_prev=prev_assign, ref_assign=ref_assign, teacher_router=routers)
-            ours.update(probe_prev_routing=prev_probed)  # (top-1, p, gap) per layer: exact resume
+            ours.update(probe_prev_routing=prev_watched)  # (top-1, p, gap) per layer: exact resume
             state = checkpoint.training_state(
                 model_without_ddp,
                 optimizer,
@@ -725,7 +725,7 @@ def train(args, rank, world, device):
                 teacher_args=inputs.teacher_args,
                 **ours,
             )
-            save_epoch(out, state, record, assign, progress.probe_history, step_probe)
+            save_epoch(out, state, record, assign, progress.watch_history, step_watch)
         if world > 1:  # the others wait for the write here, not in the next step's all-reduce
             dist.barrier()
     result = dict(model=model_without_ddp, routers=guides.routers, m2ot=guides.extra)

@@ -52,7 +52,7 @@ if [ -n "$DRY" ]; then
   JPEGS=(--images 96 --classes 4)
   E2E_BATCH=8
   E2E=(--model micro --img-size 32 --patch-size 4 --experts 4 --device cpu --num-workers 1)
-  E2E+=(--probe-size 8 --print-freq 1000)
+  E2E+=(--watch-size 8 --print-freq 1000)
   TEACHER=(micro 32 4)
 else
   STEP=(--model tiny --experts 16 --device cuda --repeats 5 --warmup 2)

@@ -103,7 +103,7 @@ SETTINGS = {
         flags=[
             *("--patch-size", "8", "--experts", "8", "--nb-classes", "10"),
             *("--synthetic-train-size", "640", "--synthetic-val-size", "256"),
-            *("--probe-size", "256", "--probe-every", "5"),
+            *("--watch-size", "256", "--watch-every", "5"),
         ],
         epochs=12,
         teachers={"teacher": 8, "strong": 24},  # dense epochs: two strengths
@@ -116,7 +116,7 @@ SETTINGS = {
         flags=[
             *("--patch-size", "8", "--experts", "16", "--nb-classes", "100"),
             *("--synthetic-train-size", "2000", "--synthetic-val-size", "500"),
-            *("--probe-size", "256", "--probe-every", "10"),
+            *("--watch-size", "256", "--watch-every", "10"),
         ],
         epochs=15,
         teachers={"teacher": 15},
@@ -129,7 +129,7 @@ SETTINGS = {
         flags=[
             *("--patch-size", "4", "--experts", "8", "--nb-classes", "40"),
             *("--synthetic-train-size", "2500", "--synthetic-val-size", "500"),
-            *("--probe-size", "256", "--probe-every", "13"),
+            *("--watch-size", "256", "--watch-every", "13"),
         ],
         epochs=10,
         teachers={"teacher": 6},
@@ -141,7 +141,7 @@ SETTINGS = {
 QUICK = dict(  # --quick: every setting shrunk to seconds, two seeds, a few arms
     flags=[
         *("--synthetic-train-size", "128", "--synthetic-val-size", "64"),
-        *("--probe-size", "32", "--probe-every", "1"),
+        *("--watch-size", "32", "--watch-every", "1"),
     ],
     epochs=2,
     teacher_epochs=1,
@@ -526,7 +526,7 @@ def plot(results, path):
                 if values:
                     color = f"C{shown.index(arm)}"  # one colour per arm in every row
                     ax.plot(range(len(values)), values, label=arm, color=color)
-            xlabel = "probe check (every --probe-every steps)" if key == "fluct_curve" else "epoch"
+            xlabel = "watch check (every --watch-every steps)" if key == "fluct_curve" else "epoch"
             ax.set(title=f"{name}: {title}", xlabel=xlabel)
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)

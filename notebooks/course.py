@@ -66,13 +66,13 @@ def micro_flags(*, img_size, patch_size, experts, train_images, val_images, seed
 
     The DeiT recipe's augmentations, label smoothing and stochastic depth are off: these runs
     last minutes, not 300 epochs. lr 8e-3 at DeiT's batch of 512 is 1e-3 at our batch of 64.
-    The probe set whose routing train.py follows every epoch is the whole validation set.
+    The watch set whose routing train.py follows every epoch is the whole validation set.
     """
     return [
         *("--model", "micro", "--img-size", str(img_size), "--patch-size", str(patch_size)),
         *("--experts", str(experts), "--batch-size", "64"),
         *("--synthetic-train-size", str(train_images), "--synthetic-val-size", str(val_images)),
-        *("--probe-size", str(val_images), "--warmup-epochs", "1", "--lr", "8e-3"),
+        *("--watch-size", str(val_images), "--warmup-epochs", "1", "--lr", "8e-3"),
         *("--min-lr", "1e-4", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"),
         *("--no-repeated-aug", "--no-model-ema", "--smoothing", "0", "--drop-path", "0"),
         *("--print-freq", "100000"),  # no per-step lines (the epoch lines are silenced too)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 4 --topk 1 --batch-size 16 --device cuda "
     "--synthetic-train-size 64 --synthetic-val-size 32 --warmup-epochs 0 --lr 2e-3 "
-    "--print-freq 100000 --probe-size 16 --num-workers 2 --no-compile"
+    "--print-freq 100000 --watch-size 16 --num-workers 2 --no-compile"
 ).split()  # eager unless a test asks for --compile (on CUDA train.py compiles by default)
 
 

@@ -19,7 +19,7 @@ import eval as ev
 import probe
 import train
 from augment import MEAN, STD
-from data import normalize, probe_images, probe_indices
+from data import normalize, watch_images, watch_indices
 from m2ot import (
     favourite_counts,
     preference_sharpness,
@@ -37,7 +37,7 @@ MICRO_KW = dict(num_classes=10, img_size=32, patch_size=4)
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 8 --batch-size 16 --nb-classes 10 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --warmup-epochs 0 --lr 2e-3 "
-    "--print-freq 1000 --probe-size 16 --num-workers 0 --mixup 0 --cutmix 0 --aa none --reprob 0"
+    "--print-freq 1000 --watch-size 16 --num-workers 0 --mixup 0 --cutmix 0 --aa none --reprob 0"
 ).split()
 
 
@@ -93,13 +93,13 @@ def test_stability_metrics_against_loops():
     assert curve == pytest.approx(want) and curve == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0])
 
 
-def test_probe_routing_reads_every_router_kind():
+def test_watch_routing_reads_every_router_kind():
     """Soft MoE's record has no logits: its top-2 gap comes from log p, the same gaps a
     softmax router's logits give (tested on V-MoE's record, where both exist)."""
     images = torch.randn(2, 3, 32, 32)
     for method in ("vmoe", "expert-choice", "softmoe"):
         model = build_model("micro", method, num_experts=4, **MICRO_KW)
-        (top1, p, gap), _ = ev.probe_routing(model, images)
+        (top1, p, gap), _ = ev.watch_routing(model, images)
         assert top1.shape == gap.shape == (2 * 65,) and p.shape == (2 * 65, 4)
         assert (gap >= 0).all()
     vmoe = build_model("micro", "vmoe", num_experts=4, **MICRO_KW).eval()
@@ -347,9 +347,9 @@ def test_an_old_checkpoint_without_model_args_still_loads(runs, capsys, tmp_path
         assert old[key] == new[key], key
 
 
-# ----------------------------------------------------------------------------- the probe set
-def test_probe_set_is_class_stratified_and_seeded(tmp_path):
-    """An ImageFolder is sorted by class: the probe must not be its first images (1-2 classes)."""
+# ----------------------------------------------------------------------------- the watch set
+def test_watch_set_is_class_stratified_and_seeded(tmp_path):
+    """An ImageFolder is sorted by class: the watch set is not its first images (1-2 classes)."""
     from torchvision.datasets import ImageFolder
 
     for c in range(12):
@@ -359,23 +359,23 @@ def test_probe_set_is_class_stratified_and_seeded(tmp_path):
     folder = ImageFolder(tmp_path)
     labels = torch.tensor(folder.targets)
     for n in (6, 16, 40):
-        idx = probe_indices(labels, n)
+        idx = watch_indices(labels, n)
         assert len(set(idx.tolist())) == len(idx) == n  # n distinct images
         classes = labels[idx].unique()
         assert len(classes) >= min(12, n // 2)  # at least half the classes ...
         assert len(classes) == min(12, n)  # ... and in fact every class, round-robin
         counts = labels[idx].bincount(minlength=12)
         assert counts.max() - counts[counts > 0].min() <= 1  # as even as n allows
-    assert torch.equal(probe_indices(labels, 16), probe_indices(labels, 16))  # seeded
-    assert not torch.equal(probe_indices(labels, 16), probe_indices(labels, 16, seed=1))
-    assert probe_indices(labels, 16).tolist() != list(range(16))  # not the first images
+    assert torch.equal(watch_indices(labels, 16), watch_indices(labels, 16))  # seeded
+    assert not torch.equal(watch_indices(labels, 16), watch_indices(labels, 16, seed=1))
+    assert watch_indices(labels, 16).tolist() != list(range(16))  # not the first images
 
-    # probe_images reads those very images, labels from the folder's own list (none decoded)
+    # watch_images reads those very images, labels from the folder's own list (none decoded)
     def first_pixel(im):  # (3, 1, 1) uint8: the image's colour
         return torch.tensor(im.getpixel((0, 0)), dtype=torch.uint8).view(3, 1, 1)
 
-    images = probe_images(ImageFolder(tmp_path, transform=first_pixel), 16)
-    picked = [first_pixel(folder[int(i)][0]) for i in probe_indices(labels, 16)]
+    images = watch_images(ImageFolder(tmp_path, transform=first_pixel), 16)
+    picked = [first_pixel(folder[int(i)][0]) for i in watch_indices(labels, 16)]
     assert torch.equal(images, normalize(torch.stack(picked)))
 
 
@@ -590,13 +590,13 @@ def m2ot_run(tmp_path_factory):
 def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
     from data import SyntheticImages
 
-    res = cli_json(capsys, "--checkpoint", m2ot_run, "--knn", "--probe-size", 16)
+    res = cli_json(capsys, "--checkpoint", m2ot_run, "--knn", "--watch-size", 16)
     assert "top1" not in res and "top5" not in res  # no classifier
     assert res["teachers"] == ["dino.pt", "torchvision:clip"]
     assert len(res["teacher_preference"]) == 3 == len(res["preference_sharpness"])
     for pref, sharpness in zip(res["teacher_preference"], res["preference_sharpness"]):
         assert len(pref) == 4 and all(len(row) == 2 for row in pref)  # E × N_T
-        rows = [row for row in pref if None not in row]  # null: an expert with no probe token
+        rows = [row for row in pref if None not in row]  # null: an expert with no watched token
         assert rows and all(sum(row) == pytest.approx(1, abs=1e-3) for row in rows)
         assert sharpness == pytest.approx(sum(map(max, rows)) / len(rows), abs=1e-3)
         assert 0.5 <= sharpness <= 1
@@ -629,7 +629,7 @@ def test_an_m2ot_checkpoint_knn_and_teacher_preference(m2ot_run, capsys):
 
 def test_an_m2ot_checkpoint_plots_the_teacher_preference(m2ot_run, tmp_path):
     pytest.importorskip("matplotlib")
-    res = cli("--checkpoint", m2ot_run, "--plots", tmp_path, "--probe-size", 16)
+    res = cli("--checkpoint", m2ot_run, "--plots", tmp_path, "--watch-size", 16)
     assert "teacher_preference.png" in [os.path.basename(p) for p in res["plots"]]
     with Image.open(tmp_path / "teacher_preference.png") as img:
         assert img.size == (990, 270)  # 3 layers × (1.5 + 0.9 × 2 teachers) in × (1.3 + 0.35 × 4)

@@ -114,3 +114,12 @@ def test_every_help_string_says_what_the_flag_does():
     helps = {a.dest: a.help for a in get_args_parser()._actions}
     assert all(f"{method} (" in helps["method"] for method in METHODS)
     assert all(f"{model} (" in helps["model"] for model in MODELS)
+
+
+def test_the_watch_set_flags_keep_their_older_names():
+    """--watch-size / --watch-every were --probe-size / --probe-every: scripts written before
+    the rename run unchanged, in train.py and in eval.py."""
+    args = get_args_parser().parse_args(["--probe-size", "32", "--probe-every", "5"])
+    assert (args.watch_size, args.watch_every) == (32, 5)
+    opts = ev.get_args_parser().parse_args(["--checkpoint", "c.pt", "--probe_size", "8"])
+    assert opts.watch_size == 8

@@ -368,7 +368,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 4 --batch-size 16 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --epochs 2 --warmup-epochs 0 "
-    "--lr 2e-3 --print-freq 1000 --probe-size 16 --num-workers 0 --nb-classes 10"
+    "--lr 2e-3 --print-freq 1000 --watch-size 16 --num-workers 0 --nb-classes 10"
 ).split()
 KEYS = {"train_dist", "train_dist_0", "train_dist_1", "train_tas", "train_switch", "val_knn_top1"}
 

@@ -17,7 +17,7 @@ from data import build_dataset
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 4 --topk 1 --batch-size 8 "
     "--synthetic-train-size 64 --synthetic-val-size 16 --epochs 2 --warmup-epochs 0 "
-    "--lr 2e-3 --print-freq 100000 --probe-size 8 --num-workers 0"
+    "--lr 2e-3 --print-freq 100000 --watch-size 8 --num-workers 0"
 ).split()
 
 

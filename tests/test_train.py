@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (
     "--model micro --img-size 32 --patch-size 4 --experts 4 --topk 1 --batch-size 16 "
     "--synthetic-train-size 64 --synthetic-val-size 32 --epochs 2 --warmup-epochs 0 "
-    "--lr 2e-3 --print-freq 1000 --probe-size 16 --num-workers 0"
+    "--lr 2e-3 --print-freq 1000 --watch-size 16 --num-workers 0"
 ).split()
 # the settings under which DDP must equal one process: no randomness that depends on the rank
 QUIET = (  # cf = E (--capacity-factor 4): no token is ever dropped, whatever the group holds
@@ -713,11 +713,11 @@ def test_study_flags_reach_the_teacher_and_its_objective(teacher_ckpt, tmp_path)
     assert parts["teacher_importance"] == pytest.approx(float(want), rel=1e-5)
 
 
-def test_probe_every_and_the_stability_log_survive_a_resume(tmp_path, monkeypatch):
-    """--probe-every N writes the probe's top-1 after every N-th step (probe_steps.pt); the log
+def test_watch_every_and_the_stability_log_survive_a_resume(tmp_path, monkeypatch):
+    """--watch-every N writes the watch set's top-1 after every N-th step (probe_steps.pt); the log
     carries the soft and by-margin consistency, token entropy and top-2 gap; a killed run
     resumes to the same files as a straight one."""
-    common = ["--method", "lossfree", "--epochs", "3", "--probe-every", "2", *QUIET]
+    common = ["--method", "lossfree", "--epochs", "3", "--watch-every", "2", *QUIET]
     run(tmp_path / "a", *common)
     steps = torch.load(tmp_path / "a" / "probe_steps.pt", weights_only=True)
     assert sorted(steps) == [2, 4, 6, 8, 10, 12] and len(steps[2]) == 2  # 4 steps per epoch
@@ -755,7 +755,7 @@ def test_probe_every_and_the_stability_log_survive_a_resume(tmp_path, monkeypatc
     ]
 
 
-@pytest.mark.parametrize("flag", ["--student-entropy-coef", "--bias-update-rate", "--probe-every"])
+@pytest.mark.parametrize("flag", ["--student-entropy-coef", "--bias-update-rate", "--watch-every"])
 def test_negative_study_flags_are_one_line(flag, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.cli([*TINY, "--output-dir", str(tmp_path), flag, "-1"])
