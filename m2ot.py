@@ -33,7 +33,7 @@ the triangle inequality ‖φ − Σ_i π_i T_i‖₁ ≤ Σ_i π_i ‖φ − T_
 target than one teacher. φ starts near 0, the mixture nearest 0 is the mean of standardised
 teachers, and there π gets no net pull: uniform π with every expert at the teachers' mean is
 a stable point, Prop. 1's compromise. A falling L_tas then means the experts reach the mean,
-not that they specialise (tests/test_m2ot.py, notebook 06). `tas_form="map"` is the objective
+not that they specialise (tests/test_m2ot.py, notebook 07). `tas_form="map"` is the objective
 before the paper's first approximation (Eq. 6-7, π outside the norm, `m2ot_losses.tas_map_loss`):
 L_tas = Σ_layers mean_t Σ_{e kept} p_e(t) Σ_i π(t, e, i) mean_c |φ(t, e) − Q_i T_i(t)|, lowest
 with π on the teacher nearest φ and φ on it: π sharpens. Whether the experts then *split* the

@@ -1,4 +1,4 @@
-"""What the six notebooks share: the setup cell, the training flags, "run train.py with these".
+"""What the notebooks share: the setup cell, the training flags, "run train.py with these".
 
 Nothing here teaches MoE. It is the plumbing every notebook would otherwise copy, so that the
 notebooks' cells hold only what they teach (they import the modules and never

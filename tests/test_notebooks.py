@@ -26,7 +26,8 @@ COURSE = [  # the reading order of the README
     "03_routing_distillation.ipynb",
     "04_half_schedule_switch.ipynb",
     "05_other_routers.ipynb",
-    "06_multi_teacher_experts.ipynb",
+    "06_moe_beyond_one_device.ipynb",
+    "07_multi_teacher_experts.ipynb",
 ]
 CELL_TIMEOUT_S = None  # no limit: a slow machine must not fail a cell that is only slow
 
