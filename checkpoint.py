@@ -24,7 +24,7 @@ Decisions where the papers are silent
   probe_routing.pt / probe_steps.pt and the log's `probe_token_entropy` / `probe_gap_median`,
   so every run written before resumes and reads the same.
 * A student of several teachers (`--method m2ot`) is a top-K MoE ViT: saved, and rebuilt,
-  as moe.py's `vmoe` (`m2ot_flags.BUILT_AS`, which also reads the checkpoints that named it
+  as moe.py's `vmoe` (`m2ot_flags.built_as`, which also reads the checkpoints that named it
   by its own method).
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UsageError
-from m2ot_flags import BUILT_AS
+from m2ot_flags import built_as
 from moe import METHODS, build_model, upcycle
 from pretrained import read_checkpoint
 
@@ -121,7 +121,7 @@ def model_args_from_flags(flags, num_classes):
     Soft MoE and dense have none. Runs from before --expert-hidden have no such flag: None.
     """
     f = flags if isinstance(flags, dict) else vars(flags)  # a checkpoint's dict, or a Namespace
-    method = BUILT_AS.get(f["method"], f["method"])  # --method m2ot: built as vmoe
+    method = built_as(f["method"])  # --method m2ot: built as vmoe
     margs = dict(
         name=f["model"],
         method=method,
@@ -273,8 +273,8 @@ def load_run(path, device, what="--checkpoint", eval_capacity_factor=None):
             model_args = model_args_from_flags(ckpt["args"], ckpt["model"]["head.weight"].shape[0])
         except KeyError as err:
             raise UsageError(f"{what} {path}: an old checkpoint without flag {err}") from None
-    if model_args["method"] in BUILT_AS:  # saved under M²oT's method name: built as vmoe
-        model_args = {**model_args, "method": BUILT_AS[model_args["method"]]}
+    # saved under M²oT's method name (older runs): built as vmoe
+    model_args = {**model_args, "method": built_as(model_args["method"])}
     if eval_capacity_factor is not None and "eval_capacity_factor" in model_args:
         model_args = {**model_args, "eval_capacity_factor": eval_capacity_factor}
 

@@ -57,7 +57,7 @@ def add_flag(group, *names, **kw):
 def mlp_kind(method):
     """What MLP a --method's MoE blocks get (moe.METHODS: None, "top-k", "expert-choice" or
     "soft"); M²oT's student is built as the method `m2ot_flags.BUILT_AS` names."""
-    return METHODS[m2ot_flags.BUILT_AS.get(method, method)]
+    return METHODS[m2ot_flags.built_as(method)]
 
 
 def as_dict(flags):

@@ -32,6 +32,11 @@ BUILT_AS = {"m2ot": "vmoe"}  # --method -> the moe.py method its student is buil
 STUDENTS = ("m2ot", "dense", "softmoe")  # the methods that may learn from --teachers
 
 
+def built_as(method):
+    """The moe.py method that --method `method` builds: `BUILT_AS`'s, else itself."""
+    return BUILT_AS.get(method, method)
+
+
 def add_flags(parser):
     """M²oT's group of train.py's flags (each also in DeiT's underscore spelling)."""
     g = parser.add_argument_group("M²oT: several teachers guide the experts (no labels)")
