@@ -89,7 +89,7 @@ from probe import TASKS, check_probes, dense_probes, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
 from router import check_routing
 from teacher import build_teacher_routers, load_teacher, teacher_route
-from vit import autocast, evaluating
+from vit import amp_dtype_for, autocast, evaluating
 
 DENSE_ONLY = tuple(d for d in TASKS if d not in DATASETS)  # ade20k, nyud: no classes
 
@@ -377,7 +377,7 @@ def measure(model, args, ckpt, opts, device, val_set):
     """Accuracy, routing, k-NN, consistency, preference and figures on the validation split."""
     route_logits = route_of(model, ckpt, args, opts, device)
     cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cuda else None
+    amp_dtype = amp_dtype_for(device)
     batches = lambda data: torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, pin_memory=cuda, num_workers=opts.num_workers
     )

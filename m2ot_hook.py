@@ -27,14 +27,13 @@ Decisions where the paper is silent
   the epochs between log no k-NN top-1 (the epoch line shows "-").
 """
 
-import torch
-
 from checkpoint import load_weights, model_args_from_flags
 from data import build_dataset, build_loader
 from m2ot import M2oT, keep_expert_outputs, m2ot_losses
 from m2ot_teachers import load_final_teacher
 from moe import build_model
 from probe import knn_eval
+from vit import amp_dtype_for
 
 
 class M2oTHook:
@@ -109,7 +108,7 @@ class M2oTHook:
         if not (every and (epoch + 1) % every == 0) and not last:
             return {}
         device = next(model.parameters()).device
-        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+        amp_dtype = amp_dtype_for(device)
         return {
             "val_knn_top1": knn_eval(model, self.knn_bank, val_loader, device, amp_dtype=amp_dtype)
         }

@@ -65,7 +65,7 @@ from torchvision.transforms import v2
 
 from data import SyntheticImages, normalize, read_rgb
 from errors import UsageError
-from vit import autocast, evaluating
+from vit import amp_dtype_for, autocast, evaluating
 
 IGNORE = 255  # label value that no loss or metric counts
 MAX_DEPTH = 10.0  # metres: DINOv2's NYUd range; farther (or 0) is not a measurement
@@ -443,7 +443,7 @@ def dense_probes(model, args, device, tasks, *, epochs=10, lr=1e-2, blocks=1, wo
         pin_memory=cuda,
         drop_last=train and len(data) > args.batch_size,  # BatchNorm: no batch of one
     )
-    amp_dtype = torch.bfloat16 if cuda else None
+    amp_dtype = amp_dtype_for(device)
     with torch.random.fork_rng(devices=[]):  # seeded heads and crops; the caller's RNG kept
         torch.manual_seed(args.seed)
         outs = {t: classes if t == "seg" else 1 for t in tasks}

@@ -93,7 +93,7 @@ from teacher import (
     teacher_objective,
     teacher_route,
 )
-from vit import autocast
+from vit import amp_dtype_for, autocast
 
 
 def print0(*a, **kw):
@@ -404,7 +404,7 @@ def train_one_epoch(learner, loader, mix, args, epoch, step):
     accum = args.accum_iter
     world = dist.get_world_size() if dist.is_initialized() else 1
     batches = len(loader) // accum * accum
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 on GPU only
+    amp_dtype = amp_dtype_for(device)  # bf16 on GPU only
     model.train()
     sums = {}  # every logged loss part, summed over the epoch's steps (on the device)
     seen = 0  # images trained on, all ranks
@@ -488,7 +488,7 @@ def validate(args, model, val_loader, guides, ema=None):
     """The epoch's validation: accuracy and routing metrics (teacher-route: also the student's
     own route; --model-ema: also the averaged weights' top-1)."""
     device = next(model.parameters()).device
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(device)
     by_teacher = args.method == "teacher-route"  # the teacher router chooses the experts
     routed = dict(route_logits=guides.route_logits(), route_by_teacher=by_teacher)
     run = lambda m, **kw: evaluate(m, val_loader, device, amp_dtype=amp_dtype, **kw)

@@ -227,6 +227,11 @@ def evaluating(model):
         model.train(was_training)
 
 
+def amp_dtype_for(device):
+    """The project's mixed-precision rule: bf16 on a CUDA device, None (fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast(device, amp_dtype):
     """Autocast to `amp_dtype` (bf16 on CUDA, or a bf16 teacher), or nothing when it is None:
     the one mixed-precision switch of the trainer, the evaluation and the teachers."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe import build_model
-from vit import VisionTransformer
+from vit import VisionTransformer, amp_dtype_for
 
 MICRO = dict(num_classes=10, img_size=32, patch_size=4)  # 8x8 patches + CLS = 65 tokens
 
@@ -39,3 +39,11 @@ def test_register_tokens_follow_cls_as_in_timm(no_embed_class):
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(images)[0], ref.forward_features(images))
     assert "reg_token" not in build_model("micro", "dense", **MICRO).state_dict()  # R = 0
+
+
+def test_mixed_precision_is_bf16_on_cuda_only():
+    """The one rule the trainer, eval.py, the probes and the k-NN share (a device need not
+    exist to be asked about)."""
+    assert amp_dtype_for(torch.device("cuda")) is torch.bfloat16
+    assert amp_dtype_for(torch.device("cuda:1")) is torch.bfloat16
+    assert amp_dtype_for(torch.device("cpu")) is None
