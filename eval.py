@@ -16,7 +16,8 @@ re-running a router). Each metric is a plain function with its formula:
 
 and, for M²oT's label-free students, what the frozen features know (probe.py:
 the k-NN top-1 of the CLS token, linear segmentation and depth probes of the patch tokens)
-and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferences`).
+and the expert→teacher preference (M²oT's own measure: `m2ot.teacher_preferences`), and with
+`--specialisation` whether the experts themselves split the teachers (m2ot_measure.py).
 
 `evaluate` runs a model over a loader and returns top-1/top-5 and the per-layer metrics;
 train.py logs them every epoch, with the adjacent-epoch consistency of `watch_assignments`.
@@ -36,7 +37,7 @@ The command line reads a train.py checkpoint:
 
     python eval.py --checkpoint RUN/checkpoint.pt [--route student|teacher] [--compare B.pt]
                    [--data ... --data-path ...] [--knn] [--seg-probe] [--depth-probe]
-                   [--json] [--plots DIR]
+                   [--specialisation] [--json] [--plots DIR]
 
 `--route teacher` lets the run's teacher router choose the experts (TGR sec. 5.3, the upper
 bound that needs the teacher at inference); `--compare` measures consistency on the watch
@@ -44,8 +45,9 @@ set train.py follows (`data.watch_indices`); `--knn` adds the k-NN top-1, `--seg
 mIoU and `--depth-probe` the RMSE of linear probes trained on the frozen model (on the
 synthetic data's part masks and depth, or `--data ade20k` / `nyud`: then the probes alone;
 `--backbone FILE` probes another dense ViT, a teacher, on the run's data instead of its model);
-an M²oT checkpoint with π adds the expert→teacher preference; the table and `--plots` are
-report's.
+an M²oT checkpoint with π adds the expert→teacher preference, and `--specialisation` the
+expert × teacher matrices read from the experts (it loads the run's teachers); the table and
+`--plots` are report's.
 
 Letters: T tokens (B·N), E experts, K choices per token.
 
@@ -83,7 +85,15 @@ from checkpoint import load_run
 from data import DATASETS, build_dataset, normalize, watch_images
 from errors import ArgumentParser, UsageError, run_cli
 from flags import add_flag, teacher_args_from_flags
-from m2ot import load_mix_routers, plot_teacher_preference, preference_report, preference_table
+from m2ot import (
+    M2oT,
+    load_mix_routers,
+    plot_teacher_preference,
+    preference_report,
+    preference_table,
+)
+from m2ot_measure import specialisation, specialisation_table
+from m2ot_teachers import load_final_teacher
 from pretrained import CLASSIFIER, build_vit, vit_config, vit_weights
 from probe import TASKS, check_probes, dense_probes, knn_eval
 from report import fmt_table, patch_map, require_matplotlib, write_plots
@@ -399,7 +409,7 @@ def measure(model, args, ckpt, opts, device, val_set):
         temperature = opts.knn_temperature
         res["knn_top1"] = knn_eval(model, bank, loader, device, k, temperature, amp_dtype)
     watch = None  # train.py's watch set: decoded once, where something measures on it
-    if opts.compare or ckpt.get("m2ot"):
+    if opts.compare or ckpt.get("m2ot") or opts.specialisation:
         watch = watch_images(val_set, opts.watch_size).to(device)
     if opts.compare:
         other, _, _ = load_run(opts.compare, device, "--compare", opts.eval_capacity_factor)
@@ -408,7 +418,19 @@ def measure(model, args, ckpt, opts, device, val_set):
         )
     if (mix_routers := load_mix_routers(ckpt.get("m2ot") or {}, model.num_experts)) is not None:
         res.update(preference_report(model, mix_routers, getattr(args, "teachers", []), watch))
+    if opts.specialisation:
+        res["specialisation"] = expert_specialisation(model, args, ckpt, watch, device)
     return res, route_logits
+
+
+def expert_specialisation(model, args, ckpt, watch, device):
+    """m2ot_measure's readings of a top-K M²oT student on the watch images: its teachers
+    loaded again from the run's --teachers, its heads and statistics from the checkpoint."""
+    options = dict(img_size=args.img_size, dtype=args.teacher_dtype, random_ok=args.teacher_random)
+    teachers = [load_final_teacher(t, **options).to(device) for t in args.teachers]
+    m2ot = M2oT.for_student(model, teachers, args, routed=True).to(device)
+    m2ot.load_state_dict(ckpt["m2ot"])
+    return specialisation(model, m2ot, watch)
 
 
 def main(opts):
@@ -418,6 +440,8 @@ def main(opts):
     device = torch.device(opts.device)
     cf = opts.eval_capacity_factor
     model, args, ckpt = load_run(opts.checkpoint, device, eval_capacity_factor=cf)
+    if opts.specialisation and (args.method != "m2ot" or not ckpt.get("m2ot")):
+        raise UsageError("--specialisation: needs a checkpoint of train.py --method m2ot")
     tasks = [t for t in TASKS["synthetic"] if getattr(opts, f"{t}_probe")]
     backbone = backbone_of(opts, args, device) if opts.backbone else None
     depth = len((backbone or model).blocks)  # of the network the probes read
@@ -529,6 +553,17 @@ def get_args_parser():
         "the run's --eval-capacity-factor)",
     )
 
+    # do the experts split the teachers? (M²oT, m2ot_measure.py)
+    add_flag(
+        p,
+        "--specialisation",
+        action="store_true",
+        help="an M²oT run: the expert × teacher matrices read from the experts themselves "
+        "(causal: each teacher's L_dist rise with an expert dropped; representational: ridge "
+        "R² from its outputs), SI, DI and a permuted-teacher null, on the watch set; loads "
+        "the run's --teachers",
+    )
+
     # the k-NN top-1 of the CLS embedding (M²oT's measure, DINO's protocol)
     add_flag(
         p,
@@ -637,7 +672,8 @@ def cli(argv=None):
     """The command line: parse, evaluate (a user mistake is one line), print, return the dict."""
     opts = get_args_parser().parse_args(argv)
     res = run_cli(main, opts)
-    print(json.dumps(res) if opts.json else fmt_table(res) + preference_table(res))
+    tables = fmt_table(res) + preference_table(res) + specialisation_table(res)
+    print(json.dumps(res) if opts.json else tables)
     return res
 
 

@@ -78,6 +78,19 @@ Decisions where the paper is silent
 * Dense and Soft MoE students (the paper's other rows) have no kept assignments: L = L_dist.
 * Projector heads: Linear(D, D) -> GELU -> Linear(D, d_i), one for CLS and one for patches
   per teacher ("commonly MLPs", Eq. 1; hidden width D, a choice).
+
+Variants (each a flag, off by default; what each does is measured in docs/m2ot.md)
+-----------------------------------------------------------------------------------
+    tas_form="heads"      (--tas-form heads)  the MAP form through a learnable linear read-out
+                          g_i: D -> d_i per layer and teacher (`tas_heads`), instead of Q_i
+    tas_norm="sum"        (--tas-norm sum)    ‖·‖₁ summed over channels, as Eq. 8 writes it;
+                          with dist_reduce="sum", the paper's weighting
+    tas_pi="fixed"        (--tas-pi fixed)    π one-hot, expert e on teacher e mod N_T
+                          (`FixedTeacherRouter`): the specialisation measure's positive control
+    pi_balance=c          (--pi-balance c)    + c · N_T Σ_i share_i², π's teacher shares kept even
+    teacher_drop=p        (--teacher-drop p)  UNIC's teacher dropping on L_dist (training only;
+                          the logged per-teacher parts are undropped)
+    switch_choices="all"  (--switch-choices all)  L_switch over all K choices, not the first
 """
 
 import math
@@ -90,7 +103,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from augment import MEAN, STD
-from m2ot_losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
+from m2ot_losses import (
+    feature_distill_per_image,
+    pi_balance_loss,
+    switch_load_loss,
+    tas_heads_loss,
+    tas_loss,
+    tas_map_loss,
+    teacher_drop_mask,
+)
 from vit import evaluating
 
 
@@ -174,6 +195,21 @@ class TeacherAwareRouter(nn.Linear):
         return logits.float().softmax(dim=-1)  # (..., E, N_T): each expert's teacher mixture
 
 
+class FixedTeacherRouter(nn.Module):
+    """A fixed π, the positive control (`--tas-pi fixed`): expert e serves teacher e mod N_T
+    alone, π(x)_(e, ·) = one-hot(e mod N_T) for every token. No parameters."""
+
+    def __init__(self, num_experts, num_teachers):
+        super().__init__()
+        self.num_experts = num_experts  # E
+        self.num_teachers = num_teachers  # N_T
+        owner = torch.arange(num_experts) % num_teachers  # (E,) e mod N_T
+        self.register_buffer("choice", F.one_hot(owner, num_teachers).float(), persistent=False)
+
+    def forward(self, x):
+        return self.choice.expand(*x.shape[:-1], -1, -1)  # (..., E, N_T)
+
+
 def load_mix_routers(state, num_experts):
     """The π of every MoE layer from a checkpoint's "m2ot" state (keys pi.{j}.weight); None
     when the run had none (a dense or Soft MoE multi-teacher student)."""
@@ -215,12 +251,22 @@ class M2oT(nn.Module):
         *,
         tas_form="mixture",
         dist_reduce="mean",
+        tas_norm="mean",
+        tas_pi="learned",
+        pi_balance=0.0,
+        teacher_drop=0.0,
+        switch_choices="first",
     ):
         super().__init__()
         self.teachers = list(teachers)  # a plain list: frozen, loaded from --teachers, not saved
         self.grid = grid  # G, the student's
-        self.tas_form = tas_form  # "mixture" (Eq. 8) or "map" (Eq. 6-7)
+        self.tas_form = tas_form  # "mixture" (Eq. 8), "map" (Eq. 6-7) or "heads"
         self.dist_reduce = dist_reduce  # "mean" or "sum" over teachers
+        # the variants (docs/m2ot.md), each off by default
+        self.tas_norm = tas_norm  # ‖·‖₁ over channels: "mean" or "sum" (Eq. 8 as written)
+        self.pi_balance = pi_balance  # weight of `pi_balance_loss`
+        self.teacher_drop = teacher_drop  # UNIC's p: drop a teacher's loss per image
+        self.switch_choices = switch_choices  # L_switch on the "first" choice or on "all" K
 
         # per teacher: projector heads g_i and the standardisers of its targets
         widths = [t.dim for t in self.teachers]  # d_i
@@ -228,10 +274,23 @@ class M2oT(nn.Module):
         self.norm_cls = nn.ModuleList(RunningStandardiser(d) for d in widths)
         self.norm_patch = nn.ModuleList(RunningStandardiser(d) for d in widths)
 
-        # per MoE layer: π (none for a dense or Soft MoE student)
+        # per MoE layer: π (none for a dense or Soft MoE student); `tas_pi="fixed"`: the
+        # control, expert e tied to teacher e mod N_T
         n = len(widths) if num_moe_layers else 0
-        self.pi = nn.ModuleList(
-            TeacherAwareRouter(dim, num_experts, n) for _ in range(num_moe_layers)
+        if tas_pi == "fixed":
+            self.pi = nn.ModuleList(
+                FixedTeacherRouter(num_experts, n) for _ in range(num_moe_layers)
+            )
+        else:
+            self.pi = nn.ModuleList(
+                TeacherAwareRouter(dim, num_experts, n) for _ in range(num_moe_layers)
+            )
+
+        # per MoE layer and teacher, `tas_form="heads"` only: a learnable read-out g_i: D -> d_i
+        # of the experts' outputs, in place of the fixed Q_i
+        heads = num_moe_layers if tas_form == "heads" else 0
+        self.tas_heads = nn.ModuleList(
+            nn.ModuleList(nn.Linear(dim, d) for d in widths) for _ in range(heads)
         )
 
         # per teacher, fixed: Q_i, and the renormalisation of the images it is fed
@@ -240,6 +299,27 @@ class M2oT(nn.Module):
             scale, shift = renormalise(t.mean, t.std)  # the teacher's own input normalisation
             self.register_buffer(f"scale{i}", scale, persistent=False)
             self.register_buffer(f"shift{i}", shift, persistent=False)
+
+    @classmethod
+    def for_student(cls, model, teachers, args, routed):
+        """The module of a run of `args` (train.py's flags) beside its student `model`: π per
+        MoE layer when `routed` (a top-K student), the variants as the flags ask."""
+        layers = len(model.moe_layers) if routed else 0
+        variant = lambda name, off: getattr(args, name, off)  # a run from before the flag: off
+        return cls(
+            teachers,
+            model.embed_dim,
+            model.grid,
+            layers,
+            model.num_experts if routed else 0,
+            tas_form=args.tas_form,
+            dist_reduce=args.dist_reduce,
+            tas_norm=variant("tas_norm", "mean"),
+            tas_pi=variant("tas_pi", "learned"),
+            pi_balance=variant("pi_balance", 0.0),
+            teacher_drop=variant("teacher_drop", 0.0),
+            switch_choices=variant("switch_choices", "first"),
+        )
 
     def targets(self, images):
         """[(CLS (B, d_i), patches (B, G², d_i))] per teacher: standardised, no gradient."""
@@ -251,29 +331,64 @@ class M2oT(nn.Module):
             out.append((self.norm_cls[i](cls.float()), self.norm_patch[i](patches)))
         return out
 
-    def distill(self, tokens, targets):
-        """Eq. 2: (L_dist, [per-teacher part]); tokens (B, N, D) the student's final features."""
-        parts = []
+    def per_image_dist(self, tokens, targets):
+        """Eq. 2's distance of each teacher on each image, the mean of CLS and patches: (N_T, B)."""
+        per_image = []  # N_T × (B,)
         for head, (cls, patches) in zip(self.heads, targets):
-            l_cls = feature_distill_loss(head.cls(tokens[:, 0]), cls)  # (B, d_i) vs (B, d_i)
-            l_patch = feature_distill_loss(head.patch(tokens[:, 1:]), patches)  # (B, G², d_i)
-            parts.append(0.5 * (l_cls + l_patch))  # mean over CLS and patch
-        per_teacher = torch.stack(parts)  # (N_T,) L_dist = Σ_i (Eq. 2) or mean_i (the default)
-        return (per_teacher.sum() if self.dist_reduce == "sum" else per_teacher.mean()), parts
+            l_cls = feature_distill_per_image(head.cls(tokens[:, 0]), cls)  # (B,)
+            l_patch = feature_distill_per_image(head.patch(tokens[:, 1:]), patches)  # (B,)
+            per_image.append(0.5 * (l_cls + l_patch))  # mean over CLS and patch
+        return torch.stack(per_image)  # (N_T, B)
+
+    def distill(self, tokens, targets):
+        """Eq. 2: (L_dist, [per-teacher part]); tokens (B, N, D) the student's final features.
+        With `teacher_drop` (training only), UNIC's teacher dropping decides per image which
+        teachers' losses count; the per-teacher parts are logged undropped."""
+        per_image = self.per_image_dist(tokens, targets)  # (N_T, B)
+        parts = list(per_image.mean(dim=1))  # N_T × scalar: each teacher's L_dist
+
+        # UNIC: keep the worst-fit teacher of each image, drop each other with p
+        if self.training and self.teacher_drop > 0:
+            per_image = per_image * teacher_drop_mask(per_image.detach(), self.teacher_drop)
+        per_teacher = per_image.mean(dim=1)  # (N_T,)
+
+        # L_dist = Σ_i (Eq. 2) or mean_i (the default)
+        total = per_teacher.sum() if self.dist_reduce == "sum" else per_teacher.mean()
+        return total, parts
+
+    def teacher_token_list(self, targets):
+        """Every teacher's target for every student token, in its own width: [(T, d_i)]."""
+        return [
+            rearrange(torch.cat([cls.unsqueeze(1), patches], dim=1), "b n d -> (b n) d")
+            for cls, patches in targets  # (B, N, d_i), CLS first
+        ]
 
     def teacher_tokens(self, targets):
-        """Every teacher's target for every student token, mapped to width D: (N_T, T, D)."""
-        feats = []
-        for i, (cls, patches) in enumerate(targets):
-            tokens = torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, N, d_i), CLS first
-            feats.append(rearrange(tokens, "b n d -> (b n) d") @ getattr(self, f"q{i}").t())
-        return torch.stack(feats)  # (N_T, T, D)
+        """Every teacher's target for every student token, mapped to width D by its fixed Q_i:
+        (N_T, T, D)."""
+        feats = self.teacher_token_list(targets)  # N_T × (T, d_i)
+        return torch.stack([f @ getattr(self, f"q{i}").t() for i, f in enumerate(feats)])
 
-    def tas(self, routings, teacher_feats, detach=False):
-        """L_tas (`tas_form`: Eq. 8 or the MAP form) summed over the MoE layers. detach: only
-        π learns (the tas_coef = 0 baseline)."""
-        layers = zip(self.pi, routings)
-        return sum(layer_tas(pi, r, teacher_feats, detach, self.tas_form) for pi, r in layers)
+    def tas(self, routings, targets, detach=False):
+        """L_tas (`tas_form`: Eq. 8, the MAP form or through heads) summed over the MoE layers;
+        targets: `targets(images)`'s. detach: only π (and the TAS heads) learn (the tas_coef = 0
+        baseline)."""
+        if self.tas_form == "heads":
+            feats = self.teacher_token_list(targets)  # N_T × (T, d_i): no Q_i
+            heads = list(self.tas_heads)
+        else:
+            feats = self.teacher_tokens(targets)  # (N_T, T, D)
+            heads = [None] * len(self.pi)
+        total = 0.0
+        for pi, routing, g in zip(self.pi, routings, heads):
+            total = total + layer_tas(
+                pi, routing, feats, detach, self.tas_form, channels=self.tas_norm, heads=g
+            )
+        return total
+
+    def balance(self, routings):
+        """`pi_balance_loss` of every MoE layer's π on its tokens, summed over the layers."""
+        return sum(pi_balance_loss(pi(r.inputs.detach())) for pi, r in zip(self.pi, routings))
 
 
 def chosen_mixtures(pi, routing):
@@ -285,24 +400,34 @@ def chosen_mixtures(pi, routing):
     return mix.gather(1, index)  # (T, K, N_T)
 
 
-def layer_tas(pi, routing, teacher_feats, detach=False, form="mixture"):
+def layer_tas(
+    pi, routing, teacher_feats, detach=False, form="mixture", channels="mean", heads=None
+):
     """L_tas of one MoE layer from its Routing (φ in `expert_out`, the input in `inputs`).
-    teacher_feats: (N_T, T, D). detach: φ and p get no gradient, π alone learns."""
-    # mixture (Eq. 8): mean_t Σ_{e kept} p_e(t) · mean_c |φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)|
-    # map (Eq. 6-7):   mean_t Σ_{e kept} p_e(t) · Σ_i π(t, e, i) · mean_c |φ(t, e) − Q_i T_i(t)|
+    teacher_feats: (N_T, T, D), Q_i-mapped, or for form "heads" [(T, d_i)] in each teacher's
+    own width, read through `heads` (g_i per teacher). detach: φ and p get no gradient, π (and
+    the heads) alone learn."""
+    # mixture (Eq. 8): mean_t Σ_{e kept} p_e(t) · ‖φ(t, e) − Σ_i π(t, e, i) Q_i T_i(t)‖₁
+    # map (Eq. 6-7):   mean_t Σ_{e kept} p_e(t) · Σ_i π(t, e, i) · ‖φ(t, e) − Q_i T_i(t)‖₁
+    # heads:           mean_t Σ_{e kept} p_e(t) · Σ_i π(t, e, i) · ‖g_i(φ(t, e)) − T_i(t)‖₁
     probs = routing.probs.gather(1, routing.experts)  # (T, K)
     phi = routing.expert_out  # (T, K, D)
     if detach:
         probs = probs.detach()
         phi = phi.detach()
+    mix = chosen_mixtures(pi, routing)  # (T, K, N_T)
+    if form == "heads":
+        predictions = [g(phi) for g in heads]  # N_T × (T, K, d_i)
+        return tas_heads_loss(predictions, probs, routing.kept, mix, teacher_feats, channels)
     loss = tas_map_loss if form == "map" else tas_loss
-    return loss(phi, probs, routing.kept, chosen_mixtures(pi, routing), teacher_feats)
+    return loss(phi, probs, routing.kept, mix, teacher_feats, channels)
 
 
 def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
     """Eq. 10 for one batch: (L, {part: detached value}); `model` may be DDP-wrapped.
 
-    The parts are dist, dist_<i> per teacher, and for a top-K student tas and switch.
+    The parts are dist, dist_<i> per teacher, and for a top-K student tas, switch and, with
+    `pi_balance`, pi_balance.
     """
     tokens, routings = model(images, features=True)  # (B, N, D), one Routing per MoE layer
     targets = m2ot.targets(images)
@@ -311,10 +436,16 @@ def m2ot_losses(model, m2ot, images, tas_coef=0.5, switch_coef=0.01):
 
     # a top-K student: + λ_1 · L_tas + λ_2 · L_switch over its MoE layers
     if len(m2ot.pi) and routings:
-        parts["tas"] = m2ot.tas(routings, m2ot.teacher_tokens(targets), detach=tas_coef == 0)
+        parts["tas"] = m2ot.tas(routings, targets, detach=tas_coef == 0)
         loss = loss + (tas_coef or 1.0) * parts["tas"]  # tas_coef 0: π's own loss, weight 1
-        # Eq. 9 on the top-1 choice of each token (experts are sorted by the router's score)
-        parts["switch"] = sum(switch_load_loss(r.probs, r.experts[:, 0]) for r in routings)
+        if m2ot.pi_balance > 0:  # the variant: π's teacher shares kept even across experts
+            parts["pi_balance"] = m2ot.balance(routings)
+            loss = loss + m2ot.pi_balance * parts["pi_balance"]
+        # Eq. 9 on the top-1 choice of each token (experts are sorted by the router's score),
+        # or on all K choices (`switch_choices="all"`)
+        first = m2ot.switch_choices != "all"
+        chosen = [r.experts[:, 0] if first else r.experts for r in routings]
+        parts["switch"] = sum(switch_load_loss(r.probs, c) for r, c in zip(routings, chosen))
         loss = loss + switch_coef * parts["switch"]
     return loss, {k: v.detach().float() for k, v in parts.items()}
 

@@ -72,9 +72,11 @@ def add_flags(parser):
         "--tas-form",
         "--tas_form",
         default="mixture",
-        choices=["mixture", "map"],
-        help="m2ot: L_tas as Eq. 8, each expert toward its π-mixture of teachers (mixture), or "
-        "the MAP form, π weighing each teacher's own distance (map, Eq. 6-7)",
+        choices=["mixture", "map", "heads"],
+        help="m2ot: L_tas as Eq. 8, each expert toward its π-mixture of teachers (mixture), "
+        "the MAP form, π weighing each teacher's own distance (map, Eq. 6-7), or the MAP form "
+        "through a learnable linear read-out g_i of the expert per teacher instead of the "
+        "fixed Q_i (heads)",
     )
     g.add_argument(
         "--switch-coef",
@@ -83,6 +85,47 @@ def add_flags(parser):
         default=0.01,
         help="m2ot: λ_2, weight of the Switch Transformer load-balancing loss on the tokens' "
         "top-1 experts",
+    )
+
+    # variants tried to make the experts split the teachers (docs/m2ot.md); each off by default
+    g.add_argument(
+        "--tas-norm",
+        "--tas_norm",
+        default="mean",
+        choices=["mean", "sum"],
+        help="m2ot: L_tas's ‖·‖₁ as a mean over the D channels, or their sum as Eq. 8 writes "
+        "it (D times stronger; with --dist-reduce sum the paper's weighting)",
+    )
+    g.add_argument(
+        "--tas-pi",
+        "--tas_pi",
+        default="learned",
+        choices=["learned", "fixed"],
+        help="m2ot: π learned (the paper), or fixed, expert e tied to teacher e mod N_T (a "
+        "positive control for the specialisation measure)",
+    )
+    g.add_argument(
+        "--pi-balance",
+        "--pi_balance",
+        type=float,
+        default=0.0,
+        help="m2ot: weight of a loss keeping π's teacher shares even across experts, N_T Σ_i "
+        "share_i² (0: off)",
+    )
+    g.add_argument(
+        "--teacher-drop",
+        "--teacher_drop",
+        type=float,
+        default=0.0,
+        help="--teachers: UNIC's teacher dropping, per image keep the worst-fit teacher and drop "
+        "each other's distillation loss with this probability (UNIC: 0.5; 0: off)",
+    )
+    g.add_argument(
+        "--switch-choices",
+        "--switch_choices",
+        default="first",
+        choices=["first", "all"],
+        help="m2ot: L_switch counts each token's first choice (Switch's top-1) or all K",
     )
 
     # the label-free measure of the student
@@ -121,8 +164,10 @@ def check_args(args):
     if args.teachers and args.method not in STUDENTS:
         students = ", ".join(STUDENTS[:-1]) + f" and {STUDENTS[-1]}"
         raise UsageError(f"--teachers: the students are {students}, not {args.method}")
-    if min(args.tas_coef, args.switch_coef) < 0 or args.knn_every < 0:
-        raise UsageError("--tas-coef, --switch-coef and --knn-every must be >= 0")
+    if min(args.tas_coef, args.switch_coef, args.pi_balance) < 0 or args.knn_every < 0:
+        raise UsageError("--tas-coef, --switch-coef, --pi-balance and --knn-every must be >= 0")
+    if not 0 <= args.teacher_drop < 1:
+        raise UsageError(f"--teacher-drop must be in [0, 1), not {args.teacher_drop}")
 
 
 def describe(args):
@@ -130,4 +175,16 @@ def describe(args):
     if not args.teachers:
         return ""
     text = f"; {len(args.teachers)} teachers, no labels, λ_1 (tas) {args.tas_coef}, "
-    return text + f"λ_2 (switch) {args.switch_coef}"
+    text += f"λ_2 (switch) {args.switch_coef}"
+
+    # the variants, where one is on
+    variants = {
+        "tas-form": (args.tas_form, "mixture"),
+        "tas-norm": (args.tas_norm, "mean"),
+        "tas-pi": (args.tas_pi, "learned"),
+        "pi-balance": (args.pi_balance, 0.0),
+        "teacher-drop": (args.teacher_drop, 0.0),
+        "switch-choices": (args.switch_choices, "first"),
+    }
+    on = [f"{name} {value}" for name, (value, off) in variants.items() if value != off]
+    return text + (f" ({', '.join(on)})" if on else "")

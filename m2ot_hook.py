@@ -73,17 +73,9 @@ class M2oTHook:
         args = self.args
 
         # heads and standardisers per teacher, π per MoE layer (top-K students only)
-        layers = len(model.moe_layers) if args.method == "m2ot" else 0
         teachers = [t.to(device) for t in self.teachers]
-        self.module = M2oT(
-            teachers,
-            model.embed_dim,
-            model.grid,
-            layers,
-            args.experts,
-            tas_form=args.tas_form,
-            dist_reduce=args.dist_reduce,
-        ).to(device)
+        routed = args.method == "m2ot"
+        self.module = M2oT.for_student(model, teachers, args, routed).to(device)
         if ckpt is not None:  # heads, π and the targets' statistics
             load_weights(self.module, ckpt["m2ot"], f"--resume {resume}'s M²oT heads")
 

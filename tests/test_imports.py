@@ -4,8 +4,8 @@ functions count too, so a lazy import cannot hide a cycle):
 * imports point one way: no module reaches itself back through the modules it imports;
 * errors.py, how a mistake becomes one line, imports nothing of ours: every module may use it;
 * the TGR core (router, losses, vit, moe, schedule, teacher) imports nothing of M²oT's
-  (m2ot.py, m2ot_losses.py, m2ot_teachers.py, probe.py): a reader of the first paper's method
-  meets none of the second's;
+  (m2ot.py, m2ot_losses.py, m2ot_measure.py, m2ot_teachers.py, probe.py): a reader of the
+  first paper's method meets none of the second's;
 * eval.py rebuilds models from checkpoints, never from the trainer;
 * train.py meets M²oT through one object, m2ot_hook.py's, and imports none of its other files;
 * the house is at most six floors deep;
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 TGR_CORE = ["router", "losses", "vit", "moe", "schedule", "teacher"]
-M2OT = ["m2ot", "m2ot_flags", "m2ot_hook", "m2ot_losses", "m2ot_teachers", "probe"]
+M2OT = ["m2ot", "m2ot_flags", "m2ot_hook", "m2ot_losses", "m2ot_measure", "m2ot_teachers", "probe"]
 
 
 def imports_of(path):

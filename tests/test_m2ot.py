@@ -21,6 +21,7 @@ import train
 from data import MEAN, STD
 from errors import UsageError
 from m2ot import (
+    FixedTeacherRouter,
     M2oT,
     RunningStandardiser,
     TeacherAwareRouter,
@@ -35,7 +36,7 @@ from m2ot import (
     teacher_preference,
 )
 from m2ot_hook import M2oTHook
-from m2ot_losses import feature_distill_loss, switch_load_loss
+from m2ot_losses import feature_distill_loss, switch_load_loss, teacher_drop_mask
 from m2ot_teachers import teacher_source
 from moe import MoEMLP, build_model
 
@@ -196,7 +197,7 @@ def test_tas_equals_a_token_by_token_loop(form):
     tokens, routings = model(torch.randn(2, 3, 32, 32), features=True)
     assert not all(r.kept.all() for r in routings)  # cf 1.05: some assignments dropped
     targets = m.targets(torch.randn(2, 3, 32, 32))
-    got = m.tas(routings, m.teacher_tokens(targets)).detach()
+    got = m.tas(routings, targets).detach()
     assert got.item() == pytest.approx(ref_tas(m, routings, targets, form), rel=1e-5)
 
 
@@ -221,6 +222,65 @@ def test_tas_form_and_dist_reduce_flags_reach_the_objective():
     assert (m.tas_form, m.dist_reduce) == ("mixture", "mean")  # the defaults: Eq. 8, mean
     m = build(parse("--teachers", "T", "--tas-form", "map", "--dist-reduce", "sum"))
     assert (m.tas_form, m.dist_reduce) == ("map", "sum")
+    assert (m.tas_norm, m.pi_balance, m.teacher_drop, m.switch_choices) == ("mean", 0, 0, "first")
+    assert isinstance(m.pi[0], TeacherAwareRouter) and len(m.tas_heads) == 0
+    variants = ["--tas-norm", "sum", "--tas-pi", "fixed", "--pi-balance", "0.1"]
+    variants += ["--teacher-drop", "0.5", "--switch-choices", "all", "--tas-form", "heads"]
+    m = build(parse("--teachers", "T", *variants))
+    assert (m.tas_norm, m.pi_balance, m.teacher_drop, m.switch_choices) == ("sum", 0.1, 0.5, "all")
+    assert isinstance(m.pi[0], FixedTeacherRouter) and len(m.tas_heads) == 3  # one per layer
+
+
+def test_fixed_pi_ties_expert_e_to_teacher_e_mod_n_t():
+    pi = FixedTeacherRouter(5, 2)
+    mix = pi(torch.randn(3, 7, 96))  # any input: (..., E, N_T)
+    assert mix.shape == (3, 7, 5, 2) and not list(pi.parameters())
+    assert mix[0, 0].argmax(-1).tolist() == [0, 1, 0, 1, 0] and (mix.sum(-1) == 1).all()
+    m = M2oT([StubTeacher(96, 8), StubTeacher(48, 4)], 96, 8, 3, 5, tas_pi="fixed")
+    assert load_mix_routers(m.state_dict(), 5) is None  # nothing learned to report
+
+
+def test_switch_choices_all_counts_both_choices_and_balance_is_logged():
+    m = M2oT([StubTeacher(96, 8), StubTeacher(48, 4)], 96, 8, 3, 4)
+    m.switch_choices = "all"
+    m.pi_balance = 0.1
+    model = student()
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, parts = m2ot_losses(model, m, images, tas_coef=0.5, switch_coef=0.01)
+    torch.manual_seed(1)  # the same noise draws: the same routings
+    _, routings = model(images, features=True)
+    want = sum(switch_load_loss(r.probs, r.experts) for r in routings)
+    assert parts["switch"].item() == pytest.approx(want.item(), rel=1e-6)
+    total = parts["dist"] + 0.5 * parts["tas"] + 0.01 * parts["switch"] + 0.1 * parts["pi_balance"]
+    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_teacher_drop_counts_only_the_kept_losses_in_training():
+    m = M2oT([StubTeacher(96, 8), StubTeacher(48, 4)], 96, 8, teacher_drop=0.5)
+    tokens = torch.randn(6, 65, 96)
+    targets = m.targets(torch.randn(6, 3, 32, 32))
+    per_image = m.per_image_dist(tokens, targets)  # (N_T, B)
+    torch.manual_seed(3)
+    total, parts = m.distill(tokens, targets)
+    torch.manual_seed(3)
+    mask = teacher_drop_mask(per_image, 0.5)
+    torch.testing.assert_close(total, (per_image * mask).mean(dim=1).mean())
+    torch.testing.assert_close(torch.stack(parts), per_image.mean(dim=1))  # logged undropped
+    m.eval()  # no dropping outside training
+    total, _ = m.distill(tokens, targets)
+    torch.testing.assert_close(total, per_image.mean())
+
+
+def test_tas_through_heads_reads_each_teacher_in_its_own_width():
+    m = M2oT([StubTeacher(96, 8), StubTeacher(48, 4)], 96, 8, 3, 4, tas_form="heads")
+    assert [g.out_features for g in m.tas_heads[0]] == [96, 48]  # g_i: D -> d_i
+    model = student()
+    _, routings = model(torch.randn(2, 3, 32, 32), features=True)
+    targets = m.targets(torch.randn(2, 3, 32, 32))
+    m.tas(routings, targets).backward()
+    assert all(g.weight.grad.abs().sum() > 0 for g in m.tas_heads[0])
+    assert model.blocks[1].mlp.w1.grad.abs().sum() > 0  # it reaches the experts
 
 
 def test_teacher_source_reads_an_at_size(tmp_path):
@@ -334,13 +394,13 @@ def test_without_tas_only_pi_learns_from_it():
     m = M2oT([StubTeacher(96, 8), StubTeacher(48, 4)], 96, 8, 3, 4)
     model = student()
     _, routings = model(torch.randn(2, 3, 32, 32), features=True)
-    tas = m.tas(routings, m.teacher_tokens(m.targets(torch.randn(2, 3, 32, 32))), detach=True)
+    tas = m.tas(routings, m.targets(torch.randn(2, 3, 32, 32)), detach=True)
     tas.backward()
     assert all(p.grad is None for p in model.parameters())  # experts, router, backbone
     assert all(p.grad.abs().sum() > 0 for p in m.pi.parameters())
     m.zero_grad()
     _, routings = model(torch.randn(2, 3, 32, 32), features=True)
-    m.tas(routings, m.teacher_tokens(m.targets(torch.randn(2, 3, 32, 32)))).backward()
+    m.tas(routings, m.targets(torch.randn(2, 3, 32, 32))).backward()
     mlp = model.blocks[1].mlp
     assert mlp.w1.grad.abs().sum() > 0 and mlp.router.weight.grad.abs().sum() > 0
 
@@ -396,6 +456,13 @@ ROWS = {  # the paper's rows (Tables 1, 3, 7) with the same teachers
     "top1": ["--method", "m2ot", "--topk", "1"],
     "dense": ["--method", "dense"],
     "softmoe": ["--method", "softmoe"],
+    # the variants (docs/m2ot.md): the control and TAS through heads; the paper's weighting
+    # with UNIC's teacher dropping, π balance and the Switch loss over both choices
+    "control-heads": ["--method", "m2ot", "--tas-pi", "fixed", "--tas-form", "heads"],
+    "variants": [
+        *("--method", "m2ot", "--tas-form", "map", "--tas-norm", "sum", "--dist-reduce", "sum"),
+        *("--teacher-drop", "0.5", "--pi-balance", "0.1", "--switch-choices", "all"),
+    ],
 }
 
 
@@ -403,8 +470,10 @@ ROWS = {  # the paper's rows (Tables 1, 3, 7) with the same teachers
 def test_every_m2ot_row_trains_and_logs_its_parts(row, teachers, tmp_path):
     res = run(tmp_path, *ROWS[row], "--teachers", *teachers)
     last = log(tmp_path)[-1]
-    routed = row in ("m2ot", "sparse-moe", "top1")
+    routed = row in ("m2ot", "sparse-moe", "top1", "control-heads", "variants")
     want = KEYS if routed else KEYS - {"train_tas", "train_switch"}
+    if row == "variants":
+        want = want | {"train_pi_balance"}
     assert want <= {k for k, v in last.items() if v is not None}
     assert last["val_top1"] is None and 0 <= last["val_knn_top1"] <= 100  # no labels, no head
     assert all(math.isfinite(last[k]) for k in want)
@@ -414,7 +483,36 @@ def test_every_m2ot_row_trains_and_logs_its_parts(row, teachers, tmp_path):
         assert model.blocks[1].mlp.w1.shape == (4, 96, 384 // (1 if row == "top1" else 2))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["model_args"]["num_classes"] == 0
-    assert any(k.startswith("pi.") for k in ckpt["m2ot"]) == routed
+    assert any(k.startswith("pi.") for k in ckpt["m2ot"]) == (routed and row != "control-heads")
+    if row == "control-heads":  # the heads form's read-outs are saved, π (fixed) is not
+        assert any(k.startswith("tas_heads.") for k in ckpt["m2ot"])
+
+
+def test_eval_reads_the_experts_against_the_teachers(teachers, tmp_path, capsys):
+    """eval.py --specialisation: per MoE layer the causal and representational expert ×
+    teacher matrices, SI, DI and the null, and the distances; a table without --json."""
+    import eval
+
+    run(tmp_path, "--method", "m2ot", "--teachers", *teachers)
+    flags = ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--specialisation"]
+    res = eval.cli([*flags, "--json", "--watch-size", "16"])
+    spec = res["specialisation"]
+    for reading in ("causal", "representational"):
+        assert len(spec[reading]) == 3  # MoE blocks 2, 4, 6
+        for layer in spec[reading]:
+            assert len(layer["matrix"]) == 4 and len(layer["matrix"][0]) == 2  # E × N_T
+            assert layer["si"] is None or 0.5 <= layer["si"] <= 1
+    assert [len(d) for d in spec["distances"]] == [3, 3, 3]  # A, B, their mean
+    capsys.readouterr()
+    eval.cli([*flags, "--watch-size", "16"])
+    assert "experts × teachers" in capsys.readouterr().out
+
+    dense = tmp_path / "dense"
+    run(dense, "--method", "dense", "--epochs", "1")
+    with pytest.raises(SystemExit):
+        eval.cli(["--checkpoint", str(dense / "checkpoint.pt"), "--specialisation"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--specialisation: needs a checkpoint" in err[0]
 
 
 def test_m2ot_resume_is_exact(teachers, tmp_path, monkeypatch):
@@ -468,6 +566,8 @@ def test_upcycle_starts_the_experts_from_a_dense_checkpoint(teachers, tmp_path, 
         (["--method", "vmoe", "--teachers", "T"], "the students are m2ot, dense and softmoe"),
         (["--method", "m2ot", "--teachers", "gone.pt"], "gone.pt: no such checkpoint"),
         (["--method", "m2ot", "--teachers", "T", "--tas-coef", "-1"], "must be >= 0"),
+        (["--method", "m2ot", "--teachers", "T", "--pi-balance", "-1"], "must be >= 0"),
+        (["--method", "m2ot", "--teachers", "T", "--teacher-drop", "1"], "must be in [0, 1)"),
     ],
 )
 def test_bad_m2ot_input_gives_one_line(flags, message, teachers, tmp_path, capsys):

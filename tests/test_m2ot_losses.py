@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2ot_losses import feature_distill_loss, switch_load_loss, tas_loss, tas_map_loss
+from m2ot_losses import (
+    feature_distill_loss,
+    feature_distill_per_image,
+    pi_balance_loss,
+    switch_load_loss,
+    tas_heads_loss,
+    tas_loss,
+    tas_map_loss,
+    teacher_drop_mask,
+)
 
 torch.manual_seed(0)
 
@@ -256,3 +265,86 @@ def test_tas_map_loss_gradient_moves_pi_to_the_nearer_teacher():
     at_mean = teacher_feats.mean(0).unsqueeze(1).expand(4, 2, 8)  # (T, 2, D) exactly the mean
     tas_loss(at_mean, probs, kept, logits.softmax(-1), teacher_feats).backward()
     assert logits.grad.abs().max() < 1e-6  # Eq. 8 at its minimum, 0: nothing moves π
+
+
+# --- the variants -------------------------------------------------------------------------
+def test_switch_over_all_k_choices_counts_every_assignment():
+    _, p = random_probs()
+    chosen = p.topk(2, dim=-1).indices  # (T, 2)
+    T, E = p.shape
+    # f_e = #{(t, k): e_{t,k} = e} / (T·K),  P_e = mean_t p_{t,e}
+    f = [
+        sum(1 for t in range(T) for k in range(2) if chosen[t, k] == e) / (2 * T) for e in range(E)
+    ]
+    P = [p[:, e].mean().item() for e in range(E)]
+    want = E * sum(fe * pe for fe, pe in zip(f, P))
+    assert switch_load_loss(p, chosen).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_feature_distill_per_image_is_each_images_own_loss():
+    pred, target = 2 * torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 16)
+    got = feature_distill_per_image(pred, target)  # (B,)
+    want = [ref_feature_distill(pred[b], target[b].double(), 1.0) for b in range(3)]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    cls = feature_distill_per_image(pred[:, 0], target[:, 0])  # (B, d): one token per image
+    assert cls.tolist() == pytest.approx(
+        [ref_feature_distill(pred[b, :1], target[b, :1].double(), 1.0) for b in range(3)], rel=1e-6
+    )
+
+
+def test_teacher_drop_keeps_the_worst_fit_teacher_and_drops_the_others_at_rate_p():
+    gen = torch.Generator().manual_seed(0)
+    losses = torch.rand(3, 4000, generator=gen)  # (N_T, B)
+    worst = losses.argmax(dim=0)
+    for p in (0.0, 0.5, 0.9):
+        mask = teacher_drop_mask(losses, p, generator=gen)
+        assert (mask.gather(0, worst.unsqueeze(0)) == 1).all()  # the worst fit always counts
+        others = torch.ones_like(mask, dtype=torch.bool).scatter_(0, worst.unsqueeze(0), False)
+        kept = mask[others].mean().item()
+        assert kept == pytest.approx(1 - p, abs=0.02)
+
+
+def ref_tas_heads(predictions, probs, kept, mix, targets, channels):
+    T, K = probs.shape
+    total = 0.0
+    for t in range(T):
+        for k in range(K):
+            if not kept[t, k]:
+                continue
+            for i, (g, y) in enumerate(zip(predictions, targets)):
+                l1 = sum(abs(g[t, k, c].item() - y[t, c].item()) for c in range(y.shape[1]))
+                l1 = l1 if channels == "sum" else l1 / y.shape[1]
+                total += probs[t, k].item() * mix[t, k, i].item() * l1
+    return total / T
+
+
+@pytest.mark.parametrize("channels", ["mean", "sum"])
+def test_tas_heads_loss_matches_reference(channels):
+    _, probs, kept, mix, _ = random_tas(N_T=2)
+    predictions = [
+        torch.randn(13, 2, 5, dtype=torch.float64),
+        torch.randn(13, 2, 7, dtype=torch.float64),
+    ]
+    targets = [torch.randn(13, 5, dtype=torch.float64), torch.randn(13, 7, dtype=torch.float64)]
+    got = tas_heads_loss(predictions, probs, kept, mix, targets, channels).item()
+    want = ref_tas_heads(predictions, probs, kept, mix, targets, channels)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_tas_norm_sum_is_eq8_as_written():
+    """‖·‖₁ summed over the channels: D times the per-channel mean, for both forms."""
+    args = random_tas(D=8)
+    for loss in (tas_loss, tas_map_loss):
+        mean = loss(*args).item()
+        assert loss(*args, channels="sum").item() == pytest.approx(8 * mean, rel=1e-9)
+
+
+def test_pi_balance_is_one_when_even_and_n_t_when_one_teacher_takes_all():
+    even = torch.full((10, 4, 2), 0.5)
+    one = torch.zeros(10, 4, 2)
+    one[..., 0] = 1.0
+    assert pi_balance_loss(even).item() == pytest.approx(1.0)
+    assert pi_balance_loss(one).item() == pytest.approx(2.0)
+    mix = torch.randn(10, 4, 3).softmax(-1)
+    share = [mix[:, :, i].mean().item() for i in range(3)]
+    assert pi_balance_loss(mix).item() == pytest.approx(3 * sum(s * s for s in share), rel=1e-6)
