@@ -538,14 +538,15 @@ def plot(results, path):
 BEGIN, END = "<!-- tables: begin (experiments/tgr_claims.py) -->", "<!-- tables: end -->"
 
 
-def write_doc(doc, tables):
-    """Put the tables between the doc's markers (the text around them is written by hand)."""
-    text = doc.read_text() if doc.exists() else f"# Evidence\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(f"{head}{BEGIN}\n\n{tables}\n\n{END}{tail}")
+def write_doc(doc, tables, begin=BEGIN, end=END):
+    """Put the tables between the doc's markers `begin` and `end` (the text around them is
+    written by hand)."""
+    text = doc.read_text() if doc.exists() else f"# Evidence\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    doc.write_text(f"{head}{begin}\n\n{tables}\n\n{end}{tail}")
     print(f"wrote {doc}")
 
 

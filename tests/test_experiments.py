@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import m2ot_split  # noqa: E402
 import tgr_claims  # noqa: E402
 
 
@@ -63,3 +64,25 @@ def test_quick_study_writes_tables_json_and_resumes(tmp_path, capsys):
     tgr_claims.main(tgr_claims.get_args_parser().parse_args(["--runs", str(run)]))
     line = capsys.readouterr().out.splitlines()[-1]  # any train.py run, read the same way
     assert line.startswith(f"| {run} | {summary['top1']:.3f} |")
+
+
+def test_m2ot_split_quick_writes_tables_json_and_resumes(tmp_path, capsys):
+    doc = tmp_path / "split.md"
+    doc.write_text(f"# Split\n\nby hand\n\n{m2ot_split.BEGIN}\nold\n{m2ot_split.END}\n")
+    argv = ["--quick", "--threads", "1", "--out", str(tmp_path / "runs")]
+    argv += ["--doc", str(doc), "--results", str(tmp_path / "r.json")]
+    results = m2ot_split.main(m2ot_split.get_args_parser().parse_args(argv))
+    printed = capsys.readouterr().out
+    assert printed.count("toy E4 K2") == 6  # 3 arms, 2 seeds
+    assert printed.count("students trained") == 3  # 3 arms, 1 seed
+    control = results["toy"]["E4-K2 control-fixed-pi"][0]
+    assert {"causal", "representational", "dist"} <= set(control)
+    student = results["students"]["trained control-fixed-pi"][0]
+    assert len(student["representational"]) == 3 and len(student["distances"]) == 3
+    assert student["seg"] is not None and student["knn"] is not None
+    text = doc.read_text()
+    assert "by hand" in text and "old" not in text and "| E4-K2 | control (fixed π) |" in text
+    assert "| trained | V0 (λ_1 0) |" in text
+
+    m2ot_split.main(m2ot_split.get_args_parser().parse_args(argv))  # every run is cached
+    assert "toy E4" not in capsys.readouterr().out
