@@ -559,9 +559,9 @@ def get_args_parser():
         "--specialisation",
         action="store_true",
         help="an M²oT run: the expert × teacher matrices read from the experts themselves "
-        "(causal: each teacher's L_dist rise with an expert dropped; representational: ridge "
-        "R² from its outputs), SI, DI and a permuted-teacher null, on the watch set; loads "
-        "the run's --teachers",
+        "(representational: linear CKA of its outputs with each teacher's targets; causal: "
+        "each teacher's L_dist rise with an expert dropped), SI, DI and a permuted-teacher "
+        "null, on the watch set; loads the run's --teachers",
     )
 
     # the k-NN top-1 of the CLS embedding (M²oT's measure, DINO's protocol)
