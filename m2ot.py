@@ -112,7 +112,7 @@ from m2ot_losses import (
     tas_map_loss,
     teacher_drop_mask,
 )
-from vit import evaluating
+from vit import evaluating, expert_outputs_kept
 
 
 # ----------------------------------------------------------------------------- targets
@@ -490,28 +490,20 @@ def teacher_preferences(model, mix_routers, images, batch_size=128):
     """Every MoE layer's expert→teacher preference on `images` (normalised), (E, N_T) each,
     and its per-token sharpness, mean_{(t, e) kept} max_i π(t, e, i). π of layer j is
     `mix_routers[j]` on the layer's input (`Routing.inputs`, kept while this runs)."""
-    layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
-    kept_before = [layer.keep_expert_outputs for layer in layers]
-
     # per layer Σ π(t, e, ·), Σ max_i π(t, e, i) and the count, summed over the batches
     sums = 0  # (layers, E, N_T)
     peaks = 0  # (layers, E)
     counts = 0  # (layers, E)
-    try:
-        keep_expert_outputs(model)
-        with evaluating(model):
-            for chunk in images.split(batch_size):
-                _, routings = model(chunk)
-                parts = [
-                    preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
-                    for pi, r in zip(mix_routers, routings)
-                ]
-                sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
-                peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
-                counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
-    finally:  # the layers as they were (evaluating restores the training flag)
-        for layer, before in zip(layers, kept_before):
-            layer.keep_expert_outputs = before
+    with expert_outputs_kept(model), evaluating(model):  # both restored after
+        for chunk in images.split(batch_size):
+            _, routings = model(chunk)
+            parts = [
+                preference_sums(pi(r.inputs), r.experts, r.kept, model.num_experts)
+                for pi, r in zip(mix_routers, routings)
+            ]
+            sums = sums + torch.stack([s for s, _, _ in parts])  # (layers, E, N_T)
+            peaks = peaks + torch.stack([m for _, m, _ in parts])  # (layers, E)
+            counts = counts + torch.stack([c for _, _, c in parts])  # (layers, E)
 
     per_token = (peaks.sum(dim=-1) / counts.sum(dim=-1)).tolist()  # (layers,)
     return list(sums / counts.unsqueeze(-1)), per_token  # NaN rows: no token taken

@@ -165,14 +165,9 @@ def tas_map_loss(expert_out, probs, kept, pi, targets, channels="mean"):
     # L_map = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · Σ_i π(t,e_k,i) · (1/D) Σ_c |φ(t,e_k)_c − T_i(t)_c|
     # Σ_i π_i ‖φ − T_i‖₁ ≥ ‖φ − Σ_i π_i T_i‖₁ (the triangle inequality): unlike Eq. 8 it is
     # lowest where π sits on the teacher nearest φ and φ on that teacher, not on a mixture.
-    targets = targets.detach().float()  # (N_T, T, D) frozen teachers, as in tas_loss
-    phi = expert_out.float()  # (T, K, D)
-    keep = kept.unsqueeze(-1)  # (T, K, 1)
-    gaps = [  # a teacher at a time (autograd still keeps N_T × (T, K, D): N_T× Eq. 8's memory)
-        reduce_channels(torch.where(keep, phi - t.unsqueeze(1), 0.0), channels) for t in targets
-    ]  # N_T × (T, K)
-    per_teacher = torch.stack(gaps, dim=-1)  # (T, K, N_T)
-    return (probs.float() * (pi.float() * per_teacher).sum(dim=-1)).sum(dim=-1).mean()
+    # One φ serves every teacher: `pi_weighted_distance` with predictions [φ, φ, ...].
+    predictions = [expert_out.float()] * len(targets)  # N_T × (T, K, D), one tensor
+    return pi_weighted_distance(predictions, probs, kept, pi, targets, channels)
 
 
 def tas_heads_loss(predictions, probs, kept, pi, targets, channels="mean"):
@@ -185,11 +180,23 @@ def tas_heads_loss(predictions, probs, kept, pi, targets, channels="mean"):
     # L = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · Σ_i π(t,e_k,i) · ‖g_i(φ(t,e_k)) − T_i(t)‖₁
     # The MAP form with g_i(φ) in place of φ and T_i in place of Q_i T_i: an expert is near
     # teacher i when a linear read-out of its output is, whatever basis it writes in.
+    return pi_weighted_distance(predictions, probs, kept, pi, targets, channels)
+
+
+def pi_weighted_distance(predictions, probs, kept, pi, targets, channels="mean"):
+    """Σ_i π_i · ‖prediction_i − T_i‖₁ per kept assignment, p-weighted, mean over tokens: the
+    MAP form's sum (φ for every teacher) and the heads form's (g_i(φ) for teacher i).
+
+    predictions: N_T × (T, K, d_i); targets: N_T × (T, d_i) (frozen: detached); probs, kept,
+    pi as in `tas_loss`.
+    """
+    # L = (1/T) Σ_t Σ_{k kept} p_{e_k}(t) · Σ_i π(t,e_k,i) · ‖prediction_i(t,e_k) − T_i(t)‖₁
     keep = kept.unsqueeze(-1)  # (T, K, 1)
-    gaps = []  # N_T × (T, K)
-    for g, t in zip(predictions, targets):
-        gap = torch.where(keep, g.float() - t.detach().float().unsqueeze(1), 0.0)  # (T, K, d_i)
-        gaps.append(reduce_channels(gap, channels))
+    gaps = []  # a teacher at a time (autograd still keeps N_T × (T, K, d_i))
+    for y, t in zip(predictions, targets):
+        gap = torch.where(keep, y.float() - t.detach().float().unsqueeze(1), 0.0)  # (T, K, d_i)
+        # a dropped assignment is masked before |·|: no value and no gradient reaches it
+        gaps.append(reduce_channels(gap, channels))  # (T, K)
     per_teacher = torch.stack(gaps, dim=-1)  # (T, K, N_T)
     return (probs.float() * (pi.float() * per_teacher).sum(dim=-1)).sum(dim=-1).mean()
 

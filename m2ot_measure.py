@@ -71,7 +71,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from vit import evaluating
+from vit import evaluating, expert_outputs_kept
 
 NULL_DRAWS = 20  # draws of the permuted-teacher null
 MIN_TOKENS_PER_INPUT = 4  # an expert needs 4·D tokens for a row of the representational matrix
@@ -205,18 +205,13 @@ def linear_cka(x, y):
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-@contextmanager
-def expert_outputs_kept(model):
-    """Within the block, every top-K MoE layer hands back φ in its Routing."""
-    layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
-    before = [layer.keep_expert_outputs for layer in layers]
-    for layer in layers:
-        layer.keep_expert_outputs = True
-    try:
-        yield
-    finally:
-        for layer, kept in zip(layers, before):
-            layer.keep_expert_outputs = kept
+def expert_samples(routing, num_experts):
+    """Each expert's outputs and tokens in one MoE layer's Routing (φ kept): E × (n_e, D) and
+    E × (n_e,), the kept assignments of expert e and the tokens they belong to."""
+    mine = [(routing.experts == e) & routing.kept for e in range(num_experts)]  # E × (T, K)
+    phis = [routing.expert_out[m].cpu() for m in mine]  # E × (n_e, D)
+    tokens = [m.nonzero()[:, 0].cpu() for m in mine]  # E × (n_e,)
+    return phis, tokens
 
 
 def expert_cka(phi, token, feats):
@@ -239,9 +234,7 @@ def representational_readings(model, m2ot, images):
     feats = torch.stack([F.pad(f, (0, width - f.shape[1])) for f in feats]).cpu()  # (N_T, T, d)
     out = []
     for r in routings:
-        mine = [(r.experts == e) & r.kept for e in range(model.num_experts)]  # E × (T, K)
-        phis = [r.expert_out[m].cpu() for m in mine]  # E × (n_e, D)
-        tokens = [m.nonzero()[:, 0].cpu() for m in mine]  # E × (n_e,)
+        phis, tokens = expert_samples(r, model.num_experts)  # E × (n_e, D), E × (n_e,)
         matrix_of = partial(representational_matrix, phis, tokens, feats)
         out.append(indices(matrix_of(lambda x: x), permuted_null(matrix_of)))
     return out

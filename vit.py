@@ -227,6 +227,23 @@ def evaluating(model):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def expert_outputs_kept(model):
+    """Inside the block, every top-K MoE layer of `model` hands back φ and its input x_t in its
+    Routing (moe.py's `keep_expert_outputs`); each layer's own setting back after it (even on
+    error). Layers without the setting (Soft MoE) are left alone."""
+    layers = [model.blocks[i - 1].mlp for i in model.moe_layers]
+    layers = [layer for layer in layers if hasattr(layer, "keep_expert_outputs")]
+    before = [layer.keep_expert_outputs for layer in layers]
+    for layer in layers:
+        layer.keep_expert_outputs = True
+    try:
+        yield model
+    finally:
+        for layer, kept in zip(layers, before):
+            layer.keep_expert_outputs = kept
+
+
 def amp_dtype_for(device):
     """The project's mixed-precision rule: bf16 on a CUDA device, None (fp32) elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else None

@@ -74,6 +74,7 @@ from m2ot_losses import (  # noqa: E402
 from m2ot_measure import (  # noqa: E402
     causal_matrix,
     expert_dropped,
+    expert_samples,
     indices,
     permuted_null,
     representational_matrix,
@@ -201,9 +202,7 @@ def toy_readings(model, x, targets):
 
     # representational: linear CKA of each expert's outputs with each teacher on its tokens
     _, r = model(x)
-    mine = [(r.experts == e) & r.kept for e in range(model.moe.num_experts)]  # E × (T, K)
-    phis = [r.expert_out[m] for m in mine]  # E × (n_e, D)
-    tokens = [m.nonzero()[:, 0] for m in mine]  # E × (n_e,)
+    phis, tokens = expert_samples(r, model.moe.num_experts)  # E × (n_e, D), E × (n_e,)
     representational_of = partial(representational_matrix, phis, tokens, targets)
     return {
         "causal": indices(causal_of(unchanged), permuted_null(causal_of)),
